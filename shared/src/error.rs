@@ -1,0 +1,97 @@
+//! One error type for the whole pipeline. Messages are written for the person reading the run
+//! report: they name the table, column, field or file involved, and never carry a secret.
+
+use crate::spec::SpecError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The job config is malformed or inconsistent; nothing was moved.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The source rejected what the job asked for (missing table or column, unsupported key).
+    #[error("{0}")]
+    Source(String),
+    /// The source could not be reached or failed while reading.
+    #[error("source database error: {0}")]
+    Database(String),
+    /// The bytes the source sent could not be decoded.
+    #[error("decoding {column}: {problem}")]
+    Decode { column: String, problem: String },
+    #[error("staging: {0}")]
+    Staging(String),
+    #[error("warehouse: {0}")]
+    Warehouse(String),
+    #[error("state store: {0}")]
+    State(String),
+    #[error("queue: {0}")]
+    Queue(String),
+    #[error("message: {0}")]
+    Message(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    /// Whether trying the same work again may succeed (a dropped connection, a busy server),
+    /// as opposed to a problem in the job or the data that will fail the same way every time.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Database(_) | Error::Staging(_) | Error::Queue(_)
+        )
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The Display of a DbError omits the detail; include it when there is one.
+        match e.as_db_error() {
+            Some(db) => {
+                let mut text = format!("{}: {}", db.severity(), db.message());
+                if let Some(detail) = db.detail() {
+                    text.push_str(&format!(" ({detail})"));
+                }
+                Error::Database(text)
+            }
+            None => Error::Database(e.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::State(e.to_string())
+    }
+}
+
+impl From<object_store::Error> for Error {
+    fn from(e: object_store::Error) -> Self {
+        Error::Staging(e.to_string())
+    }
+}
+
+impl From<parquet::errors::ParquetError> for Error {
+    fn from(e: parquet::errors::ParquetError) -> Self {
+        Error::Staging(format!("parquet: {e}"))
+    }
+}
+
+impl From<arrow::error::ArrowError> for Error {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        Error::Other(format!("arrow: {e}"))
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Message(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Other(format!("I/O: {e}"))
+    }
+}

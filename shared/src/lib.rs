@@ -1,0 +1,18 @@
+//! What the shardflow dispatcher and workers agree on: the job spec and its validation, the wire
+//! messages, the source connectors, the Parquet writer, and the backends behind small traits
+//! (queue, state store, staging, warehouse).
+
+pub mod error;
+pub mod messages;
+pub mod parquet_sink;
+pub mod plan;
+pub mod queue;
+pub mod retry;
+pub mod source;
+pub mod spec;
+pub mod staging;
+pub mod state;
+pub mod telemetry;
+pub mod warehouse;
+
+pub use error::{Error, Result};

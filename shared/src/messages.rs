@@ -1,0 +1,147 @@
+//! Wire messages between dispatcher and workers. Versioned JSON: a reader refuses a version it
+//! does not know rather than guessing. No message carries a secret: workers get connection
+//! details from the job config, by `data_source_id` or from the run registry.
+
+use serde::{Deserialize, Serialize};
+
+use crate::source::{ShardBounds, SourceColumn};
+use crate::{Error, Result};
+
+pub const WIRE_VERSION: u32 = 1;
+
+/// One unit of extraction work: a key range, ctid range or the whole table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardTask {
+    pub version: u32,
+    pub run_id: String,
+    pub shard_id: String,
+    pub shard_index: u32,
+    pub data_source_id: Option<i64>,
+    pub etl_run_id: Option<i64>,
+    pub schema_name: String,
+    pub table_name: String,
+    /// The columns to read, in output order, with their source types.
+    pub columns: Vec<SourceColumn>,
+    pub bounds: ShardBounds,
+    /// The exported snapshot every shard of the run reads (PostgreSQL).
+    pub snapshot: Option<String>,
+    /// Rows per Arrow batch (`ETL_BATCH_SIZE`).
+    pub batch_rows: usize,
+}
+
+impl ShardTask {
+    /// Where this shard's Parquet parts go in staging; a redelivered shard overwrites its own.
+    pub fn staging_prefix(&self) -> String {
+        staging_prefix(&self.run_id, &self.shard_id)
+    }
+}
+
+pub fn staging_prefix(run_id: &str, shard_id: &str) -> String {
+    format!("{run_id}/{shard_id}")
+}
+
+/// `{run_id}/{shard_id}/part-{n:05}.parquet`
+pub fn staging_part_path(run_id: &str, shard_id: &str, part: usize) -> String {
+    format!("{run_id}/{shard_id}/part-{part:05}.parquet")
+}
+
+/// A Parquet part a worker wrote to staging.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedFile {
+    /// Path inside the staging store.
+    pub path: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ShardOutcome {
+    Succeeded {
+        rows: u64,
+        bytes: u64,
+        files: Vec<StagedFile>,
+        seconds: f64,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// What a worker reports for one delivery of a shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardResult {
+    pub version: u32,
+    pub run_id: String,
+    pub shard_id: String,
+    pub delivery_attempt: u32,
+    pub worker_id: String,
+    #[serde(flatten)]
+    pub outcome: ShardOutcome,
+}
+
+/// Decodes a message body, refusing versions this build does not speak.
+pub fn decode<T: serde::de::DeserializeOwned>(kind: &str, data: &[u8]) -> Result<T> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let v: Versioned = serde_json::from_slice(data)
+        .map_err(|e| Error::Message(format!("{kind} is not valid JSON with a version: {e}")))?;
+    if v.version != WIRE_VERSION {
+        return Err(Error::Message(format!(
+            "{kind} has wire version {}, this build speaks {WIRE_VERSION}",
+            v.version
+        )));
+    }
+    serde_json::from_slice(data).map_err(|e| Error::Message(format!("malformed {kind}: {e}")))
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(value)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_paths_are_deterministic() {
+        assert_eq!(
+            staging_part_path("r1", "s0003", 7),
+            "r1/s0003/part-00007.parquet"
+        );
+        assert_eq!(staging_prefix("r1", "s0003"), "r1/s0003");
+    }
+
+    #[test]
+    fn results_round_trip_and_versions_are_checked() {
+        let result = ShardResult {
+            version: WIRE_VERSION,
+            run_id: "r".into(),
+            shard_id: "s0000".into(),
+            delivery_attempt: 2,
+            worker_id: "w".into(),
+            outcome: ShardOutcome::Failed {
+                error: "boom".into(),
+            },
+        };
+        let bytes = encode(&result).unwrap();
+        assert_eq!(
+            decode::<ShardResult>("shard result", &bytes).unwrap(),
+            result
+        );
+        let future = serde_json::json!({"version": 99, "run_id": "r"}).to_string();
+        let err = decode::<ShardResult>("shard result", future.as_bytes()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "message: shard result has wire version 99, this build speaks 1"
+        );
+        let err = decode::<ShardResult>("shard result", b"{").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("message: shard result is not valid JSON"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,645 @@
+//! PostgreSQL: catalog lookups, row estimates without scanning, equal-row key ranges from
+//! `pg_stats` or a `TABLESAMPLE`, one exported snapshot per run, and shard extraction with
+//! `COPY (SELECT …) TO STDOUT (FORMAT binary)` decoded straight into Arrow.
+//!
+//! Identifiers are always quoted; values (shard bounds) are bound as parameters through
+//! `set_config` and read back with `current_setting`, because COPY takes no parameters.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio_postgres::{Client, NoTls};
+
+use super::pg_binary::{CopyDecoder, select_item};
+use super::{BatchStream, ShardBounds, SourceColumn, quote_ident};
+use crate::messages::ShardTask;
+use crate::plan;
+use crate::retry::RetryPolicy;
+use crate::spec::JobSpec;
+use crate::{Error, Result};
+
+/// Key types we can cut into ranges. The worker refuses any other cast type in a message.
+const SPLITTABLE_TYPES: &[&str] = &[
+    "smallint",
+    "integer",
+    "bigint",
+    "numeric",
+    "date",
+    "timestamp without time zone",
+    "timestamp with time zone",
+    "text",
+    "character varying",
+    "character",
+    "uuid",
+];
+
+/// How to reach the source database. Holds the password; Debug prints no secret.
+#[derive(Clone)]
+pub struct PgConnector {
+    config: tokio_postgres::Config,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for PgConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConnector")
+            .field("host", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgConnector {
+    pub fn from_spec(spec: &JobSpec, retry: RetryPolicy) -> Result<Self> {
+        let c = &spec.connection;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(c.host.as_deref().unwrap_or("localhost"))
+            .port(spec.port(5432))
+            .dbname(c.database.as_deref().unwrap_or_default())
+            .user(c.username.as_deref().unwrap_or_default())
+            .application_name("shardflow")
+            .connect_timeout(Duration::from_secs(15))
+            .keepalives_idle(Duration::from_secs(30));
+        if let Some(p) = &c.password {
+            config.password(p.expose());
+        }
+        if let Some(mode) = c.other.get("sslmode")
+            && !matches!(mode.expose(), "disable" | "prefer" | "allow")
+        {
+            return Err(Error::Source(format!(
+                "connection_params.sslmode \"{}\" is not supported yet: shardflow connects without TLS",
+                mode.expose()
+            )));
+        }
+        Ok(PgConnector { config, retry })
+    }
+
+    fn describe_target(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "?".into(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        format!(
+            "{host}:{port}/{}",
+            self.config.get_dbname().unwrap_or_default()
+        )
+    }
+
+    /// Opens a connection, retrying transient failures by the retry policy.
+    pub async fn connect(&self) -> Result<Client> {
+        let target = self.describe_target();
+        self.retry
+            .run("connect to PostgreSQL", || async {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+                    Error::Database(format!(
+                        "cannot connect to PostgreSQL at {target}: {}",
+                        pg_text(&e)
+                    ))
+                })?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "PostgreSQL connection closed");
+                    }
+                });
+                Ok(client)
+            })
+            .await
+    }
+}
+
+fn pg_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+/// What the catalog says about a table.
+#[derive(Clone, Debug)]
+pub struct TableInfo {
+    pub schema: String,
+    pub table: String,
+    pub oid: u32,
+    /// `r` table, `p` partitioned, `v` view, `m` materialised view, `f` foreign.
+    pub relkind: String,
+    pub relpages: i32,
+    pub reltuples: f32,
+    /// Heap pages now, from the relation size.
+    pub pages_now: u64,
+    /// Every column of the table, in order.
+    pub columns: Vec<SourceColumn>,
+    /// The column shards are cut on: first column of the primary key or of a unique NOT NULL
+    /// index, when its type can be cut into ranges.
+    pub split_key: Option<SourceColumn>,
+}
+
+impl TableInfo {
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+    }
+
+    /// The columns the job reads, in table order, checking every name the job gives.
+    pub fn project<'a>(&self, spec: &'a JobSpec) -> Result<Vec<SourceColumn>> {
+        let mut missing: Vec<&str> = Vec::new();
+        let mut check = |name: &'a str| {
+            if !self.columns.iter().any(|c| c.name == name) {
+                missing.push(name);
+            }
+        };
+        if let Some(selected) = &spec.selected_columns {
+            selected.iter().for_each(|c| check(c));
+        }
+        if let Some(ts) = &spec.timestamp_column {
+            check(ts);
+        }
+        if !missing.is_empty() {
+            let available: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
+            return Err(Error::Source(format!(
+                "column{} {} not found in {}.{} (columns: {})",
+                if missing.len() > 1 { "s" } else { "" },
+                missing
+                    .iter()
+                    .map(|m| format!("\"{m}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.schema,
+                self.table,
+                available.join(", ")
+            )));
+        }
+        Ok(match &spec.selected_columns {
+            None => self.columns.clone(),
+            Some(selected) => self
+                .columns
+                .iter()
+                .filter(|c| selected.contains(&c.name))
+                .cloned()
+                .collect(),
+        })
+    }
+}
+
+const TABLE_SQL: &str = "
+SELECT c.oid, c.relkind::text, c.relpages, c.reltuples,
+       CASE WHEN c.relkind IN ('r', 'm', 't')
+            THEN pg_relation_size(c.oid) / current_setting('block_size')::bigint ELSE 0 END
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')";
+
+const COLUMNS_SQL: &str = "
+SELECT a.attname::text,
+       CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END,
+       format_type(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END, NULL),
+       CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END,
+       NOT a.attnotnull
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum";
+
+const KEY_SQL: &str = "
+SELECT a.attname::text
+FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+WHERE i.indrelid = $1 AND i.indisvalid AND i.indpred IS NULL
+  AND (i.indisprimary OR (i.indisunique AND a.attnotnull))
+ORDER BY i.indisprimary DESC, i.indnatts, i.indexrelid";
+
+/// Looks the table up; a missing table is named with the database it was looked for in.
+pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<TableInfo> {
+    let row = client.query_opt(TABLE_SQL, &[&schema, &table]).await?;
+    let Some(row) = row else {
+        let db: String = client
+            .query_one("SELECT current_database()", &[])
+            .await?
+            .get(0);
+        return Err(Error::Source(format!(
+            "table {schema}.{table} not found in database \"{db}\""
+        )));
+    };
+    let oid: u32 = row.get(0);
+    let columns: Vec<SourceColumn> = client
+        .query(COLUMNS_SQL, &[&oid])
+        .await?
+        .iter()
+        .map(|r| SourceColumn {
+            name: r.get(0),
+            type_oid: r.get(1),
+            type_name: r.get(2),
+            typmod: r.get(3),
+            nullable: r.get(4),
+        })
+        .collect();
+    let mut split_key = None;
+    for r in client.query(KEY_SQL, &[&oid]).await? {
+        let name: String = r.get(0);
+        if let Some(c) = columns.iter().find(|c| c.name == name)
+            && SPLITTABLE_TYPES.contains(&c.type_name.as_str())
+        {
+            split_key = Some(c.clone());
+            break;
+        }
+    }
+    Ok(TableInfo {
+        schema: schema.to_string(),
+        table: table.to_string(),
+        oid,
+        relkind: row.get(1),
+        relpages: row.get(2),
+        reltuples: row.get(3),
+        pages_now: u64::try_from(row.get::<_, i64>(4)).unwrap_or(0),
+        columns,
+        split_key,
+    })
+}
+
+/// A row estimate and where it came from.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Estimate {
+    pub rows: u64,
+    pub source: String,
+}
+
+/// Estimates the table's rows without scanning it: `pg_class.reltuples` scaled to the current
+/// size as the planner does, `EXPLAIN` when the table was never analysed; `COUNT(*)` only when
+/// asked for.
+pub async fn estimate(client: &Client, info: &TableInfo, exact: bool) -> Result<Estimate> {
+    if exact {
+        let sql = format!("SELECT count(*) FROM {}", info.qualified());
+        let n: i64 = client.query_one(&sql, &[]).await?.get(0);
+        return Ok(Estimate {
+            rows: n.max(0) as u64,
+            source: "count(*)".into(),
+        });
+    }
+    let heap = matches!(info.relkind.as_str(), "r" | "m");
+    if heap && info.reltuples >= 0.0 {
+        if info.pages_now == 0 {
+            return Ok(Estimate {
+                rows: 0,
+                source: "pg_class: the table has no pages".into(),
+            });
+        }
+        if info.relpages > 0 {
+            let density = info.reltuples as f64 / info.relpages as f64;
+            return Ok(Estimate {
+                rows: (density * info.pages_now as f64).round() as u64,
+                source: "pg_class.reltuples scaled to the current size".into(),
+            });
+        }
+    }
+    let sql = format!("EXPLAIN (FORMAT JSON) SELECT * FROM {}", info.qualified());
+    let plan: serde_json::Value = {
+        let text: String = client
+            .simple_query(&sql)
+            .await?
+            .into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .ok_or_else(|| Error::Database("EXPLAIN returned no plan".into()))?;
+        serde_json::from_str(&text)?
+    };
+    let rows = plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0);
+    Ok(Estimate {
+        rows: rows.round() as u64,
+        source: "EXPLAIN (the table has no statistics yet; ANALYZE improves the estimate)".into(),
+    })
+}
+
+/// The shards of a table and how they were cut.
+#[derive(Clone, Debug)]
+pub struct Split {
+    /// `none`, `histogram`, `sample`, or `ctid`.
+    pub method: String,
+    pub column: Option<String>,
+    pub shards: Vec<(ShardBounds, u64)>,
+}
+
+/// Cuts the table into `shards` ranges of about equal row count.
+pub async fn split(
+    client: &Client,
+    info: &TableInfo,
+    estimated_rows: u64,
+    shards: usize,
+) -> Result<Split> {
+    let whole = |why: &str| Split {
+        method: why.to_string(),
+        column: None,
+        shards: vec![(ShardBounds::Whole, estimated_rows)],
+    };
+    if shards <= 1 {
+        return Ok(whole("none"));
+    }
+    let heap = matches!(info.relkind.as_str(), "r" | "m");
+    if let Some(key) = &info.split_key {
+        // Equi-depth histogram: fine enough when it has a few buckets per shard.
+        let bounds: Option<Vec<String>> = client
+            .query_opt(
+                "SELECT histogram_bounds::text::text[] FROM pg_stats
+                 WHERE schemaname = $1 AND tablename = $2 AND attname = $3",
+                &[&info.schema, &info.table, &key.name],
+            )
+            .await?
+            .and_then(|r| r.get(0));
+        if let Some(bounds) = bounds.filter(|b| b.len() > 4 * shards) {
+            let cuts = plan::equal_rank_cuts(&bounds, shards);
+            return Ok(Split {
+                method: "histogram".into(),
+                column: Some(key.name.clone()),
+                shards: plan::key_ranges(key, &cuts, estimated_rows),
+            });
+        }
+        // A block sample: many blocks so that clustered keys still give even ranks.
+        let target = (shards as u64 * 2_000).clamp(100_000, 2_000_000);
+        let percent = if estimated_rows == 0 {
+            100.0
+        } else {
+            (target as f64 * 100.0 / estimated_rows as f64).clamp(0.000_1, 100.0)
+        };
+        let sql = format!(
+            "SELECT {k}::text FROM {t} TABLESAMPLE SYSTEM ($1) REPEATABLE (17) WHERE {k} IS NOT NULL ORDER BY {k}",
+            k = quote_ident(&key.name),
+            t = info.qualified()
+        );
+        let sample: Vec<String> = client
+            .query(&sql, &[&(percent as f32)])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if sample.len() > 2 * shards {
+            let cuts = plan::equal_rank_cuts(&sample, shards);
+            return Ok(Split {
+                method: "sample".into(),
+                column: Some(key.name.clone()),
+                shards: plan::key_ranges(key, &cuts, estimated_rows),
+            });
+        }
+    }
+    if heap {
+        return Ok(Split {
+            method: "ctid".into(),
+            column: None,
+            shards: plan::ctid_ranges(info.pages_now, shards, estimated_rows),
+        });
+    }
+    Ok(whole("none (no usable key and not a plain table)"))
+}
+
+/// A transaction holding an exported snapshot open; every shard of the run imports it.
+/// Dropping it ends the transaction and releases the snapshot.
+pub struct SnapshotHold {
+    _client: Client,
+    pub id: String,
+}
+
+pub async fn export_snapshot(connector: &PgConnector) -> Result<SnapshotHold> {
+    let client = connector.connect().await?;
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let id: String = client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await?
+        .get(0);
+    Ok(SnapshotHold {
+        _client: client,
+        id,
+    })
+}
+
+/// The COPY statement for a shard and the bound values it reads through `current_setting`.
+pub fn copy_statement(task: &ShardTask) -> Result<(String, Option<String>, Option<String>)> {
+    let columns: Vec<String> = task.columns.iter().map(select_item).collect();
+    let mut sql = format!(
+        "COPY (SELECT {} FROM {}.{}",
+        columns.join(", "),
+        quote_ident(&task.schema_name),
+        quote_ident(&task.table_name)
+    );
+    let (lower, upper) = match &task.bounds {
+        ShardBounds::Whole => (None, None),
+        ShardBounds::KeyRange {
+            column,
+            key_type,
+            lower,
+            upper,
+            include_nulls,
+        } => {
+            if !SPLITTABLE_TYPES.contains(&key_type.as_str()) {
+                return Err(Error::Message(format!(
+                    "shard key type \"{key_type}\" is not one shardflow cuts on"
+                )));
+            }
+            let k = quote_ident(column);
+            let mut conds = Vec::new();
+            if lower.is_some() {
+                conds.push(format!(
+                    "{k} >= current_setting('shardflow.lower')::{key_type}"
+                ));
+            }
+            if upper.is_some() {
+                conds.push(format!(
+                    "{k} < current_setting('shardflow.upper')::{key_type}"
+                ));
+            }
+            if !conds.is_empty() {
+                let range = conds.join(" AND ");
+                if *include_nulls {
+                    sql.push_str(&format!(" WHERE ({range}) OR {k} IS NULL"));
+                } else {
+                    sql.push_str(&format!(" WHERE {range}"));
+                }
+            }
+            (lower.clone(), upper.clone())
+        }
+        ShardBounds::CtidRange {
+            first_block,
+            end_block,
+        } => {
+            sql.push_str(" WHERE ctid >= current_setting('shardflow.lower')::tid");
+            if end_block.is_some() {
+                sql.push_str(" AND ctid < current_setting('shardflow.upper')::tid");
+            }
+            (
+                Some(format!("({first_block},0)")),
+                end_block.map(|b| format!("({b},0)")),
+            )
+        }
+    };
+    sql.push_str(") TO STDOUT (FORMAT binary)");
+    Ok((sql, lower, upper))
+}
+
+fn valid_snapshot_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+/// Reads one shard as Arrow batches. The COPY runs in its own task and hands batches over a
+/// channel of `in_flight` slots, so decoding overlaps Parquet encoding and memory stays at
+/// `in_flight` batches whatever the shard's size.
+pub async fn extract(
+    connector: &PgConnector,
+    task: &ShardTask,
+    in_flight: usize,
+) -> Result<BatchStream> {
+    let (sql, lower, upper) = copy_statement(task)?;
+    let client = connector.connect().await?;
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    if let Some(snapshot) = &task.snapshot {
+        if !valid_snapshot_id(snapshot) {
+            return Err(Error::Message(format!(
+                "snapshot id {snapshot:?} is malformed"
+            )));
+        }
+        client
+            .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
+            .await
+            .map_err(|e| {
+                Error::Database(format!(
+                    "cannot import the run's snapshot {snapshot} (the dispatcher that exported it may have stopped): {}",
+                    pg_text(&e)
+                ))
+            })?;
+    }
+    client
+        .query_one(
+            "SELECT set_config('shardflow.lower', $1, true), set_config('shardflow.upper', $2, true)",
+            &[&lower.unwrap_or_default(), &upper.unwrap_or_default()],
+        )
+        .await?;
+    let mut decoder = CopyDecoder::new(&task.columns, task.batch_rows)?;
+    let copy = client.copy_out(sql.as_str()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(in_flight.max(1));
+    tokio::spawn(async move {
+        let outcome: Result<()> = async {
+            let mut copy = std::pin::pin!(copy);
+            while let Some(chunk) = copy.next().await {
+                decoder.push(&chunk?)?;
+                if decoder.batch_full()
+                    && let Some(batch) = decoder.take_batch()?
+                    && tx.send(Ok(batch)).await.is_err()
+                {
+                    return Ok(()); // the reader went away; dropping the client cancels COPY
+                }
+            }
+            decoder.finish()?;
+            if let Some(batch) = decoder.take_batch()? {
+                let _ = tx.send(Ok(batch)).await;
+            }
+            client.batch_execute("COMMIT").await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(bounds: ShardBounds) -> ShardTask {
+        ShardTask {
+            version: 1,
+            run_id: "r".into(),
+            shard_id: "s0000".into(),
+            shard_index: 0,
+            data_source_id: None,
+            etl_run_id: None,
+            schema_name: "pub\"lic".into(),
+            table_name: "t".into(),
+            columns: vec![
+                SourceColumn {
+                    name: "id".into(),
+                    type_oid: 20,
+                    type_name: "bigint".into(),
+                    typmod: -1,
+                    nullable: false,
+                },
+                SourceColumn {
+                    name: "span".into(),
+                    type_oid: 1186,
+                    type_name: "interval".into(),
+                    typmod: -1,
+                    nullable: true,
+                },
+            ],
+            bounds,
+            snapshot: None,
+            batch_rows: 10,
+        }
+    }
+
+    #[test]
+    fn copy_statement_quotes_names_and_binds_bounds() {
+        let (sql, lo, hi) = copy_statement(&task(ShardBounds::KeyRange {
+            column: "id".into(),
+            key_type: "bigint".into(),
+            lower: Some("10".into()),
+            upper: Some("20'; DROP TABLE t; --".into()),
+            include_nulls: true,
+        }))
+        .unwrap();
+        assert_eq!(
+            sql,
+            "COPY (SELECT \"id\", \"span\"::text FROM \"pub\"\"lic\".\"t\" WHERE (\"id\" >= current_setting('shardflow.lower')::bigint AND \"id\" < current_setting('shardflow.upper')::bigint) OR \"id\" IS NULL) TO STDOUT (FORMAT binary)"
+        );
+        assert_eq!(lo.as_deref(), Some("10"));
+        assert_eq!(hi.as_deref(), Some("20'; DROP TABLE t; --"));
+    }
+
+    #[test]
+    fn copy_statement_for_ctid_and_whole() {
+        let (sql, lo, hi) = copy_statement(&task(ShardBounds::CtidRange {
+            first_block: 5,
+            end_block: None,
+        }))
+        .unwrap();
+        assert!(
+            sql.ends_with(
+                "WHERE ctid >= current_setting('shardflow.lower')::tid) TO STDOUT (FORMAT binary)"
+            ),
+            "{sql}"
+        );
+        assert_eq!((lo.as_deref(), hi), (Some("(5,0)"), None));
+        let (sql, ..) = copy_statement(&task(ShardBounds::Whole)).unwrap();
+        assert!(!sql.contains("WHERE"));
+    }
+
+    #[test]
+    fn unknown_key_types_are_refused() {
+        let err = copy_statement(&task(ShardBounds::KeyRange {
+            column: "id".into(),
+            key_type: "bigint; DROP".into(),
+            lower: None,
+            upper: Some("1".into()),
+            include_nulls: false,
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("is not one shardflow cuts on"));
+    }
+
+    #[test]
+    fn snapshot_ids_are_checked() {
+        assert!(valid_snapshot_id("00000003-0000001B-1"));
+        assert!(!valid_snapshot_id("1'; DROP"));
+    }
+}

@@ -1,0 +1,734 @@
+//! The job spec: the job-config JSON the Django app serves (and Cloud Scheduler or Django may
+//! inline in a job message), parsed with serde and validated into typed form.
+//!
+//! Parsing keeps the Django field names and accepts what Django sends (numbers as strings,
+//! nulls for absent values, fields we do not use yet). Validation collects every problem, each
+//! naming its field, so a bad job is fixed in one round trip. Secrets are wrapped in [`Secret`],
+//! which never prints or serialises its content.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A password, token or key. `Debug`, `Display` and `Serialize` all print `***`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The clear text, for handing to a driver. Never format it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// A number Django may send as `5432` or `"5432"`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum NumberOrString {
+    Number(u64),
+    Text(String),
+}
+
+/// `connection_params` as Django stores them. Keys we do not model (file credentials and the
+/// like) are kept in `other`; every value there is treated as a secret.
+#[derive(Clone, Default, Deserialize, Serialize)]
+pub struct ConnectionParams {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<NumberOrString>,
+    #[serde(default)]
+    pub database: Option<String>,
+    #[serde(default, alias = "user")]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Secret>,
+}
+
+impl fmt::Debug for ConnectionParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionParams")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("other", &self.other.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A column of `bigquery_schema` as the Django wizard stores it.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+pub struct BigQueryField {
+    pub name: String,
+    #[serde(alias = "type")]
+    pub bigquery_type: String,
+    #[serde(default)]
+    pub bigquery_mode: Option<String>,
+}
+
+/// The job-config JSON exactly as Django serves it. Use [`JobSpec::from_json`] to get a
+/// validated spec.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct JobConfig {
+    #[serde(default)]
+    pub data_source_id: Option<i64>,
+    #[serde(default)]
+    pub source_type: Option<String>,
+    #[serde(default)]
+    pub connection_params: ConnectionParams,
+    #[serde(default)]
+    pub source_table_name: Option<String>,
+    #[serde(default)]
+    pub schema_name: Option<String>,
+    #[serde(default)]
+    pub dest_table_name: Option<String>,
+    #[serde(default)]
+    pub load_type: Option<String>,
+    #[serde(default)]
+    pub timestamp_column: Option<String>,
+    #[serde(default)]
+    pub selected_columns: Option<Vec<String>>,
+    #[serde(default)]
+    pub last_sync_value: Option<serde_json::Value>,
+    #[serde(default)]
+    pub historical_start_date: Option<String>,
+    #[serde(default)]
+    pub processing_mode: Option<String>,
+    #[serde(default)]
+    pub row_count_threshold: Option<NumberOrString>,
+    #[serde(default)]
+    pub is_file_based: Option<bool>,
+    #[serde(default)]
+    pub file_path_prefix: Option<String>,
+    #[serde(default)]
+    pub file_pattern: Option<String>,
+    #[serde(default)]
+    pub file_format: Option<String>,
+    #[serde(default)]
+    pub file_format_options: Option<serde_json::Value>,
+    #[serde(default)]
+    pub load_latest_only: Option<bool>,
+    #[serde(default)]
+    pub schema_fingerprint: Option<String>,
+    #[serde(default)]
+    pub bigquery_schema: Option<Vec<BigQueryField>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceType {
+    Postgresql,
+    Mysql,
+    Gcs,
+    S3,
+    AzureBlob,
+    Local,
+}
+
+impl SourceType {
+    const NAMES: &'static str = "postgresql, mysql, gcs, s3, azure_blob, local";
+
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "postgresql" | "postgres" => SourceType::Postgresql,
+            "mysql" | "mariadb" => SourceType::Mysql,
+            "gcs" => SourceType::Gcs,
+            "s3" => SourceType::S3,
+            "azure_blob" => SourceType::AzureBlob,
+            "local" => SourceType::Local,
+            _ => return None,
+        })
+    }
+
+    pub fn is_file_source(self) -> bool {
+        matches!(
+            self,
+            SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadType {
+    /// Full snapshot: the destination is replaced atomically.
+    Catalog,
+    /// Incremental: rows newer than `last_sync_value` are appended.
+    Transactional,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessingMode {
+    /// Shard when the estimate reaches `row_count_threshold`.
+    Auto,
+    /// Always one shard.
+    Standard,
+    /// Always sharded across the fleet (the name Django uses).
+    Dataflow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    Csv,
+    Parquet,
+    Json,
+}
+
+/// Where the file source finds its files (issue: file sources).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FileSpec {
+    pub path_prefix: String,
+    pub pattern: String,
+    pub format: FileFormat,
+    pub format_options: serde_json::Value,
+    pub load_latest_only: bool,
+    pub schema_fingerprint: Option<String>,
+    pub bigquery_schema: Option<Vec<BigQueryField>>,
+}
+
+pub const DEFAULT_ROW_COUNT_THRESHOLD: u64 = 1_000_000;
+
+/// A validated job.
+#[derive(Clone, Debug)]
+pub struct JobSpec {
+    pub data_source_id: Option<i64>,
+    pub source_type: SourceType,
+    pub connection: ConnectionParams,
+    /// Source schema (`public` when absent for PostgreSQL).
+    pub schema_name: String,
+    /// Source table; empty for file sources.
+    pub table_name: String,
+    pub dest_table_name: String,
+    pub load_type: LoadType,
+    pub timestamp_column: Option<String>,
+    /// `None` means every column of the table.
+    pub selected_columns: Option<Vec<String>>,
+    pub last_sync_value: Option<serde_json::Value>,
+    pub historical_start_date: Option<String>,
+    pub processing_mode: ProcessingMode,
+    pub row_count_threshold: u64,
+    pub files: Option<FileSpec>,
+}
+
+/// One problem with one field of the job config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldProblem {
+    pub field: String,
+    pub problem: String,
+}
+
+/// Everything wrong with a job config, each problem naming its field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct SpecError {
+    pub problems: Vec<FieldProblem>,
+}
+
+impl SpecError {
+    fn single(field: &str, problem: impl Into<String>) -> Self {
+        SpecError {
+            problems: vec![FieldProblem {
+                field: field.to_string(),
+                problem: problem.into(),
+            }],
+        }
+    }
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid job config: ")?;
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            // Problems that start with the field's own name read as a sentence already.
+            if p.problem.starts_with(&p.field) {
+                f.write_str(&p.problem)?;
+            } else {
+                write!(f, "{}: {}", p.field, p.problem)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+impl JobSpec {
+    /// Parses and validates a job config. Syntax errors keep serde's position; every semantic
+    /// problem is listed by field.
+    pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
+        let config: JobConfig = serde_json::from_str(text)
+            .map_err(|e| SpecError::single("job config", format!("not valid job JSON: {e}")))?;
+        JobSpec::validate(config)
+    }
+
+    pub fn validate(config: JobConfig) -> Result<JobSpec, SpecError> {
+        let mut problems = Vec::new();
+        let mut problem = |field: &str, text: String| {
+            problems.push(FieldProblem {
+                field: field.to_string(),
+                problem: text,
+            })
+        };
+
+        let source_type = match non_empty(&config.source_type) {
+            None => {
+                problem("source_type", "is required".into());
+                None
+            }
+            Some(name) => match SourceType::parse(name) {
+                Some(t) => Some(t),
+                None => {
+                    problem(
+                        "source_type",
+                        format!(
+                            "source_type \"{name}\" is not supported (expected one of: {})",
+                            SourceType::NAMES
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+
+        let load_type = match config.load_type.as_deref().map(str::trim) {
+            None | Some("") | Some("catalog") => Some(LoadType::Catalog),
+            Some("transactional") => Some(LoadType::Transactional),
+            Some(other) => {
+                problem(
+                    "load_type",
+                    format!(
+                        "load_type \"{other}\" is not supported (expected catalog or transactional)"
+                    ),
+                );
+                None
+            }
+        };
+        let timestamp_column = non_empty(&config.timestamp_column).map(str::to_string);
+        if load_type == Some(LoadType::Transactional) && timestamp_column.is_none() {
+            problem(
+                "load_type",
+                "load_type \"transactional\" needs timestamp_column".into(),
+            );
+        }
+
+        let processing_mode = match config.processing_mode.as_deref().map(str::trim) {
+            None | Some("") | Some("auto") => Some(ProcessingMode::Auto),
+            Some("standard") => Some(ProcessingMode::Standard),
+            Some("dataflow") => Some(ProcessingMode::Dataflow),
+            Some(other) => {
+                problem(
+                    "processing_mode",
+                    format!(
+                        "processing_mode \"{other}\" is not supported (expected auto, standard or dataflow)"
+                    ),
+                );
+                None
+            }
+        };
+
+        let row_count_threshold = match &config.row_count_threshold {
+            None => DEFAULT_ROW_COUNT_THRESHOLD,
+            Some(NumberOrString::Number(n)) => *n,
+            Some(NumberOrString::Text(t)) => t.trim().parse().unwrap_or_else(|_| {
+                problem(
+                    "row_count_threshold",
+                    format!("must be a whole number, got \"{t}\""),
+                );
+                DEFAULT_ROW_COUNT_THRESHOLD
+            }),
+        };
+        if row_count_threshold == 0 {
+            problem("row_count_threshold", "must be at least 1".into());
+        }
+
+        let dest_table_name = match non_empty(&config.dest_table_name) {
+            None => {
+                problem("dest_table_name", "is required".into());
+                String::new()
+            }
+            Some(name) => {
+                if let Err(why) = check_dest_table_name(name) {
+                    problem("dest_table_name", why);
+                }
+                name.to_string()
+            }
+        };
+
+        let selected_columns = match &config.selected_columns {
+            None => None,
+            Some(cols) if cols.is_empty() => None,
+            Some(cols) => {
+                let mut seen = std::collections::BTreeSet::new();
+                for c in cols {
+                    if c.trim().is_empty() {
+                        problem("selected_columns", "contains an empty column name".into());
+                    } else if !seen.insert(c.as_str()) {
+                        problem("selected_columns", format!("lists \"{c}\" twice"));
+                    }
+                }
+                Some(cols.clone())
+            }
+        };
+
+        let is_file_based = config.is_file_based.unwrap_or(false)
+            || source_type.is_some_and(SourceType::is_file_source);
+        let mut files = None;
+        let mut table_name = String::new();
+        if is_file_based {
+            let format = match config.file_format.as_deref().map(str::trim) {
+                Some("csv") => Some(FileFormat::Csv),
+                Some("parquet") => Some(FileFormat::Parquet),
+                Some("json") | Some("jsonl") => Some(FileFormat::Json),
+                None | Some("") => {
+                    problem("file_format", "is required for file sources".into());
+                    None
+                }
+                Some(other) => {
+                    problem(
+                        "file_format",
+                        format!(
+                            "file_format \"{other}\" is not supported (expected csv, parquet or json)"
+                        ),
+                    );
+                    None
+                }
+            };
+            let pattern = non_empty(&config.file_pattern);
+            if pattern.is_none() {
+                problem("file_pattern", "is required for file sources".into());
+            }
+            if let (Some(format), Some(pattern)) = (format, pattern) {
+                files = Some(FileSpec {
+                    path_prefix: config.file_path_prefix.clone().unwrap_or_default(),
+                    pattern: pattern.to_string(),
+                    format,
+                    format_options: config
+                        .file_format_options
+                        .clone()
+                        .unwrap_or(serde_json::Value::Object(Default::default())),
+                    load_latest_only: config.load_latest_only.unwrap_or(true),
+                    schema_fingerprint: non_empty(&config.schema_fingerprint).map(str::to_string),
+                    bigquery_schema: config.bigquery_schema.clone(),
+                });
+            }
+        } else {
+            match non_empty(&config.source_table_name) {
+                None => problem("source_table_name", "is required".into()),
+                Some(t) => table_name = t.to_string(),
+            }
+            let params = &config.connection_params;
+            if non_empty(&params.host).is_none() {
+                problem("connection_params.host", "is required".into());
+            }
+            if non_empty(&params.database).is_none() {
+                problem("connection_params.database", "is required".into());
+            }
+            if non_empty(&params.username).is_none() {
+                problem("connection_params.username", "is required".into());
+            }
+            if let Some(NumberOrString::Text(p)) = &params.port
+                && p.trim().parse::<u16>().is_err()
+            {
+                problem(
+                    "connection_params.port",
+                    format!("must be a port number, got \"{p}\""),
+                );
+            }
+            if let Some(NumberOrString::Number(p)) = &params.port
+                && u16::try_from(*p).is_err()
+            {
+                problem(
+                    "connection_params.port",
+                    format!("must be a port number, got {p}"),
+                );
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(SpecError { problems });
+        }
+        // Every Option below is Some when no problem was recorded.
+        let (Some(source_type), Some(load_type), Some(processing_mode)) =
+            (source_type, load_type, processing_mode)
+        else {
+            return Err(SpecError::single("job config", "incomplete"));
+        };
+        let schema_name = non_empty(&config.schema_name)
+            .map(str::to_string)
+            .unwrap_or_else(|| match source_type {
+                SourceType::Postgresql => "public".to_string(),
+                _ => config
+                    .connection_params
+                    .database
+                    .clone()
+                    .unwrap_or_default(),
+            });
+        Ok(JobSpec {
+            data_source_id: config.data_source_id,
+            source_type,
+            connection: config.connection_params,
+            schema_name,
+            table_name,
+            dest_table_name,
+            load_type,
+            timestamp_column,
+            selected_columns,
+            last_sync_value: config.last_sync_value,
+            historical_start_date: non_empty(&config.historical_start_date).map(str::to_string),
+            processing_mode,
+            row_count_threshold,
+            files,
+        })
+    }
+
+    /// `schema.table` for messages.
+    pub fn qualified_table(&self) -> String {
+        format!("{}.{}", self.schema_name, self.table_name)
+    }
+
+    pub fn port(&self, default: u16) -> u16 {
+        match &self.connection.port {
+            Some(NumberOrString::Number(p)) => u16::try_from(*p).unwrap_or(default),
+            Some(NumberOrString::Text(p)) => p.trim().parse().unwrap_or(default),
+            None => default,
+        }
+    }
+}
+
+/// BigQuery table names allow letters, digits, underscores and (with care) dashes and spaces;
+/// shardflow also uses the name as a directory, so separators and dot names are refused.
+fn check_dest_table_name(name: &str) -> Result<(), String> {
+    if name.len() > 1024 {
+        return Err("is longer than 1024 characters".into());
+    }
+    if name == "." || name == ".." || name.contains(['/', '\\', '\0']) {
+        return Err(format!(
+            "\"{name}\" is not a table name (no slashes, NUL or dot names)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "source_type": "postgresql",
+            "connection_params": {"host": "db", "port": 5432, "database": "d", "username": "u", "password": "hunter2"},
+            "source_table_name": "transactions",
+            "schema_name": "public",
+            "dest_table_name": "bq_transactions",
+            "load_type": "catalog",
+            "selected_columns": []
+        })
+    }
+
+    fn parse(v: serde_json::Value) -> Result<JobSpec, SpecError> {
+        JobSpec::from_json(&v.to_string())
+    }
+
+    #[test]
+    fn seed_example_parses_with_every_field() {
+        // The example from the ETL runner seed, plus the file and mode fields.
+        let text = r#"{
+          "source_type": "postgresql",
+          "connection_params": {"host": "db.example.com", "port": "5432", "database": "mydb",
+                                "username": "user", "password": "pass"},
+          "source_table_name": "transactions", "schema_name": "public",
+          "dest_table_name": "bq_transactions", "load_type": "transactional",
+          "timestamp_column": "created_at", "selected_columns": ["id", "amount", "created_at"],
+          "last_sync_value": "2024-01-01T00:00:00", "historical_start_date": "2023-01-01",
+          "processing_mode": "dataflow", "row_count_threshold": 500000,
+          "is_file_based": false, "file_path_prefix": "", "file_pattern": "", "file_format": "",
+          "file_format_options": {}, "load_latest_only": true, "schema_fingerprint": "",
+          "bigquery_schema": [{"name": "id", "bigquery_type": "INT64", "bigquery_mode": "REQUIRED"}]
+        }"#;
+        let spec = JobSpec::from_json(text).unwrap();
+        assert_eq!(spec.source_type, SourceType::Postgresql);
+        assert_eq!(spec.load_type, LoadType::Transactional);
+        assert_eq!(spec.timestamp_column.as_deref(), Some("created_at"));
+        assert_eq!(spec.processing_mode, ProcessingMode::Dataflow);
+        assert_eq!(spec.row_count_threshold, 500_000);
+        assert_eq!(spec.port(1), 5432);
+        assert_eq!(
+            spec.selected_columns,
+            Some(vec!["id".into(), "amount".into(), "created_at".into()])
+        );
+        assert_eq!(spec.historical_start_date.as_deref(), Some("2023-01-01"));
+        assert_eq!(spec.connection.password.as_ref().unwrap().expose(), "pass");
+        assert!(spec.files.is_none());
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("load_type");
+        v.as_object_mut().unwrap().remove("schema_name");
+        let spec = parse(v).unwrap();
+        assert_eq!(spec.load_type, LoadType::Catalog);
+        assert_eq!(spec.processing_mode, ProcessingMode::Auto);
+        assert_eq!(spec.row_count_threshold, DEFAULT_ROW_COUNT_THRESHOLD);
+        assert_eq!(spec.schema_name, "public");
+        assert_eq!(
+            spec.selected_columns, None,
+            "empty selected_columns means all"
+        );
+    }
+
+    #[test]
+    fn transactional_needs_timestamp_column() {
+        let mut v = base();
+        v["load_type"] = "transactional".into();
+        let err = parse(v).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid job config: load_type \"transactional\" needs timestamp_column"
+        );
+    }
+
+    #[test]
+    fn unknown_source_type_and_mode_are_named() {
+        let mut v = base();
+        v["source_type"] = "oracle".into();
+        v["processing_mode"] = "turbo".into();
+        let err = parse(v).unwrap_err().to_string();
+        assert!(
+            err.contains("source_type \"oracle\" is not supported (expected one of: postgresql, mysql, gcs, s3, azure_blob, local)"),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "processing_mode \"turbo\" is not supported (expected auto, standard or dataflow)"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_listed_by_field() {
+        let v = serde_json::json!({"source_type": "postgresql", "load_type": "weekly"});
+        let err = parse(v).unwrap_err();
+        let fields: Vec<_> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "load_type",
+                "dest_table_name",
+                "source_table_name",
+                "connection_params.host",
+                "connection_params.database",
+                "connection_params.username"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_threshold_port_and_columns() {
+        let mut v = base();
+        v["row_count_threshold"] = "lots".into();
+        v["connection_params"]["port"] = "abc".into();
+        v["selected_columns"] = serde_json::json!(["id", "id"]);
+        let err = parse(v).unwrap_err().to_string();
+        assert!(
+            err.contains("row_count_threshold: must be a whole number, got \"lots\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("connection_params.port: must be a port number, got \"abc\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("selected_columns: lists \"id\" twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_jobs_need_format_and_pattern() {
+        let v = serde_json::json!({"source_type": "gcs", "dest_table_name": "t", "file_format": "xlsx"});
+        let err = parse(v).unwrap_err().to_string();
+        assert!(
+            err.contains("file_format \"xlsx\" is not supported"),
+            "{err}"
+        );
+        assert!(
+            err.contains("file_pattern: is required for file sources"),
+            "{err}"
+        );
+        let ok = serde_json::json!({"source_type": "gcs", "dest_table_name": "t", "file_format": "csv",
+            "file_pattern": "transactions_*.csv", "file_path_prefix": "data/", "schema_fingerprint": "abc"});
+        let files = parse(ok).unwrap().files.unwrap();
+        assert_eq!(files.format, FileFormat::Csv);
+        assert!(files.load_latest_only);
+        assert_eq!(files.schema_fingerprint.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let mut v = base();
+        v["connection_params"]["service_account_json"] = "{\"private_key\": \"KEY-123\"}".into();
+        let spec = parse(v).unwrap();
+        let debug = format!("{spec:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("KEY-123"),
+            "{debug}"
+        );
+        let json = serde_json::to_string(&spec.connection).unwrap();
+        assert!(
+            !json.contains("hunter2") && !json.contains("KEY-123"),
+            "{json}"
+        );
+        assert_eq!(format!("{}", Secret::new("x")), "***");
+        // A parse error quotes the input position, not its content.
+        let err =
+            JobSpec::from_json("{\"connection_params\": {\"password\": \"hunter2\"").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn dest_table_name_cannot_escape_the_destination() {
+        let mut v = base();
+        v["dest_table_name"] = "../etc".into();
+        assert!(
+            parse(v)
+                .unwrap_err()
+                .to_string()
+                .contains("is not a table name")
+        );
+    }
+}

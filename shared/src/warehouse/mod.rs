@@ -1,0 +1,45 @@
+//! The warehouse: ONE load per table per run from the staged Parquet parts. A catalog load
+//! replaces the table atomically; a transactional load appends, also all-or-nothing.
+
+pub mod parquet_dir;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::Result;
+use crate::messages::StagedFile;
+use crate::staging::Staging;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// Readers see the old table or the new one, never a mix; a failed load leaves the old.
+    Replace,
+    Append,
+}
+
+pub struct LoadRequest<'a> {
+    pub table: &'a str,
+    pub run_id: &'a str,
+    /// Every staged part, in shard order.
+    pub parts: &'a [StagedFile],
+    pub staging: &'a Staging,
+    pub mode: WriteMode,
+    /// The rows the workers reported; the load fails if the table would hold a different count.
+    pub expected_rows: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LoadOutcome {
+    pub rows_loaded: u64,
+    pub files: usize,
+    /// Where the table lives, for the report.
+    pub location: String,
+}
+
+#[async_trait]
+pub trait Warehouse: Send + Sync {
+    /// Refuses, before any data moves, a table name this warehouse cannot hold.
+    fn check_table_name(&self, table: &str) -> Result<()>;
+    async fn load(&self, request: LoadRequest<'_>) -> Result<LoadOutcome>;
+}

@@ -1,0 +1,264 @@
+//! The shard loop: receive a shard, keep its lease alive, extract it to Arrow, write Parquet
+//! parts to staging, publish the result, then ack (or nack on failure so it is retried and,
+//! after the subscription's attempts, dead-lettered). The dispatcher runs this same code
+//! in-process for `dispatcher run`; the `worker` binary runs it on its own.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use shardflow::messages::{self, ShardOutcome, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
+use shardflow::parquet_sink::{PartOptions, write_parts};
+use shardflow::queue::{Delivery, Message, Queue, Topology};
+use shardflow::retry::RetryPolicy;
+use shardflow::source::{pg_binary, postgres};
+use shardflow::spec::{JobSpec, SourceType};
+use shardflow::staging::Staging;
+use shardflow::{Error, Result};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Finds the job config for a shard (connection details never travel in shard messages).
+#[async_trait]
+pub trait JobResolver: Send + Sync {
+    async fn job_for(&self, task: &ShardTask) -> Result<Arc<JobSpec>>;
+}
+
+/// The in-process resolver: the dispatcher registers each run's spec here.
+#[derive(Default)]
+pub struct RunRegistry {
+    runs: Mutex<HashMap<String, Arc<JobSpec>>>,
+}
+
+impl RunRegistry {
+    pub fn register(&self, run_id: &str, spec: Arc<JobSpec>) {
+        self.lock().insert(run_id.to_string(), spec);
+    }
+
+    pub fn forget(&self, run_id: &str) {
+        self.lock().remove(run_id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobSpec>>> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl JobResolver for RunRegistry {
+    async fn job_for(&self, task: &ShardTask) -> Result<Arc<JobSpec>> {
+        self.lock().get(&task.run_id).cloned().ok_or_else(|| {
+            Error::Message(format!("run {} is not known to this worker", task.run_id))
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    pub worker_id: String,
+    pub topology: Topology,
+    /// Shards this worker runs at once.
+    pub max_outstanding: usize,
+    /// How long each lease extension lasts; extended every third of it.
+    pub lease: Duration,
+    /// Arrow batches between the decoder and the Parquet writer.
+    pub in_flight_batches: usize,
+    pub parts: PartOptions,
+    pub retry: RetryPolicy,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            worker_id: format!("worker-{}", uuid::Uuid::new_v4().simple()),
+            topology: Topology::default(),
+            max_outstanding: 1,
+            lease: Duration::from_secs(60),
+            in_flight_batches: 2,
+            parts: PartOptions::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    queue: Arc<dyn Queue>,
+    jobs: Arc<dyn JobResolver>,
+    staging: Staging,
+    settings: Arc<WorkerSettings>,
+    /// Rows extracted so far, for progress display.
+    rows: Arc<AtomicU64>,
+}
+
+impl Worker {
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        jobs: Arc<dyn JobResolver>,
+        staging: Staging,
+        settings: WorkerSettings,
+        rows: Arc<AtomicU64>,
+    ) -> Self {
+        Worker {
+            queue,
+            jobs,
+            staging,
+            settings: Arc::new(settings),
+            rows,
+        }
+    }
+
+    /// Pulls and runs shards until `shutdown`; then stops pulling and lets in-flight shards
+    /// finish (their results are published and acked as usual).
+    pub async fn serve(&self, shutdown: CancellationToken) -> Result<()> {
+        let s = &self.settings;
+        let mut subscription = self
+            .queue
+            .subscribe(&s.topology.shards_subscription, s.max_outstanding)
+            .await?;
+        let mut running = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                delivery = subscription.next() => {
+                    let delivery = delivery?;
+                    let worker = self.clone();
+                    running.spawn(async move { worker.handle(delivery).await });
+                }
+                Some(done) = running.join_next(), if !running.is_empty() => {
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "a shard task panicked; its lease will run out and it will be redelivered");
+                    }
+                }
+            }
+        }
+        while running.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Runs one delivery to the end: result published, then acked or nacked.
+    async fn handle(&self, delivery: Delivery) {
+        let task: ShardTask = match messages::decode("shard message", &delivery.message.data) {
+            Ok(t) => t,
+            Err(e) => {
+                // It will never decode; nacking sends it to the dead-letter topic in the end.
+                tracing::error!(error = %e, message_id = %delivery.message_id, "undecodable shard message");
+                let _ = delivery.nack().await;
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "shard",
+            run_id = %task.run_id,
+            shard_id = %task.shard_id,
+            data_source_id = task.data_source_id,
+            etl_run_id = task.etl_run_id,
+            attempt = delivery.delivery_attempt,
+        );
+        async {
+            let started = Instant::now();
+            let work = self.process(&task);
+            tokio::pin!(work);
+            let mut keep_alive = tokio::time::interval(self.settings.lease / 3);
+            keep_alive.tick().await;
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut work => break outcome,
+                    _ = keep_alive.tick() => {
+                        if let Err(e) = delivery.extend(self.settings.lease).await {
+                            tracing::warn!(error = %e, "could not extend the lease");
+                        }
+                    }
+                }
+            };
+            let outcome = match outcome {
+                Ok(files) => {
+                    let rows = files.iter().map(|f| f.rows).sum();
+                    let bytes = files.iter().map(|f| f.bytes).sum();
+                    let seconds = started.elapsed().as_secs_f64();
+                    tracing::info!(rows, bytes, seconds, "shard extracted");
+                    ShardOutcome::Succeeded {
+                        rows,
+                        bytes,
+                        files,
+                        seconds,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "shard failed");
+                    ShardOutcome::Failed {
+                        error: e.to_string(),
+                    }
+                }
+            };
+            let succeeded = matches!(outcome, ShardOutcome::Succeeded { .. });
+            let result = ShardResult {
+                version: WIRE_VERSION,
+                run_id: task.run_id.clone(),
+                shard_id: task.shard_id.clone(),
+                delivery_attempt: delivery.delivery_attempt,
+                worker_id: self.settings.worker_id.clone(),
+                outcome,
+            };
+            let published = match messages::encode(&result) {
+                Ok(body) => self
+                    .queue
+                    .publish(
+                        &self.settings.topology.results_topic,
+                        Message::new(body).with_attribute("run_id", &task.run_id),
+                    )
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
+            // Ack only once the result is safely published; otherwise let it run again.
+            let settled = match (published, succeeded) {
+                (Ok(()), true) => delivery.ack().await,
+                (Ok(()), false) => delivery.nack().await,
+                (Err(e), _) => {
+                    tracing::error!(error = %e, "could not publish the shard result; nacking");
+                    delivery.nack().await
+                }
+            };
+            if let Err(e) = settled {
+                tracing::warn!(error = %e, "could not settle the delivery; it will be redelivered");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Extracts one shard to staged Parquet parts.
+    pub async fn process(&self, task: &ShardTask) -> Result<Vec<StagedFile>> {
+        let job = self.jobs.job_for(task).await?;
+        let stream = match job.source_type {
+            SourceType::Postgresql => {
+                let connector =
+                    postgres::PgConnector::from_spec(&job, self.settings.retry.clone())?;
+                postgres::extract(&connector, task, self.settings.in_flight_batches).await?
+            }
+            other => {
+                return Err(Error::Source(format!(
+                    "source_type {other:?} is not supported by this build yet"
+                )));
+            }
+        };
+        let schema = pg_binary::arrow_schema(&task.columns);
+        let rows = self.rows.clone();
+        write_parts(
+            self.staging.store(),
+            &task.run_id,
+            &task.shard_id,
+            schema,
+            stream,
+            &self.settings.parts,
+            |n| {
+                rows.fetch_add(n as u64, Ordering::Relaxed);
+            },
+        )
+        .await
+    }
+}
