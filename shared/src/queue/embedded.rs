@@ -329,3 +329,168 @@ impl AckHandle for EmbeddedAck {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Pub/Sub's semantics, as the embedded queue must keep them. The Pub/Sub backend will run
+    //! the same cases against the emulator.
+    use super::*;
+    use crate::queue::DeadLetterPolicy;
+
+    fn queue(ack_deadline: Duration, max_attempts: u32, options: EmbeddedOptions) -> EmbeddedQueue {
+        let q = EmbeddedQueue::new(options);
+        q.create_subscription(
+            "work-sub",
+            SubscriptionConfig {
+                topic: "work".into(),
+                ack_deadline,
+                dead_letter: Some(DeadLetterPolicy {
+                    topic: "dead".into(),
+                    max_delivery_attempts: max_attempts,
+                }),
+            },
+        );
+        q.create_subscription(
+            "dead-sub",
+            SubscriptionConfig {
+                topic: "dead".into(),
+                ack_deadline,
+                dead_letter: None,
+            },
+        );
+        q
+    }
+
+    async fn next(sub: &mut Box<dyn Subscription>) -> Delivery {
+        tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("a delivery within 5s")
+            .expect("delivery")
+    }
+
+    #[tokio::test]
+    async fn acked_messages_are_gone() {
+        let q = queue(Duration::from_secs(30), 5, EmbeddedOptions::default());
+        let mut sub = q.subscribe("work-sub", 10).await.unwrap();
+        q.publish("work", Message::new("a")).await.unwrap();
+        let d = next(&mut sub).await;
+        assert_eq!(
+            (d.message.data.as_ref(), d.delivery_attempt),
+            (&b"a"[..], 1)
+        );
+        d.ack().await.unwrap();
+        assert_eq!(q.backlog("work-sub"), 0);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), sub.next())
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn nacked_messages_come_back_with_the_attempt_counted() {
+        let q = queue(Duration::from_secs(30), 5, EmbeddedOptions::default());
+        let mut sub = q.subscribe("work-sub", 10).await.unwrap();
+        let id = q.publish("work", Message::new("a")).await.unwrap();
+        next(&mut sub).await.nack().await.unwrap();
+        let again = next(&mut sub).await;
+        assert_eq!(
+            (again.message_id.as_str(), again.delivery_attempt),
+            (id.as_str(), 2)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_redelivered_unless_extended() {
+        let q = queue(Duration::from_millis(200), 5, EmbeddedOptions::default());
+        let mut sub = q.subscribe("work-sub", 10).await.unwrap();
+        q.publish("work", Message::new("slow")).await.unwrap();
+        let first = next(&mut sub).await;
+        // Extended past the deadline: not redelivered yet.
+        first.extend(Duration::from_millis(600)).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), sub.next())
+                .await
+                .is_err()
+        );
+        // Abandoned: redelivered once the lease runs out; acking the stale one does nothing.
+        let second = next(&mut sub).await;
+        assert_eq!(second.delivery_attempt, 2);
+        first.ack().await.unwrap();
+        assert_eq!(
+            q.backlog("work-sub"),
+            1,
+            "the redelivered copy is still leased"
+        );
+        second.ack().await.unwrap();
+        assert_eq!(q.backlog("work-sub"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_message_that_keeps_failing_is_dead_lettered_after_n_attempts() {
+        let q = queue(Duration::from_secs(30), 3, EmbeddedOptions::default());
+        let mut sub = q.subscribe("work-sub", 10).await.unwrap();
+        let mut dead = q.subscribe("dead-sub", 10).await.unwrap();
+        q.publish("work", Message::new("poison").with_attribute("k", "v"))
+            .await
+            .unwrap();
+        for attempt in 1..=3 {
+            let d = next(&mut sub).await;
+            assert_eq!(d.delivery_attempt, attempt);
+            d.nack().await.unwrap();
+        }
+        let d = next(&mut dead).await;
+        assert_eq!(d.message.data.as_ref(), b"poison");
+        assert_eq!(d.message.attributes.get("k").map(String::as_str), Some("v"));
+        assert_eq!(
+            d.message
+                .attributes
+                .get(DEAD_LETTER_COUNT_ATTRIBUTE)
+                .map(String::as_str),
+            Some("3")
+        );
+        assert_eq!(q.backlog("work-sub"), 0);
+    }
+
+    #[tokio::test]
+    async fn flow_control_holds_back_deliveries_until_one_settles() {
+        let q = queue(Duration::from_secs(30), 5, EmbeddedOptions::default());
+        let mut sub = q.subscribe("work-sub", 1).await.unwrap();
+        q.publish("work", Message::new("1")).await.unwrap();
+        q.publish("work", Message::new("2")).await.unwrap();
+        let first = next(&mut sub).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), sub.next())
+                .await
+                .is_err()
+        );
+        first.ack().await.unwrap();
+        assert_eq!(next(&mut sub).await.message.data.as_ref(), b"2");
+    }
+
+    #[tokio::test]
+    async fn duplicate_delivery_injection_delivers_each_message_twice() {
+        let q = queue(
+            Duration::from_secs(30),
+            5,
+            EmbeddedOptions {
+                duplicate_every_message: true,
+            },
+        );
+        let mut sub = q.subscribe("work-sub", 10).await.unwrap();
+        let id = q.publish("work", Message::new("x")).await.unwrap();
+        let a = next(&mut sub).await;
+        let b = next(&mut sub).await;
+        assert_eq!(
+            (a.message_id.as_str(), b.message_id.as_str()),
+            (id.as_str(), id.as_str())
+        );
+        assert!(
+            q.publish("missing", Message::new("x"))
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("topic missing does not exist")
+        );
+    }
+}

@@ -795,12 +795,21 @@ mod tests {
         assert_eq!(numeric_to_i128(&v, 2).unwrap(), -5);
         // zero has no digits
         assert_eq!(numeric_to_i128(&numeric(&[], 0, 0, 2), 2).unwrap(), 0);
-        // 10^37 with scale 1 needs the 256-bit path but fits Decimal128(38,1)
-        let big = numeric(&[1000, 0, 0, 0, 0, 0, 0, 0, 0, 0], 9, 0, 0);
-        assert_eq!(numeric_to_i128(&big, 1).unwrap(), 10i128.pow(38));
+        // 123456789012345678901234567890123456.78 in numeric(38,2): 40 digits before the
+        // scale comes down, so the 128-bit path overflows and the 256-bit one finishes it.
+        let big = numeric(
+            &[1234, 5678, 9012, 3456, 7890, 1234, 5678, 9012, 3456, 7800],
+            8,
+            0,
+            2,
+        );
         assert_eq!(
-            numeric_to_i256(&big, 2).unwrap(),
-            i256::from_i128(10i128.pow(38))
+            numeric_to_i128(&big, 2).unwrap(),
+            12_345_678_901_234_567_890_123_456_789_012_345_678
+        );
+        assert_eq!(
+            numeric_to_i256(&big, 3).unwrap(),
+            i256::from_i128(12_345_678_901_234_567_890_123_456_789_012_345_678)
                 .checked_mul(i256::from_i128(10))
                 .unwrap()
         );

@@ -1,0 +1,321 @@
+//! Helpers shared by the end-to-end tests: a real PostgreSQL connection, job specs, reading
+//! the destination back, and per-column digests computed the same way on both sides.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{
+    DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type,
+    Int64Type, TimestampMicrosecondType,
+};
+use md5::{Digest, Md5};
+use shardflow::spec::JobSpec;
+use tokio_postgres::{Client, NoTls};
+
+pub const PG_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
+
+/// A connection to the test database, or a failure that says what to start.
+pub async fn pg() -> Client {
+    match tokio_postgres::connect(PG_URL, NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            client
+        }
+        Err(e) => panic!(
+            "PostgreSQL is not reachable at 127.0.0.1:5432 ({e}); start it with \
+             `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` or run tests/run.sh"
+        ),
+    }
+}
+
+/// A fresh schema for one test, so tests can run in parallel.
+pub async fn fresh_schema(client: &Client, name: &str) -> String {
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name};"
+        ))
+        .await
+        .expect("create schema");
+    name.to_string()
+}
+
+/// A scratch directory under the target dir, emptied first.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/e2e")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+pub fn job_json(
+    schema: &str,
+    table: &str,
+    dest_table: &str,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "data_source_id": 42,
+        "source_type": "postgresql",
+        "connection_params": {"host": "127.0.0.1", "port": 5432, "database": "test",
+                              "username": "postgres", "password": "pw-never-shown-81f3"},
+        "source_table_name": table,
+        "schema_name": schema,
+        "dest_table_name": dest_table,
+        "load_type": "catalog",
+        "processing_mode": "dataflow"
+    });
+    if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, val) in more {
+            obj.insert(k.clone(), val.clone());
+        }
+    }
+    v
+}
+
+pub fn job(schema: &str, table: &str, dest_table: &str, extra: serde_json::Value) -> JobSpec {
+    JobSpec::from_json(&job_json(schema, table, dest_table, extra).to_string()).expect("valid job")
+}
+
+/// Every record batch of a destination table (the Parquet files that are part of it).
+pub fn read_table(dir: &Path) -> Vec<RecordBatch> {
+    let files = shardflow::warehouse::parquet_dir::table_files(dir).expect("table dir");
+    let mut out = Vec::new();
+    for f in files {
+        let file = std::fs::File::open(&f).expect("open part");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .expect("parquet")
+            .build()
+            .expect("reader");
+        for b in reader {
+            out.push(b.expect("batch"));
+        }
+    }
+    out
+}
+
+/// The files of a table and their sizes, to show a table did not change.
+pub fn table_listing(dir: &Path) -> Vec<(String, u64)> {
+    shardflow::warehouse::parquet_dir::table_files(dir)
+        .expect("table dir")
+        .into_iter()
+        .map(|p| {
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            (p.file_name().unwrap().to_string_lossy().into_owned(), len)
+        })
+        .collect()
+}
+
+/// What both sides agree on for one column: non-NULL count, sum (for numbers), and an MD5 over
+/// every value in key order, each value in a canonical text form.
+#[derive(Debug, PartialEq)]
+pub struct ColumnCheck {
+    pub column: String,
+    pub non_null: i64,
+    pub sum: Option<String>,
+    pub digest: String,
+}
+
+/// The canonical text of a value in SQL, matching `canonical_arrow` below.
+fn canonical_sql(col: &str, pg_type: &str) -> String {
+    let c = format!("\"{col}\"");
+    match pg_type {
+        "real" => format!("encode(float4send({c}), 'hex')"),
+        "double precision" => format!("encode(float8send({c}), 'hex')"),
+        "boolean" => format!("CASE WHEN {c} THEN 't' ELSE 'f' END"),
+        "date" => format!("({c} - date '1970-01-01')::text"),
+        "timestamp without time zone" | "timestamp with time zone" => {
+            format!("(extract(epoch from {c}) * 1000000)::bigint::text")
+        }
+        "bytea" => format!("encode({c}, 'hex')"),
+        // The type's output function: keeps char(n) padding, jsonb's normal form, numeric scale.
+        _ => format!("format('%s', {c})"),
+    }
+}
+
+fn summable(pg_type: &str) -> bool {
+    matches!(pg_type, "smallint" | "integer" | "bigint") || pg_type.starts_with("numeric(")
+}
+
+/// Column checks computed by PostgreSQL over the source, ordered by `key`.
+pub async fn source_checks(
+    client: &Client,
+    schema: &str,
+    table: &str,
+    key: &str,
+) -> Vec<ColumnCheck> {
+    let cols = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+             WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass
+               AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await
+        .expect("columns");
+    let mut out = Vec::new();
+    for row in cols {
+        let name: String = row.get(0);
+        let ty: String = row.get(1);
+        let canon = canonical_sql(&name, &ty);
+        let sum = if summable(&ty) {
+            format!("sum(\"{name}\")::text")
+        } else {
+            "NULL::text".into()
+        };
+        let sql = format!(
+            "SELECT count(\"{name}\"), {sum},
+                    md5(string_agg(CASE WHEN \"{name}\" IS NULL THEN 'N' ELSE octet_length({canon})::text || ':' || {canon} END, ',' ORDER BY \"{key}\"))
+             FROM \"{schema}\".\"{table}\""
+        );
+        let r = client.query_one(&sql, &[]).await.expect("checks");
+        out.push(ColumnCheck {
+            column: name,
+            non_null: r.get(0),
+            sum: r.get(1),
+            digest: r.get::<_, Option<String>>(2).unwrap_or_default(),
+        });
+    }
+    out
+}
+
+fn canonical_arrow(a: &dyn Array, i: usize) -> String {
+    match a.data_type() {
+        DataType::Int16 => a.as_primitive::<Int16Type>().value(i).to_string(),
+        DataType::Int32 => a.as_primitive::<Int32Type>().value(i).to_string(),
+        DataType::Int64 => a.as_primitive::<Int64Type>().value(i).to_string(),
+        DataType::Float32 => hex::encode(a.as_primitive::<Float32Type>().value(i).to_be_bytes()),
+        DataType::Float64 => hex::encode(a.as_primitive::<Float64Type>().value(i).to_be_bytes()),
+        DataType::Decimal128(..) => a.as_primitive::<Decimal128Type>().value_as_string(i),
+        DataType::Boolean => if a.as_boolean().value(i) { "t" } else { "f" }.to_string(),
+        DataType::Utf8 => a.as_string::<i32>().value(i).to_string(),
+        DataType::Binary => hex::encode(a.as_binary::<i32>().value(i)),
+        DataType::Date32 => a.as_primitive::<Date32Type>().value(i).to_string(),
+        DataType::Timestamp(..) => a
+            .as_primitive::<TimestampMicrosecondType>()
+            .value(i)
+            .to_string(),
+        other => panic!("no canonical form for {other}"),
+    }
+}
+
+fn arrow_sum(a: &dyn Array) -> Option<String> {
+    let total: i128 = match a.data_type() {
+        DataType::Int16 => a
+            .as_primitive::<Int16Type>()
+            .iter()
+            .flatten()
+            .map(i128::from)
+            .sum(),
+        DataType::Int32 => a
+            .as_primitive::<Int32Type>()
+            .iter()
+            .flatten()
+            .map(i128::from)
+            .sum(),
+        DataType::Int64 => a
+            .as_primitive::<Int64Type>()
+            .iter()
+            .flatten()
+            .map(i128::from)
+            .sum(),
+        DataType::Decimal128(_, s) => {
+            let sum: i128 = a.as_primitive::<Decimal128Type>().iter().flatten().sum();
+            return (a.null_count() < a.len()).then(|| {
+                arrow::array::Decimal128Array::from(vec![sum])
+                    .with_precision_and_scale(38, *s)
+                    .unwrap()
+                    .value_as_string(0)
+            });
+        }
+        _ => return None,
+    };
+    (a.null_count() < a.len()).then(|| total.to_string())
+}
+
+/// The same checks over the destination's batches, rows put in `key` order first.
+pub fn destination_checks(batches: &[RecordBatch], key: &str) -> Vec<ColumnCheck> {
+    let batch = arrow::compute::concat_batches(&batches[0].schema(), batches).expect("concat");
+    let key_col = batch.column_by_name(key).expect("key column");
+    let order = arrow::compute::sort_to_indices(key_col, None, None).expect("sort");
+    let batch = arrow::compute::take_record_batch(&batch, &order).expect("take");
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(field, col)| {
+            let mut md5 = Md5::new();
+            for i in 0..col.len() {
+                if i > 0 {
+                    md5.update(b",");
+                }
+                if col.is_null(i) {
+                    md5.update(b"N");
+                } else {
+                    let v = canonical_arrow(col.as_ref(), i);
+                    md5.update(format!("{}:{v}", v.len()).as_bytes());
+                }
+            }
+            ColumnCheck {
+                column: field.name().clone(),
+                non_null: (col.len() - col.null_count()) as i64,
+                sum: arrow_sum(col.as_ref()),
+                digest: hex::encode(md5.finalize()),
+            }
+        })
+        .collect()
+}
+
+pub async fn count(client: &Client, schema: &str, table: &str) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT count(*) FROM \"{schema}\".\"{table}\""),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0)
+}
+
+/// Asserts the destination equals the source: row count, per-column counts and sums, and
+/// every value (digest in key order).
+pub async fn assert_same_content(
+    client: &Client,
+    schema: &str,
+    table: &str,
+    dest: &Path,
+    key: &str,
+) {
+    let batches = read_table(dest);
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows as i64, count(client, schema, table).await, "row count");
+    let source = source_checks(client, schema, table, key).await;
+    let destination = destination_checks(&batches, key);
+    assert_eq!(source.len(), destination.len(), "column count");
+    for (s, d) in source.iter().zip(&destination) {
+        assert_eq!(
+            s, d,
+            "column {} differs between source and destination",
+            s.column
+        );
+    }
+}
+
+/// The dispatcher binary, built by `cargo build --bins` (tests/run.sh does it first).
+pub fn dispatcher_bin() -> PathBuf {
+    let path = std::env::var_os("SHARDFLOW_DISPATCHER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/dispatcher")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --bins` (tests/run.sh does) or set SHARDFLOW_DISPATCHER_BIN",
+        path.display()
+    );
+    path
+}

@@ -1,0 +1,645 @@
+//! PostgreSQL → planned shards → workers → Parquet table, against the running PostgreSQL.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{
+    DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type,
+    Int64Type, TimeUnit, TimestampMicrosecondType,
+};
+use common::*;
+use serde_json::json;
+use shardflow::plan::imbalance;
+use shardflow::queue::embedded::EmbeddedOptions;
+use shardflow::retry::RetryPolicy;
+use shardflow_dispatcher::{PlanOptions, RunOptions, plan_job, run_job};
+
+fn options(dir: &std::path::Path, shard_rows: u64) -> RunOptions {
+    RunOptions {
+        plan: PlanOptions {
+            shard_rows,
+            exact_count: false,
+            retry: RetryPolicy::none(),
+        },
+        workers: 2,
+        dest: dir.join("warehouse"),
+        staging: None,
+        state_url: format!("sqlite://{}", dir.join("state.db").display()),
+        ..Default::default()
+    }
+}
+
+/// Every supported type, NULLs in every nullable column.
+const WIDE_COLUMNS: &str = "
+    id bigint PRIMARY KEY, small smallint, num integer, amount numeric(12,2), ratio real,
+    score double precision, flag boolean, name text, code varchar(20), country char(5),
+    day date, created timestamp, paid timestamptz, ref uuid, doc json, attrs jsonb, blob bytea,
+    big numeric";
+
+fn wide_select(key_expr: &str) -> String {
+    format!(
+        "SELECT {key_expr},
+           CASE WHEN i % 7 = 1 THEN NULL ELSE (i % 30000 - 15000)::smallint END,
+           CASE WHEN i % 7 = 2 THEN NULL ELSE i * 3 END,
+           CASE WHEN i % 7 = 3 THEN NULL ELSE round((i % 100000) / 7.0 - 5000, 2) END,
+           CASE WHEN i % 7 = 4 THEN NULL ELSE (i % 1000) / 3.0 END,
+           CASE WHEN i % 7 = 5 THEN NULL ELSE i / 7.0 END,
+           CASE WHEN i % 7 = 6 THEN NULL ELSE i % 2 = 0 END,
+           CASE WHEN i % 11 = 0 THEN NULL WHEN i % 11 = 1 THEN '' ELSE 'name ' || i || ' ✓🦀' END,
+           CASE WHEN i % 13 = 0 THEN NULL ELSE 'c' || (i % 977) END,
+           CASE WHEN i % 17 = 0 THEN NULL ELSE left(md5(i::text), 1 + i % 5) END,
+           CASE WHEN i % 19 = 0 THEN NULL ELSE date '1990-01-01' + (i % 20000) END,
+           CASE WHEN i % 23 = 0 THEN NULL ELSE timestamp '2001-02-03 04:05:06.789012' + i * interval '1.000001 second' END,
+           CASE WHEN i % 29 = 0 THEN NULL ELSE timestamptz '2020-01-01 00:00:00+02' + i * interval '7.5 seconds' END,
+           CASE WHEN i % 31 = 0 THEN NULL ELSE md5('u' || i)::uuid END,
+           CASE WHEN i % 37 = 0 THEN NULL ELSE ('{{\"n\": ' || i || ',  \"k\": \"v\"}}')::json END,
+           CASE WHEN i % 41 = 0 THEN NULL ELSE jsonb_build_object('i', i, 'a', jsonb_build_array(i % 3, 'x')) END,
+           CASE WHEN i % 43 = 0 THEN NULL WHEN i % 43 = 1 THEN ''::bytea ELSE decode(md5(i::text), 'hex') END,
+           CASE WHEN i % 47 = 0 THEN NULL ELSE (i::numeric * 1000000000000000000000 + 1) / 1024 END"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_million_skewed_rows_shard_evenly_and_load_exactly() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_skewed").await;
+    // 90% of the keys are dense (1..900k), the rest spread over nine orders of magnitude.
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.orders ({WIDE_COLUMNS});
+         INSERT INTO {schema}.orders {} FROM generate_series(1, 1000000) AS i;
+         ANALYZE {schema}.orders;",
+        wide_select("CASE WHEN i <= 900000 THEN i::bigint ELSE (i::bigint - 900000) * 10000000 + 5000000000 END")
+    ))
+    .await
+    .unwrap();
+
+    let spec = job(&schema, "orders", "orders", json!({}));
+    let dir = scratch("skewed");
+
+    // The estimate, without a scan, is within 10% of the truth after ANALYZE.
+    let plan = plan_job(&spec, &options(&dir, 100_000).plan).await.unwrap();
+    let truth = count(&pg, &schema, "orders").await as f64;
+    let error = (plan.estimated_rows as f64 - truth).abs() / truth;
+    assert!(error <= 0.10, "estimate {} vs {truth}", plan.estimated_rows);
+    assert!(
+        plan.estimate_source.starts_with("pg_class.reltuples"),
+        "{}",
+        plan.estimate_source
+    );
+    assert_eq!(plan.split_column.as_deref(), Some("id"));
+    assert_eq!(plan.shards.len(), 10);
+
+    let report = run_job(spec, options(&dir, 100_000)).await;
+    assert_eq!(report.status, "completed", "{report:?}");
+    assert_eq!(report.shards, 10);
+    assert_eq!(report.rows_extracted, 1_000_000);
+    assert_eq!(report.rows_loaded, 1_000_000);
+    let balance = imbalance(&report.shard_rows);
+    assert!(
+        balance <= 1.5,
+        "largest shard is {balance:.2}x the mean: {:?}",
+        report.shard_rows
+    );
+    assert_same_content(&pg, &schema, "orders", &dir.join("warehouse/orders"), "id").await;
+    // Staging is gone after success.
+    let staging = dir.join("warehouse/_staging").join(&report.run_id);
+    assert!(
+        !staging.exists(),
+        "staging left behind at {}",
+        staging.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_without_a_key_is_cut_into_ctid_ranges() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_keyless").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.events ({});
+         INSERT INTO {schema}.events {} FROM generate_series(1, 200000) AS i;
+         ANALYZE {schema}.events;",
+        WIDE_COLUMNS.replace("id bigint PRIMARY KEY", "id bigint"),
+        wide_select("i::bigint")
+    ))
+    .await
+    .unwrap();
+    let spec = job(&schema, "events", "events", json!({}));
+    let dir = scratch("keyless");
+    let plan = plan_job(&spec, &options(&dir, 40_000).plan).await.unwrap();
+    assert_eq!(plan.split_method, "ctid");
+    assert_eq!(plan.shards.len(), 5);
+    let report = run_job(spec, options(&dir, 40_000)).await;
+    assert_eq!(report.status, "completed", "{report:?}");
+    assert_eq!(report.rows_loaded, 200_000);
+    assert!(
+        imbalance(&report.shard_rows) <= 1.5,
+        "{:?}",
+        report.shard_rows
+    );
+    assert_same_content(&pg, &schema, "events", &dir.join("warehouse/events"), "id").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_uuid_key_is_cut_by_rank() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_uuid").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.docs (id uuid PRIMARY KEY, n integer, body text);
+         INSERT INTO {schema}.docs SELECT md5('doc' || i)::uuid, i,
+                CASE WHEN i % 9 = 0 THEN NULL ELSE repeat('x', i % 50) END
+         FROM generate_series(1, 200000) AS i;
+         ANALYZE {schema}.docs;"
+    ))
+    .await
+    .unwrap();
+    let spec = job(&schema, "docs", "docs", json!({}));
+    let dir = scratch("uuid");
+    let plan = plan_job(&spec, &options(&dir, 25_000).plan).await.unwrap();
+    assert_eq!(plan.split_column.as_deref(), Some("id"));
+    assert!(
+        matches!(plan.split_method.as_str(), "histogram" | "sample"),
+        "{}",
+        plan.split_method
+    );
+    assert_eq!(plan.shards.len(), 8);
+    let report = run_job(spec, options(&dir, 25_000)).await;
+    assert_eq!(report.status, "completed", "{report:?}");
+    assert_eq!(report.rows_loaded, 200_000);
+    assert!(
+        imbalance(&report.shard_rows) <= 1.5,
+        "{:?}",
+        report.shard_rows
+    );
+    assert_same_content(&pg, &schema, "docs", &dir.join("warehouse/docs"), "id").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_shard_delivered_twice_still_loads_each_row_once() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_dupes").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.t ({WIDE_COLUMNS});
+         INSERT INTO {schema}.t {} FROM generate_series(1, 100000) AS i;
+         ANALYZE {schema}.t;",
+        wide_select("i::bigint")
+    ))
+    .await
+    .unwrap();
+    let dir = scratch("dupes");
+    let mut opts = options(&dir, 25_000);
+    opts.queue = EmbeddedOptions {
+        duplicate_every_message: true,
+    };
+    let report = run_job(job(&schema, "t", "t", json!({})), opts).await;
+    assert_eq!(report.status, "completed", "{report:?}");
+    assert_eq!(report.shards, 4);
+    // Each shard ran twice and reported twice; the second result of each was ignored.
+    assert!(report.duplicate_results_ignored >= 1, "{report:?}");
+    assert_eq!(report.rows_loaded, 100_000);
+    assert_same_content(&pg, &schema, "t", &dir.join("warehouse/t"), "id").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_run_leaves_the_old_table_and_a_rerun_completes() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_kill").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.t ({WIDE_COLUMNS});
+         INSERT INTO {schema}.t {} FROM generate_series(1, 400000) AS i;
+         ANALYZE {schema}.t;",
+        wide_select("i::bigint")
+    ))
+    .await
+    .unwrap();
+    let dir = scratch("kill");
+    let table_dir = dir.join("warehouse/t");
+    let first = run_job(job(&schema, "t", "t", json!({})), options(&dir, 50_000)).await;
+    assert_eq!(first.status, "completed", "{first:?}");
+    let before = table_listing(&table_dir);
+    let old_checks = destination_checks(&read_table(&table_dir), "id");
+
+    // The source changes, then a run starts and is killed with SIGKILL mid-way.
+    pg.batch_execute(&format!(
+        "UPDATE {schema}.t SET name = 'changed' WHERE id % 3 = 0"
+    ))
+    .await
+    .unwrap();
+    let job_file = dir.join("job.json");
+    std::fs::write(
+        &job_file,
+        job_json(&schema, "t", "t", json!({})).to_string(),
+    )
+    .unwrap();
+    let mut child = Command::new(dispatcher_bin())
+        .args([
+            "run",
+            "--workers",
+            "1",
+            "--shard-rows",
+            "50000",
+            "--no-progress",
+        ])
+        .arg("--job")
+        .arg(&job_file)
+        .arg("--dest")
+        .arg(dir.join("warehouse"))
+        .arg("--state")
+        .arg(format!("sqlite://{}", dir.join("state.db").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until it has staged at least one part, then kill it.
+    let staging = dir.join("warehouse/_staging");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let staged = walk(&staging)
+            .into_iter()
+            .any(|p| p.extension().is_some_and(|e| e == "parquet"));
+        if staged {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run never staged a part");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        table_listing(&table_dir),
+        before,
+        "the killed run changed the table's files"
+    );
+    assert_eq!(
+        destination_checks(&read_table(&table_dir), "id"),
+        old_checks
+    );
+
+    let rerun = run_job(job(&schema, "t", "t", json!({})), options(&dir, 50_000)).await;
+    assert_eq!(rerun.status, "completed", "{rerun:?}");
+    assert_same_content(&pg, &schema, "t", &table_dir, "id").await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_round_trips_with_exact_values() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_types").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.types ({WIDE_COLUMNS});
+         INSERT INTO {schema}.types VALUES
+         (1, -32768, -2147483648, -9999999999.99, -3.4028235e38, -1.7976931348623157e308, true,
+          '', '', 'ab', '0001-01-01', '0001-01-01 00:00:00', '1970-01-01 00:00:00+00',
+          '00000000-0000-0000-0000-000000000000', '{{\"b\": 1,   \"a\": [1, 2]}}', '{{\"b\": 1, \"a\": [1, 2]}}',
+          '\\x', '-0.000000000000000000000000000001'),
+         (2, 32767, 2147483647, 9999999999.99, 'NaN', 'Infinity', false,
+          'quote''s \"🦀\" \\ tab\t end', 'héllo', 'abcde', '9999-12-31', '2024-02-29 23:59:59.999999',
+          '2024-06-30 23:59:59.999999-07:30', 'ffffffff-ffff-ffff-ffff-ffffffffffff', '[]', '{{}}',
+          '\\x00ff10', '123456789012345678901234567890123456789012.5'),
+         (3, 0, 0, -0.01, '-0', '-Infinity', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'NaN'),
+         (4, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"
+    ))
+    .await
+    .unwrap();
+    let dir = scratch("types");
+    let report = run_job(
+        job(
+            &schema,
+            "types",
+            "types",
+            json!({"processing_mode": "standard"}),
+        ),
+        options(&dir, 1_000),
+    )
+    .await;
+    assert_eq!(report.status, "completed", "{report:?}");
+    let batches = read_table(&dir.join("warehouse/types"));
+    let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+    let b = arrow::compute::take_record_batch(
+        &b,
+        &arrow::compute::sort_to_indices(b.column(0), None, None).unwrap(),
+    )
+    .unwrap();
+    let schema_ref = b.schema();
+    let types: Vec<(&str, &DataType)> = schema_ref
+        .fields()
+        .iter()
+        .map(|f| (f.name().as_str(), f.data_type()))
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            ("id", &DataType::Int64),
+            ("small", &DataType::Int16),
+            ("num", &DataType::Int32),
+            ("amount", &DataType::Decimal128(12, 2)),
+            ("ratio", &DataType::Float32),
+            ("score", &DataType::Float64),
+            ("flag", &DataType::Boolean),
+            ("name", &DataType::Utf8),
+            ("code", &DataType::Utf8),
+            ("country", &DataType::Utf8),
+            ("day", &DataType::Date32),
+            ("created", &DataType::Timestamp(TimeUnit::Microsecond, None)),
+            (
+                "paid",
+                &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            ),
+            ("ref", &DataType::Utf8),
+            ("doc", &DataType::Utf8),
+            ("attrs", &DataType::Utf8),
+            ("blob", &DataType::Binary),
+            ("big", &DataType::Utf8),
+        ]
+    );
+    let meta = |name: &str| {
+        schema_ref
+            .field_with_name(name)
+            .unwrap()
+            .metadata()
+            .get("shardflow.source_type")
+            .cloned()
+    };
+    assert_eq!(meta("amount").as_deref(), Some("numeric(12,2)"));
+    assert_eq!(meta("attrs").as_deref(), Some("jsonb"));
+    assert_eq!(meta("big").as_deref(), Some("numeric"));
+
+    let col = |name: &str| b.column_by_name(name).unwrap().clone();
+    assert_eq!(
+        col("small").as_primitive::<Int16Type>().values().to_vec()[..3],
+        [-32768, 32767, 0]
+    );
+    assert_eq!(
+        col("num").as_primitive::<Int32Type>().values().to_vec()[..3],
+        [i32::MIN, i32::MAX, 0]
+    );
+    let amount = col("amount");
+    let amount = amount.as_primitive::<Decimal128Type>();
+    assert_eq!(
+        (amount.value(0), amount.value(1), amount.value(2)),
+        (-999_999_999_999, 999_999_999_999, -1)
+    );
+    let ratio = col("ratio");
+    let ratio = ratio.as_primitive::<Float32Type>();
+    assert_eq!(ratio.value(0), -3.402_823_5e38);
+    assert!(ratio.value(1).is_nan());
+    assert_eq!(ratio.value(2).to_bits(), (-0.0f32).to_bits());
+    let score = col("score");
+    let score = score.as_primitive::<Float64Type>();
+    assert_eq!(
+        (score.value(0), score.value(1), score.value(2)),
+        (-f64::MAX, f64::INFINITY, f64::NEG_INFINITY)
+    );
+    let flag = col("flag");
+    assert_eq!(
+        (
+            flag.as_boolean().value(0),
+            flag.as_boolean().value(1),
+            flag.is_null(2)
+        ),
+        (true, false, true)
+    );
+    let text = |name: &str, i: usize| col(name).as_string::<i32>().value(i).to_string();
+    assert_eq!(text("name", 0), "");
+    assert_eq!(text("name", 1), "quote's \"🦀\" \\ tab\t end");
+    assert_eq!(text("code", 1), "héllo");
+    assert_eq!(
+        (text("country", 0), text("country", 1)),
+        ("ab   ".to_string(), "abcde".to_string())
+    );
+    let day = col("day");
+    let day = day.as_primitive::<Date32Type>();
+    assert_eq!((day.value(0), day.value(1)), (-719_162, 2_932_896));
+    let created = col("created");
+    let created = created.as_primitive::<TimestampMicrosecondType>();
+    assert_eq!(
+        (created.value(0), created.value(1)),
+        (-62_135_596_800_000_000, 1_709_251_199_999_999)
+    );
+    let paid = col("paid");
+    let paid = paid.as_primitive::<TimestampMicrosecondType>();
+    assert_eq!((paid.value(0), paid.value(1)), (0, 1_719_818_999_999_999));
+    assert_eq!(text("ref", 0), "00000000-0000-0000-0000-000000000000");
+    assert_eq!(text("ref", 1), "ffffffff-ffff-ffff-ffff-ffffffffffff");
+    assert_eq!(
+        text("doc", 0),
+        "{\"b\": 1,   \"a\": [1, 2]}",
+        "json keeps its text"
+    );
+    assert_eq!(
+        text("attrs", 0),
+        "{\"a\": [1, 2], \"b\": 1}",
+        "jsonb in its normal form"
+    );
+    let blob = col("blob");
+    assert_eq!(
+        (
+            blob.as_binary::<i32>().value(0),
+            blob.as_binary::<i32>().value(1)
+        ),
+        (&[][..], &[0x00, 0xff, 0x10][..])
+    );
+    assert_eq!(text("big", 0), "-0.000000000000000000000000000001");
+    assert_eq!(
+        text("big", 1),
+        "123456789012345678901234567890123456789012.5"
+    );
+    assert_eq!(text("big", 2), "NaN");
+    // Row 4: NULL in every nullable column.
+    for (i, c) in b.columns().iter().enumerate().skip(1) {
+        assert!(
+            c.is_null(3),
+            "column {} of the all-NULL row",
+            schema_ref.field(i).name()
+        );
+    }
+    assert_eq!(
+        col("id").as_primitive::<Int64Type>().values().to_vec(),
+        vec![1, 2, 3, 4]
+    );
+    assert_same_content(&pg, &schema, "types", &dir.join("warehouse/types"), "id").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_named_errors_and_move_nothing() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_bad").await;
+    pg.batch_execute(&format!("CREATE TABLE {schema}.t (id int PRIMARY KEY, v text); INSERT INTO {schema}.t VALUES (1, 'a');"))
+        .await
+        .unwrap();
+    let dir = scratch("bad");
+
+    let missing_table = run_job(job(&schema, "nope", "t", json!({})), options(&dir, 10)).await;
+    assert_eq!(missing_table.status, "failed");
+    assert_eq!(
+        missing_table.error_message.as_deref(),
+        Some("table e2e_bad.nope not found in database \"test\"")
+    );
+    let missing_column = run_job(
+        job(
+            &schema,
+            "t",
+            "t",
+            json!({"selected_columns": ["id", "nope", "gone"]}),
+        ),
+        options(&dir, 10),
+    )
+    .await;
+    assert_eq!(
+        missing_column.error_message.as_deref(),
+        Some("columns \"nope\", \"gone\" not found in e2e_bad.t (columns: id, v)")
+    );
+    let missing_ts = run_job(
+        job(
+            &schema,
+            "t",
+            "t",
+            json!({"load_type": "catalog", "timestamp_column": "updated_at"}),
+        ),
+        options(&dir, 10),
+    )
+    .await;
+    assert_eq!(
+        missing_ts.error_message.as_deref(),
+        Some("column \"updated_at\" not found in e2e_bad.t (columns: id, v)")
+    );
+    assert!(
+        !dir.join("warehouse/t").exists(),
+        "a failed run created the table"
+    );
+
+    // Through the binary: a spec error is the report's error_message and the exit code is 1;
+    // the password is in no output.
+    let job_file = dir.join("bad.json");
+    let mut bad = job_json(
+        &schema,
+        "t",
+        "t",
+        json!({"load_type": "transactional", "processing_mode": "turbo"}),
+    );
+    bad["source_type"] = "oracle".into();
+    std::fs::write(&job_file, bad.to_string()).unwrap();
+    let out = Command::new(dispatcher_bin())
+        .args(["run", "--no-progress", "--job"])
+        .arg(&job_file)
+        .arg("--dest")
+        .arg(dir.join("warehouse"))
+        .arg("--state")
+        .arg(format!("sqlite://{}", dir.join("state.db").display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["status"], "failed");
+    assert_eq!(
+        last["error_message"],
+        "invalid job config: source_type \"oracle\" is not supported (expected one of: postgresql, mysql, gcs, s3, azure_blob, local); \
+         load_type \"transactional\" needs timestamp_column; \
+         processing_mode \"turbo\" is not supported (expected auto, standard or dataflow)"
+    );
+    let all_output = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!all_output.contains("pw-never-shown-81f3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reports_last_and_logs_for_cloud_logging() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_cli").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.t (id int PRIMARY KEY, v text);
+         INSERT INTO {schema}.t SELECT i, 'v' || i FROM generate_series(1, 5000) i; ANALYZE {schema}.t;"
+    ))
+    .await
+    .unwrap();
+    let dir = scratch("cli");
+    let job_file = dir.join("message.json");
+    // A job message as Django publishes it, with the config inline.
+    let message = json!({"data_source_id": 42, "etl_run_id": 456, "config": job_json(&schema, "t", "t", json!({}))});
+    std::fs::write(&job_file, message.to_string()).unwrap();
+    let out = Command::new(dispatcher_bin())
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--shard-rows",
+            "1000",
+            "--job",
+        ])
+        .arg(&job_file)
+        .arg("--dest")
+        .arg(dir.join("warehouse"))
+        .arg("--state")
+        .arg(format!("sqlite://{}", dir.join("state.db").display()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["status"], "completed");
+    assert_eq!(report["mode"], "sharded");
+    assert_eq!(report["etl_run_id"], 456);
+    assert_eq!(report["rows_extracted"], 5000);
+    assert_eq!(report["rows_loaded"], 5000);
+    assert_eq!(
+        report["shard_rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>(),
+        5000
+    );
+    assert!(report["duration_seconds"].as_f64().unwrap() > 0.0);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+        .collect();
+    let done = lines
+        .iter()
+        .find(|l| l["message"] == "run completed")
+        .expect("a completion line");
+    assert_eq!(done["severity"], "INFO");
+    assert_eq!(done["data_source_id"], 42);
+    assert_eq!(done["etl_run_id"], 456);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "shard extracted" && l["shard_id"].is_string())
+    );
+    assert!(!format!("{stdout}{stderr}").contains("pw-never-shown-81f3"));
+    assert_same_content(&pg, &schema, "t", &dir.join("warehouse/t"), "id").await;
+
+    // --help explains every flag of every subcommand.
+    for sub in ["plan", "run"] {
+        let help = Command::new(dispatcher_bin())
+            .args([sub, "--help"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&help.stdout);
+        for flag in ["--job", "--shard-rows", "--exact-count"] {
+            assert!(text.contains(flag), "{sub} --help lacks {flag}");
+        }
+    }
+}
