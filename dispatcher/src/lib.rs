@@ -35,6 +35,9 @@ pub const DEFAULT_BATCH_ROWS: usize = 10_000;
 #[derive(Clone, Debug)]
 pub struct PlanOptions {
     pub shard_rows: u64,
+    /// Workers known to be running the shards (embedded `run`): the shard count is rounded up
+    /// to a multiple of it. None for a fleet whose size the autoscaler decides.
+    pub workers: Option<usize>,
     pub exact_count: bool,
     pub retry: RetryPolicy,
 }
@@ -43,6 +46,7 @@ impl Default for PlanOptions {
     fn default() -> Self {
         PlanOptions {
             shard_rows: plan::DEFAULT_SHARD_ROWS,
+            workers: None,
             exact_count: false,
             retry: RetryPolicy::default(),
         }
@@ -127,7 +131,10 @@ pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
     );
     let wanted = match mode {
         Mode::Standard => 1,
-        Mode::Sharded => plan::shard_count(estimate.rows, opts.shard_rows),
+        Mode::Sharded => plan::fit_to_workers(
+            plan::shard_count(estimate.rows, opts.shard_rows),
+            opts.workers.unwrap_or(1),
+        ),
     };
     let split = postgres::split(&client, &info, estimate.rows, wanted).await?;
     Ok(Plan {
@@ -282,7 +289,11 @@ struct RunContext {
 async fn execute(spec: &JobSpec, opts: &RunOptions, report: &mut RunReport) -> Result<()> {
     let warehouse = ParquetDirWarehouse::new(&opts.dest)?;
     warehouse.check_table_name(&spec.dest_table_name)?;
-    let plan = plan_job(spec, &opts.plan).await?;
+    let plan_opts = PlanOptions {
+        workers: Some(opts.workers),
+        ..opts.plan.clone()
+    };
+    let plan = plan_job(spec, &plan_opts).await?;
     report.mode = Some(plan.mode);
     report.estimated_rows = Some(plan.estimated_rows);
     report.shards = plan.shards.len();

@@ -150,6 +150,7 @@ async fn main() -> ExitCode {
             };
             let opts = PlanOptions {
                 shard_rows: args.shard_rows,
+                workers: None,
                 exact_count: args.exact_count,
                 retry,
             };
@@ -191,6 +192,7 @@ async fn main() -> ExitCode {
                     let opts = RunOptions {
                         plan: PlanOptions {
                             shard_rows: plan.shard_rows,
+                            workers: Some(workers),
                             exact_count: plan.exact_count,
                             retry,
                         },

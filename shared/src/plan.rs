@@ -60,6 +60,15 @@ pub fn shard_count(estimated_rows: u64, shard_rows: u64) -> usize {
         .max(1)
 }
 
+/// When the number of workers is known (the embedded `run`), rounds the shard count up to a
+/// multiple of it, so no worker idles while another runs the last shard alone.
+pub fn fit_to_workers(shards: usize, workers: usize) -> usize {
+    if shards <= 1 || workers <= 1 {
+        return shards.max(1);
+    }
+    shards.div_ceil(workers) * workers
+}
+
 /// A cut point and the share of the rows that falls before it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cut {
@@ -205,6 +214,15 @@ mod tests {
         assert_eq!(shard_count(100, 100), 1);
         assert_eq!(shard_count(101, 100), 2);
         assert_eq!(shard_count(1_000_000, 0), 1_000_000);
+    }
+
+    #[test]
+    fn shard_count_fits_the_workers() {
+        assert_eq!(fit_to_workers(11, 2), 12);
+        assert_eq!(fit_to_workers(10, 2), 10);
+        assert_eq!(fit_to_workers(5, 4), 8);
+        assert_eq!(fit_to_workers(1, 4), 1, "a standard run stays one shard");
+        assert_eq!(fit_to_workers(7, 1), 7);
     }
 
     fn points(values: impl IntoIterator<Item = i64>) -> Vec<String> {

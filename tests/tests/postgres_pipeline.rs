@@ -12,15 +12,23 @@ use arrow::datatypes::{
 };
 use common::*;
 use serde_json::json;
-use shardflow::plan::imbalance;
+use shardflow::plan::{fit_to_workers, imbalance, shard_count};
 use shardflow::queue::embedded::EmbeddedOptions;
 use shardflow::retry::RetryPolicy;
 use shardflow_dispatcher::{PlanOptions, RunOptions, plan_job, run_job};
+
+/// Options with an exact count, so shard counts do not depend on ANALYZE's sampling.
+fn exact(dir: &std::path::Path, shard_rows: u64) -> RunOptions {
+    let mut o = options(dir, shard_rows);
+    o.plan.exact_count = true;
+    o
+}
 
 fn options(dir: &std::path::Path, shard_rows: u64) -> RunOptions {
     RunOptions {
         plan: PlanOptions {
             shard_rows,
+            workers: None,
             exact_count: false,
             retry: RetryPolicy::none(),
         },
@@ -90,11 +98,16 @@ async fn a_million_skewed_rows_shard_evenly_and_load_exactly() {
         plan.estimate_source
     );
     assert_eq!(plan.split_column.as_deref(), Some("id"));
-    assert_eq!(plan.shards.len(), 10);
+    // 10 shards, or 11 when ANALYZE's estimate lands a little above a million.
+    let planned = shard_count(plan.estimated_rows, 100_000);
+    assert!((10..=11).contains(&planned), "{planned}");
+    assert_eq!(plan.shards.len(), planned);
 
     let report = run_job(spec, options(&dir, 100_000)).await;
     assert_eq!(report.status, "completed", "{report:?}");
-    assert_eq!(report.shards, 10);
+    // The run knows its 2 workers and rounds the shard count up to a multiple of them.
+    assert_eq!(report.shards, fit_to_workers(planned, 2));
+    assert_eq!(report.shard_rows.len(), report.shards);
     assert_eq!(report.rows_extracted, 1_000_000);
     assert_eq!(report.rows_loaded, 1_000_000);
     let balance = imbalance(&report.shard_rows);
@@ -128,10 +141,15 @@ async fn a_table_without_a_key_is_cut_into_ctid_ranges() {
     .unwrap();
     let spec = job(&schema, "events", "events", json!({}));
     let dir = scratch("keyless");
-    let plan = plan_job(&spec, &options(&dir, 40_000).plan).await.unwrap();
+    let plan = plan_job(&spec, &exact(&dir, 40_000).plan).await.unwrap();
+    assert_eq!(
+        (plan.estimated_rows, plan.estimate_source.as_str()),
+        (200_000, "count(*)")
+    );
     assert_eq!(plan.split_method, "ctid");
     assert_eq!(plan.shards.len(), 5);
-    let report = run_job(spec, options(&dir, 40_000)).await;
+    let report = run_job(spec, exact(&dir, 40_000)).await;
+    assert_eq!(report.shards, 6, "5 rounded up for 2 workers");
     assert_eq!(report.status, "completed", "{report:?}");
     assert_eq!(report.rows_loaded, 200_000);
     assert!(
@@ -157,7 +175,7 @@ async fn a_uuid_key_is_cut_by_rank() {
     .unwrap();
     let spec = job(&schema, "docs", "docs", json!({}));
     let dir = scratch("uuid");
-    let plan = plan_job(&spec, &options(&dir, 25_000).plan).await.unwrap();
+    let plan = plan_job(&spec, &exact(&dir, 25_000).plan).await.unwrap();
     assert_eq!(plan.split_column.as_deref(), Some("id"));
     assert!(
         matches!(plan.split_method.as_str(), "histogram" | "sample"),
@@ -165,8 +183,9 @@ async fn a_uuid_key_is_cut_by_rank() {
         plan.split_method
     );
     assert_eq!(plan.shards.len(), 8);
-    let report = run_job(spec, options(&dir, 25_000)).await;
+    let report = run_job(spec, exact(&dir, 25_000)).await;
     assert_eq!(report.status, "completed", "{report:?}");
+    assert_eq!(report.shards, 8);
     assert_eq!(report.rows_loaded, 200_000);
     assert!(
         imbalance(&report.shard_rows) <= 1.5,
@@ -189,7 +208,7 @@ async fn every_shard_delivered_twice_still_loads_each_row_once() {
     .await
     .unwrap();
     let dir = scratch("dupes");
-    let mut opts = options(&dir, 25_000);
+    let mut opts = exact(&dir, 25_000);
     opts.queue = EmbeddedOptions {
         duplicate_every_message: true,
     };

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README and CI run it: start the services the tests need, build
+# once into one target directory, run every test once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# PostgreSQL 15 on 127.0.0.1:5432 (trust auth) is part of this machine; start it if it stopped.
+if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  echo "tests/run.sh: starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+  for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
+fi
+if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  echo "tests/run.sh: PostgreSQL is not answering on 127.0.0.1:5432; start it with" >&2
+  echo "  pg_ctlcluster --skip-systemctl-redirect \$(ls /etc/postgresql) main start" >&2
+  exit 1
+fi
+
+cargo fmt --all --check
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+# One build of everything (the end-to-end tests also run the dispatcher binary).
+cargo build --locked --workspace --bins --tests
+export SHARDFLOW_DISPATCHER_BIN="$target_dir/debug/dispatcher"
+log="$(mktemp)"
+status=0
+cargo test --locked --workspace --lib --bins --tests 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite (cargo's last line is that of whichever crate ran last).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "shardflow: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"
