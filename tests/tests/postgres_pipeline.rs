@@ -662,3 +662,131 @@ async fn the_binary_reports_last_and_logs_for_cloud_logging() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn text_timestamp_and_numeric_keys_are_cut_from_a_sample() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_sample").await;
+    // Skewed keys of three types; 40 shards need finer cuts than a 100-bucket histogram gives.
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.by_text (k text PRIMARY KEY, v int);
+         INSERT INTO {schema}.by_text SELECT CASE WHEN i % 10 = 0 THEN 'z' || md5(i::text) ELSE 'a' || lpad(i::text, 7, '0') END, i
+         FROM generate_series(1, 80000) i;
+         CREATE TABLE {schema}.by_time (k timestamptz PRIMARY KEY, v int);
+         INSERT INTO {schema}.by_time SELECT CASE WHEN i <= 72000 THEN timestamptz '2024-01-01' + i * interval '1 second'
+                                                  ELSE timestamptz '1990-01-01' + i * interval '1 day' END, i
+         FROM generate_series(1, 80000) i;
+         CREATE TABLE {schema}.by_num (k numeric(20,4) PRIMARY KEY, v int);
+         INSERT INTO {schema}.by_num SELECT CASE WHEN i <= 72000 THEN i / 1000.0 ELSE i * 1000000.5 END, i
+         FROM generate_series(1, 80000) i;
+         ANALYZE {schema}.by_text; ANALYZE {schema}.by_time; ANALYZE {schema}.by_num;"
+    ))
+    .await
+    .unwrap();
+    for table in ["by_text", "by_time", "by_num"] {
+        let spec = job(&schema, table, table, json!({}));
+        let dir = scratch(&format!("sample-{table}"));
+        let plan = plan_job(&spec, &exact(&dir, 2_000).plan).await.unwrap();
+        assert_eq!(plan.split_method, "sample", "{table}");
+        assert_eq!(plan.split_column.as_deref(), Some("k"));
+        assert_eq!(plan.shards.len(), 40, "{table}");
+        let report = run_job(spec, exact(&dir, 2_000)).await;
+        assert_eq!(report.status, "completed", "{table}: {report:?}");
+        assert_eq!(report.rows_loaded, 80_000, "{table}");
+        let balance = imbalance(&report.shard_rows);
+        assert!(
+            balance <= 1.5,
+            "{table}: {balance:.2} {:?}",
+            report.shard_rows
+        );
+        assert_same_content(
+            &pg,
+            &schema,
+            table,
+            &dir.join(format!("warehouse/{table}")),
+            "k",
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_shard_reads_the_same_snapshot_while_the_table_changes() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_snapshot").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.t ({WIDE_COLUMNS});
+         INSERT INTO {schema}.t {} FROM generate_series(1, 200000) AS i;
+         ANALYZE {schema}.t;",
+        wide_select("i::bigint")
+    ))
+    .await
+    .unwrap();
+    let before = source_checks(&pg, &schema, "t", "id").await;
+    let dir = scratch("snapshot");
+    let mut opts = exact(&dir, 10_000);
+    opts.workers = 1;
+    let run = tokio::spawn(run_job(job(&schema, "t", "t", json!({})), opts));
+
+    // Once the first shard is staged, change rows in every later shard and add new ones.
+    let staging = dir.join("warehouse/_staging");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !walk(&staging)
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "parquet"))
+    {
+        assert!(
+            Instant::now() < deadline && !run.is_finished(),
+            "the run never staged a part"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pg.batch_execute(&format!(
+        "UPDATE {schema}.t SET name = 'changed during the run', num = -1 WHERE id % 10 = 0;
+         DELETE FROM {schema}.t WHERE id % 10 = 5;
+         INSERT INTO {schema}.t (id, name) SELECT 10000000 + i, 'late' FROM generate_series(1, 1000) i;"
+    ))
+    .await
+    .unwrap();
+    let report = run.await.unwrap();
+    assert_eq!(report.status, "completed", "{report:?}");
+    assert!(report.shards >= 20);
+    // The destination is the table as it was when the run started: every shard, including
+    // those extracted after the changes, read the run's one snapshot.
+    assert_eq!(report.rows_loaded, 200_000);
+    let after = destination_checks(&read_table(&dir.join("warehouse/t")), "id");
+    assert_eq!(after, before);
+    assert_ne!(
+        source_checks(&pg, &schema, "t", "id").await,
+        before,
+        "the source did change"
+    );
+}
+
+#[tokio::test]
+async fn cuts_out_of_key_order_are_refused_before_any_data_moves() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_cuts").await;
+    pg.batch_execute(&format!("CREATE TABLE {schema}.t (id bigint PRIMARY KEY)"))
+        .await
+        .unwrap();
+    let info = shardflow::source::postgres::describe(&pg, &schema, "t")
+        .await
+        .unwrap();
+    let key = info.split_key.clone().unwrap();
+    let cut = |v: &str| shardflow::plan::Cut {
+        value: v.into(),
+        rank: 0.5,
+    };
+    // In text order "10" < "9"; in the key's order that would make overlapping ranges.
+    let err = shardflow::source::postgres::check_ascending(&pg, &key, &[cut("10"), cut("9")])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the shard cuts on id are not in ascending order (1 out of place); refusing to plan overlapping ranges"
+    );
+    shardflow::source::postgres::check_ascending(&pg, &key, &[cut("9"), cut("10")])
+        .await
+        .unwrap();
+}

@@ -353,6 +353,7 @@ pub async fn split(
             .and_then(|r| r.get(0));
         if let Some(bounds) = bounds.filter(|b| b.len() > 4 * shards) {
             let cuts = plan::equal_rank_cuts(&bounds, shards);
+            check_ascending(client, key, &cuts).await?;
             return Ok(Split {
                 method: "histogram".into(),
                 column: Some(key.name.clone()),
@@ -366,8 +367,11 @@ pub async fn split(
         } else {
             (target as f64 * 100.0 / estimated_rows as f64).clamp(0.000_1, 100.0)
         };
+        // The alias matters: ORDER BY a bare name prefers an output column, and sorting the
+        // text form would put 10 before 9 and give overlapping ranges.
         let sql = format!(
-            "SELECT {k}::text FROM {t} TABLESAMPLE SYSTEM ($1) REPEATABLE (17) WHERE {k} IS NOT NULL ORDER BY {k}",
+            "SELECT {k}::text AS cut FROM {t} TABLESAMPLE SYSTEM ($1) REPEATABLE (17) \
+             WHERE {k} IS NOT NULL ORDER BY {t}.{k}",
             k = quote_ident(&key.name),
             t = info.qualified()
         );
@@ -379,6 +383,7 @@ pub async fn split(
             .collect();
         if sample.len() > 2 * shards {
             let cuts = plan::equal_rank_cuts(&sample, shards);
+            check_ascending(client, key, &cuts).await?;
             return Ok(Split {
                 method: "sample".into(),
                 column: Some(key.name.clone()),
@@ -394,6 +399,37 @@ pub async fn split(
         });
     }
     Ok(whole("none (no usable key and not a plain table)"))
+}
+
+/// Overlapping key ranges would load rows twice, so before any shard runs PostgreSQL itself
+/// confirms that the cuts are strictly ascending in the key's own type and collation.
+pub async fn check_ascending(
+    client: &Client,
+    key: &SourceColumn,
+    cuts: &[plan::Cut],
+) -> Result<()> {
+    if !SPLITTABLE_TYPES.contains(&key.type_name.as_str()) {
+        return Err(Error::Source(format!(
+            "cannot cut on key type {}",
+            key.type_name
+        )));
+    }
+    let values: Vec<&str> = cuts.iter().map(|c| c.value.as_str()).collect();
+    let sql = format!(
+        "SELECT count(*) FROM (
+           SELECT v::{ty} AS v, lag(v::{ty}) OVER (ORDER BY n) AS prev
+           FROM unnest($1::text[]) WITH ORDINALITY AS u(v, n)) s
+         WHERE prev >= v",
+        ty = key.type_name
+    );
+    let out_of_order: i64 = client.query_one(&sql, &[&values]).await?.get(0);
+    if out_of_order > 0 {
+        return Err(Error::Source(format!(
+            "the shard cuts on {} are not in ascending order ({out_of_order} out of place); refusing to plan overlapping ranges",
+            key.name
+        )));
+    }
+    Ok(())
 }
 
 /// A transaction holding an exported snapshot open; every shard of the run imports it.
