@@ -131,7 +131,22 @@ async fn main() -> ExitCode {
     } else {
         LogFormat::Text
     };
-    telemetry::init(format, &cli.log_level.replace("WARNING", "warn"));
+    let progress_bar = matches!(
+        &cli.command,
+        Command::Run {
+            no_progress: false,
+            ..
+        }
+    ) && format == LogFormat::Text
+        && std::io::stderr().is_terminal();
+    // The bar says what info lines would; keep the terminal to the bar and to warnings.
+    let level =
+        if progress_bar && std::env::var_os("LOG_LEVEL").is_none() && cli.log_level == "info" {
+            "warn".to_string()
+        } else {
+            cli.log_level.replace("WARNING", "warn")
+        };
+    telemetry::init(format, &level);
     let retry = match RetryPolicy::from_env() {
         Ok(r) => r,
         Err(e) => {
@@ -178,7 +193,7 @@ async fn main() -> ExitCode {
             etl_run_id,
             ack_deadline,
             max_delivery_attempts,
-            no_progress,
+            no_progress: _,
             duplicate_deliveries,
         } => {
             let report = match read_job(&plan.job) {
@@ -202,9 +217,7 @@ async fn main() -> ExitCode {
                         state_url: state,
                         batch_rows: batch_size,
                         etl_run_id: etl_run_id.or(message_run_id),
-                        show_progress: !no_progress
-                            && format == LogFormat::Text
-                            && std::io::stderr().is_terminal(),
+                        show_progress: progress_bar,
                         ack_deadline: std::time::Duration::from_secs(ack_deadline.max(1)),
                         max_delivery_attempts: max_delivery_attempts.max(1),
                         queue: EmbeddedOptions {

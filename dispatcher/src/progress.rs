@@ -27,9 +27,12 @@ impl Progress {
             ProgressDrawTarget::stderr(),
         );
         let style = ProgressStyle::with_template(
-            "{spinner} {elapsed_precise} [{wide_bar}] {human_pos}/~{human_len} rows · {per_sec} · {msg}",
+            "{spinner} {elapsed_precise} [{wide_bar}] {human_pos}/~{human_len} rows · {rate} · {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{} rows/s", indicatif::HumanCount(state.per_sec() as u64));
+        })
         .progress_chars("=> ");
         bar.set_style(style);
         bar.set_message(format!("shards 0/{shards}"));
