@@ -664,7 +664,7 @@ async fn the_binary_reports_last_and_logs_for_cloud_logging() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn text_timestamp_and_numeric_keys_are_cut_from_a_sample() {
+async fn text_timestamp_numeric_and_char_keys_are_cut_from_a_sample() {
     let pg = pg().await;
     let schema = fresh_schema(&pg, "e2e_sample").await;
     // Skewed keys of three types; 40 shards need finer cuts than a 100-bucket histogram gives.
@@ -679,11 +679,14 @@ async fn text_timestamp_and_numeric_keys_are_cut_from_a_sample() {
          CREATE TABLE {schema}.by_num (k numeric(20,4) PRIMARY KEY, v int);
          INSERT INTO {schema}.by_num SELECT CASE WHEN i <= 72000 THEN i / 1000.0 ELSE i * 1000000.5 END, i
          FROM generate_series(1, 80000) i;
-         ANALYZE {schema}.by_text; ANALYZE {schema}.by_time; ANALYZE {schema}.by_num;"
+         CREATE TABLE {schema}.by_char (k char(12) PRIMARY KEY, v int);
+         INSERT INTO {schema}.by_char SELECT CASE WHEN i % 10 = 0 THEN 'z' || left(md5(i::text), 8) ELSE 'a' || i END, i
+         FROM generate_series(1, 80000) i;
+         ANALYZE {schema}.by_text; ANALYZE {schema}.by_time; ANALYZE {schema}.by_num; ANALYZE {schema}.by_char;"
     ))
     .await
     .unwrap();
-    for table in ["by_text", "by_time", "by_num"] {
+    for table in ["by_text", "by_time", "by_num", "by_char"] {
         let spec = job(&schema, table, table, json!({}));
         let dir = scratch(&format!("sample-{table}"));
         let plan = plan_job(&spec, &exact(&dir, 2_000).plan).await.unwrap();

@@ -33,6 +33,15 @@ const SPLITTABLE_TYPES: &[&str] = &[
     "uuid",
 ];
 
+/// The type to cast a key's text form back to. `character` alone means char(1), which would
+/// truncate the bounds; `bpchar` is the same type without a length.
+fn cast_type(key_type: &str) -> &str {
+    match key_type {
+        "character" => "bpchar",
+        other => other,
+    }
+}
+
 /// How to reach the source database. Holds the password; Debug prints no secret.
 #[derive(Clone)]
 pub struct PgConnector {
@@ -346,7 +355,8 @@ pub async fn split(
         let bounds: Option<Vec<String>> = client
             .query_opt(
                 "SELECT histogram_bounds::text::text[] FROM pg_stats
-                 WHERE schemaname = $1 AND tablename = $2 AND attname = $3",
+                 WHERE schemaname = $1 AND tablename = $2 AND attname = $3
+                 ORDER BY inherited LIMIT 1",
                 &[&info.schema, &info.table, &key.name],
             )
             .await?
@@ -420,7 +430,7 @@ pub async fn check_ascending(
            SELECT v::{ty} AS v, lag(v::{ty}) OVER (ORDER BY n) AS prev
            FROM unnest($1::text[]) WITH ORDINALITY AS u(v, n)) s
          WHERE prev >= v",
-        ty = key.type_name
+        ty = cast_type(&key.type_name)
     );
     let out_of_order: i64 = client.query_one(&sql, &[&values]).await?.get(0);
     if out_of_order > 0 {
@@ -478,6 +488,7 @@ pub fn copy_statement(task: &ShardTask) -> Result<(String, Option<String>, Optio
                 )));
             }
             let k = quote_ident(column);
+            let key_type = cast_type(key_type);
             let mut conds = Vec::new();
             if lower.is_some() {
                 conds.push(format!(
@@ -658,6 +669,22 @@ mod tests {
         assert_eq!((lo.as_deref(), hi), (Some("(5,0)"), None));
         let (sql, ..) = copy_statement(&task(ShardBounds::Whole)).unwrap();
         assert!(!sql.contains("WHERE"));
+    }
+
+    #[test]
+    fn char_keys_are_cast_without_truncation() {
+        let (sql, ..) = copy_statement(&task(ShardBounds::KeyRange {
+            column: "id".into(),
+            key_type: "character".into(),
+            lower: Some("abc".into()),
+            upper: None,
+            include_nulls: false,
+        }))
+        .unwrap();
+        assert!(
+            sql.contains("current_setting('shardflow.lower')::bpchar"),
+            "{sql}"
+        );
     }
 
     #[test]
