@@ -793,3 +793,53 @@ async fn cuts_out_of_key_order_are_refused_before_any_data_moves() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_gets_a_progress_bar_with_rows_shards_and_rate() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_tty").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.t (id int PRIMARY KEY, v text);
+         INSERT INTO {schema}.t SELECT i, repeat('v', 200) FROM generate_series(1, 300000) i; ANALYZE {schema}.t;"
+    ))
+    .await
+    .unwrap();
+    let dir = scratch("tty");
+    let job_file = dir.join("job.json");
+    std::fs::write(
+        &job_file,
+        job_json(&schema, "t", "t", json!({})).to_string(),
+    )
+    .unwrap();
+    let command = format!(
+        "{} run --shard-rows 20000 --job {} --dest {} --state sqlite://{}",
+        dispatcher_bin().display(),
+        job_file.display(),
+        dir.join("warehouse").display(),
+        dir.join("state.db").display()
+    );
+    // `script` runs the dispatcher on a pseudo-terminal, as a person's shell would.
+    let typescript = dir.join("typescript");
+    let status = Command::new("script")
+        .arg("-qec")
+        .arg(&command)
+        .arg(&typescript)
+        .stdout(Stdio::null())
+        .status()
+        .expect("`script` (util-linux) runs the dispatcher on a pseudo-terminal");
+    assert!(status.success());
+    let screen = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).replace('\r', "\n");
+    let bar = screen
+        .lines()
+        .find(|l| l.contains("rows/s") && l.contains("shards ") && l.contains("/~"))
+        .unwrap_or_else(|| panic!("no progress bar in:\n{screen}"));
+    assert!(bar.contains("rows ·"), "{bar}");
+    assert!(
+        screen.contains("\"status\":\"completed\""),
+        "the report is printed after the bar"
+    );
+    assert!(
+        !screen.contains("INFO"),
+        "info lines stay off the terminal while the bar is drawn"
+    );
+}
