@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 
@@ -72,5 +73,3 @@ impl Staging {
         Ok(())
     }
 }
-
-use futures::StreamExt as _;

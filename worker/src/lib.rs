@@ -38,10 +38,6 @@ impl RunRegistry {
         self.lock().insert(run_id.to_string(), spec);
     }
 
-    pub fn forget(&self, run_id: &str) {
-        self.lock().remove(run_id);
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobSpec>>> {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -68,10 +68,6 @@ impl EmbeddedQueue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn create_topic(&self, topic: &str) {
-        self.lock().topics.entry(topic.to_string()).or_default();
-    }
-
     /// Creates a subscription (and its topic); an existing one is left as it is.
     pub fn create_subscription(&self, name: &str, config: SubscriptionConfig) {
         let mut st = self.lock();

@@ -519,7 +519,6 @@ const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 pub struct CopyDecoder {
     schema: SchemaRef,
     names: Vec<String>,
-    decodings: Vec<Decoding>,
     builders: Vec<Builder>,
     batch_rows: usize,
     /// Bytes of a tuple split across chunks.
@@ -533,15 +532,13 @@ pub struct CopyDecoder {
 impl CopyDecoder {
     pub fn new(columns: &[SourceColumn], batch_rows: usize) -> Result<Self> {
         let batch_rows = batch_rows.max(1);
-        let decodings: Vec<Decoding> = columns.iter().map(decoding_for).collect();
-        let builders = decodings
+        let builders = columns
             .iter()
-            .map(|d| Builder::new(*d, batch_rows))
+            .map(|c| Builder::new(decoding_for(c), batch_rows))
             .collect::<Result<Vec<_>>>()?;
         Ok(CopyDecoder {
             schema: arrow_schema(columns),
             names: columns.iter().map(|c| c.name.clone()).collect(),
-            decodings,
             builders,
             batch_rows,
             partial: BytesMut::new(),
@@ -554,11 +551,6 @@ impl CopyDecoder {
 
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
-    }
-
-    /// Rows decoded since the last batch.
-    pub fn buffered_rows(&self) -> usize {
-        self.rows_in_batch
     }
 
     /// Whether a batch is full: `batch_rows` rows, or enough bytes that a batch of wide rows
@@ -664,10 +656,6 @@ impl CopyDecoder {
             )));
         }
         Ok(())
-    }
-
-    pub fn decodings(&self) -> &[Decoding] {
-        &self.decodings
     }
 }
 
