@@ -113,6 +113,10 @@ mod tests {
     use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
 
+    fn row_text(i: i64) -> String {
+        format!("row {i} {}", "x".repeat((i % 97) as usize))
+    }
+
     fn batches(schema: SchemaRef, count: usize, rows: i64) -> BatchStream {
         let items: Vec<Result<RecordBatch>> = (0..count as i64)
             .map(|b| {
@@ -133,7 +137,10 @@ mod tests {
         Box::pin(futures::stream::iter(items))
     }
 
-    async fn rows_in(store: &Arc<dyn ObjectStore>, path: &str) -> u64 {
+    /// Every row of a staged part, read back: (id, text).
+    async fn read_part(store: &Arc<dyn ObjectStore>, path: &str) -> Vec<(i64, String)> {
+        use arrow::array::AsArray;
+        use arrow::datatypes::Int64Type;
         let bytes = store
             .get(&Path::from(path))
             .await
@@ -141,9 +148,18 @@ mod tests {
             .bytes()
             .await
             .unwrap();
-        let reader = parquet::file::reader::SerializedFileReader::new(bytes).unwrap();
-        use parquet::file::reader::FileReader;
-        reader.metadata().file_metadata().num_rows() as u64
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut rows = Vec::new();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let ids = batch.column(0).as_primitive::<Int64Type>();
+            let text = batch.column(1).as_string::<i32>();
+            rows.extend((0..batch.num_rows()).map(|i| (ids.value(i), text.value(i).to_string())));
+        }
+        rows
     }
 
     #[tokio::test]
@@ -176,13 +192,18 @@ mod tests {
             "expected several parts, got {}",
             files.len()
         );
+        let mut read_back = Vec::new();
         for (n, f) in files.iter().enumerate() {
             assert_eq!(f.path, format!("run/s00001/part-{n:05}.parquet"));
             // A part closes at the first batch that takes it past the limit.
             assert!(f.bytes < 2 * opts.max_part_bytes as u64, "{f:?}");
-            assert_eq!(rows_in(&store, &f.path).await, f.rows);
+            let rows = read_part(&store, &f.path).await;
+            assert_eq!(rows.len() as u64, f.rows);
+            read_back.extend(rows);
         }
-        assert_eq!(files.iter().map(|f| f.rows).sum::<u64>(), 200_000);
+        // Every row, in order, with its content, across the parts.
+        let expected: Vec<(i64, String)> = (0..200_000).map(|i| (i, row_text(i))).collect();
+        assert_eq!(read_back, expected);
 
         // An empty shard still writes one part, so the schema travels.
         let empty = write_parts(
@@ -198,6 +219,6 @@ mod tests {
         .unwrap();
         assert_eq!(empty.len(), 1);
         assert_eq!(empty[0].rows, 0);
-        assert_eq!(rows_in(&store, &empty[0].path).await, 0);
+        assert!(read_part(&store, &empty[0].path).await.is_empty());
     }
 }

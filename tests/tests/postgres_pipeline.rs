@@ -47,6 +47,31 @@ const WIDE_COLUMNS: &str = "
     day date, created timestamp, paid timestamptz, ref uuid, doc json, attrs jsonb, blob bytea,
     big numeric";
 
+/// Creates `schema.table` with every supported type and `rows` rows, NULLs in every nullable
+/// column, keyed by `key_expr` over `i`, and analyses it.
+async fn create_wide_table(
+    pg: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+    rows: u64,
+    key_expr: &str,
+    primary_key: bool,
+) {
+    let columns = if primary_key {
+        WIDE_COLUMNS.to_string()
+    } else {
+        WIDE_COLUMNS.replace("id bigint PRIMARY KEY", "id bigint")
+    };
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.{table} ({columns});
+         INSERT INTO {schema}.{table} {} FROM generate_series(1, {rows}) AS i;
+         ANALYZE {schema}.{table};",
+        wide_select(key_expr)
+    ))
+    .await
+    .unwrap();
+}
+
 fn wide_select(key_expr: &str) -> String {
     format!(
         "SELECT {key_expr},
@@ -75,14 +100,8 @@ async fn a_million_skewed_rows_shard_evenly_and_load_exactly() {
     let pg = pg().await;
     let schema = fresh_schema(&pg, "e2e_skewed").await;
     // 90% of the keys are dense (1..900k), the rest spread over nine orders of magnitude.
-    pg.batch_execute(&format!(
-        "CREATE TABLE {schema}.orders ({WIDE_COLUMNS});
-         INSERT INTO {schema}.orders {} FROM generate_series(1, 1000000) AS i;
-         ANALYZE {schema}.orders;",
-        wide_select("CASE WHEN i <= 900000 THEN i::bigint ELSE (i::bigint - 900000) * 10000000 + 5000000000 END")
-    ))
-    .await
-    .unwrap();
+    let skewed_key = "CASE WHEN i <= 900000 THEN i::bigint ELSE (i::bigint - 900000) * 10000000 + 5000000000 END";
+    create_wide_table(&pg, &schema, "orders", 1_000_000, skewed_key, true).await;
 
     let spec = job(&schema, "orders", "orders", json!({}));
     let dir = scratch("skewed");
@@ -130,15 +149,7 @@ async fn a_million_skewed_rows_shard_evenly_and_load_exactly() {
 async fn a_table_without_a_key_is_cut_into_ctid_ranges() {
     let pg = pg().await;
     let schema = fresh_schema(&pg, "e2e_keyless").await;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {schema}.events ({});
-         INSERT INTO {schema}.events {} FROM generate_series(1, 200000) AS i;
-         ANALYZE {schema}.events;",
-        WIDE_COLUMNS.replace("id bigint PRIMARY KEY", "id bigint"),
-        wide_select("i::bigint")
-    ))
-    .await
-    .unwrap();
+    create_wide_table(&pg, &schema, "events", 200_000, "i::bigint", false).await;
     let spec = job(&schema, "events", "events", json!({}));
     let dir = scratch("keyless");
     let plan = plan_job(&spec, &exact(&dir, 40_000).plan).await.unwrap();
@@ -199,14 +210,7 @@ async fn a_uuid_key_is_cut_by_rank() {
 async fn every_shard_delivered_twice_still_loads_each_row_once() {
     let pg = pg().await;
     let schema = fresh_schema(&pg, "e2e_dupes").await;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {schema}.t ({WIDE_COLUMNS});
-         INSERT INTO {schema}.t {} FROM generate_series(1, 100000) AS i;
-         ANALYZE {schema}.t;",
-        wide_select("i::bigint")
-    ))
-    .await
-    .unwrap();
+    create_wide_table(&pg, &schema, "t", 100_000, "i::bigint", true).await;
     let dir = scratch("dupes");
     let mut opts = exact(&dir, 25_000);
     opts.queue = EmbeddedOptions {
@@ -225,14 +229,7 @@ async fn every_shard_delivered_twice_still_loads_each_row_once() {
 async fn a_killed_run_leaves_the_old_table_and_a_rerun_completes() {
     let pg = pg().await;
     let schema = fresh_schema(&pg, "e2e_kill").await;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {schema}.t ({WIDE_COLUMNS});
-         INSERT INTO {schema}.t {} FROM generate_series(1, 400000) AS i;
-         ANALYZE {schema}.t;",
-        wide_select("i::bigint")
-    ))
-    .await
-    .unwrap();
+    create_wide_table(&pg, &schema, "t", 400_000, "i::bigint", true).await;
     let dir = scratch("kill");
     let table_dir = dir.join("warehouse/t");
     let first = run_job(job(&schema, "t", "t", json!({})), options(&dir, 50_000)).await;
@@ -252,25 +249,15 @@ async fn a_killed_run_leaves_the_old_table_and_a_rerun_completes() {
         job_json(&schema, "t", "t", json!({})).to_string(),
     )
     .unwrap();
-    let mut child = Command::new(dispatcher_bin())
-        .args([
-            "run",
-            "--workers",
-            "1",
-            "--shard-rows",
-            "50000",
-            "--no-progress",
-        ])
-        .arg("--job")
-        .arg(&job_file)
-        .arg("--dest")
-        .arg(dir.join("warehouse"))
-        .arg("--state")
-        .arg(format!("sqlite://{}", dir.join("state.db").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = dispatcher_run(
+        &dir,
+        &job_file,
+        &["--workers", "1", "--shard-rows", "50000", "--no-progress"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     // Wait until it has staged at least one part, then kill it.
     let staging = dir.join("warehouse/_staging");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -558,13 +545,7 @@ async fn bad_inputs_get_named_errors_and_move_nothing() {
     );
     bad["source_type"] = "oracle".into();
     std::fs::write(&job_file, bad.to_string()).unwrap();
-    let out = Command::new(dispatcher_bin())
-        .args(["run", "--no-progress", "--job"])
-        .arg(&job_file)
-        .arg("--dest")
-        .arg(dir.join("warehouse"))
-        .arg("--state")
-        .arg(format!("sqlite://{}", dir.join("state.db").display()))
+    let out = dispatcher_run(&dir, &job_file, &["--no-progress"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -596,22 +577,13 @@ async fn the_binary_reports_last_and_logs_for_cloud_logging() {
     // A job message as Django publishes it, with the config inline.
     let message = json!({"data_source_id": 42, "etl_run_id": 456, "config": job_json(&schema, "t", "t", json!({}))});
     std::fs::write(&job_file, message.to_string()).unwrap();
-    let out = Command::new(dispatcher_bin())
-        .args([
-            "--log-format",
-            "json",
-            "run",
-            "--shard-rows",
-            "1000",
-            "--job",
-        ])
-        .arg(&job_file)
-        .arg("--dest")
-        .arg(dir.join("warehouse"))
-        .arg("--state")
-        .arg(format!("sqlite://{}", dir.join("state.db").display()))
-        .output()
-        .unwrap();
+    let out = dispatcher_run(
+        &dir,
+        &job_file,
+        &["--log-format", "json", "--shard-rows", "1000"],
+    )
+    .output()
+    .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -717,14 +689,7 @@ async fn text_timestamp_numeric_and_char_keys_are_cut_from_a_sample() {
 async fn every_shard_reads_the_same_snapshot_while_the_table_changes() {
     let pg = pg().await;
     let schema = fresh_schema(&pg, "e2e_snapshot").await;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {schema}.t ({WIDE_COLUMNS});
-         INSERT INTO {schema}.t {} FROM generate_series(1, 200000) AS i;
-         ANALYZE {schema}.t;",
-        wide_select("i::bigint")
-    ))
-    .await
-    .unwrap();
+    create_wide_table(&pg, &schema, "t", 200_000, "i::bigint", true).await;
     let before = source_checks(&pg, &schema, "t", "id").await;
     let dir = scratch("snapshot");
     let mut opts = exact(&dir, 10_000);
@@ -811,13 +776,13 @@ async fn a_terminal_gets_a_progress_bar_with_rows_shards_and_rate() {
         job_json(&schema, "t", "t", json!({})).to_string(),
     )
     .unwrap();
-    let command = format!(
-        "{} run --shard-rows 20000 --job {} --dest {} --state sqlite://{}",
-        dispatcher_bin().display(),
-        job_file.display(),
-        dir.join("warehouse").display(),
-        dir.join("state.db").display()
-    );
+    let mut args = vec![dispatcher_bin().display().to_string()];
+    args.extend(dispatcher_run_args(
+        &dir,
+        &job_file,
+        &["--shard-rows", "20000"],
+    ));
+    let command = args.join(" ");
     // `script` runs the dispatcher on a pseudo-terminal, as a person's shell would.
     let typescript = dir.join("typescript");
     let status = Command::new("script")

@@ -279,7 +279,11 @@ impl Builder {
             Builder::Float64(b) => b.append_value(f64::from_be_bytes(fixed(v)?)),
             Builder::Decimal128(b, scale) => b.append_value(numeric_to_i128(v, *scale)?),
             Builder::Decimal256(b, scale) => b.append_value(numeric_to_i256(v, *scale)?),
-            Builder::NumericText(b) => b.append_value(numeric_to_string(v)?),
+            Builder::NumericText(b) => {
+                // Written straight into the builder's buffer, then closed as one value.
+                write_numeric(v, b)?;
+                b.append_value("");
+            }
             Builder::Text(b) => b.append_value(utf8(v)?),
             Builder::Jsonb(b) => match v.split_first() {
                 Some((1, text)) => b.append_value(utf8(text)?),
@@ -288,7 +292,10 @@ impl Builder {
                 }
                 None => return Err("empty jsonb value".into()),
             },
-            Builder::Uuid(b) => b.append_value(format_uuid(fixed(v)?)),
+            Builder::Uuid(b) => {
+                let text = format_uuid(fixed(v)?);
+                b.append_value(std::str::from_utf8(&text).map_err(|e| e.to_string())?)
+            }
             Builder::Bytea(b) => b.append_value(v),
             Builder::Date(b) => {
                 let days = i32::from_be_bytes(fixed(v)?);
@@ -339,15 +346,18 @@ fn utf8(v: &[u8]) -> std::result::Result<&str, String> {
     std::str::from_utf8(v).map_err(|e| format!("invalid UTF-8: {e}"))
 }
 
-fn format_uuid(b: [u8; 16]) -> String {
+/// The canonical 36-character form, on the stack: no allocation per value.
+fn format_uuid(b: [u8; 16]) -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(36);
+    let mut out = [b'-'; 36];
+    let mut pos = 0;
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
+            pos += 1;
         }
-        out.push(HEX[(byte >> 4) as usize] as char);
-        out.push(HEX[(byte & 0xf) as usize] as char);
+        out[pos] = HEX[(byte >> 4) as usize];
+        out[pos + 1] = HEX[(byte & 0xf) as usize];
+        pos += 2;
     }
     out
 }
@@ -474,11 +484,14 @@ fn numeric_to_i256(v: &[u8], scale: i8) -> std::result::Result<i256, String> {
     })
 }
 
-/// A `numeric` as PostgreSQL prints it: every digit, exactly `dscale` fractional digits.
-pub fn numeric_to_string(v: &[u8]) -> std::result::Result<String, String> {
+/// Writes a `numeric` as PostgreSQL prints it (every digit, exactly `dscale` fractional
+/// digits) into `out`, without building a temporary string. Nothing is written when the value
+/// is malformed.
+fn write_numeric(v: &[u8], out: &mut impl std::fmt::Write) -> std::result::Result<(), String> {
     let n = numeric_parts(v)?;
+    let failed = |_| "cannot format a numeric".to_string();
     if let Some(s) = special(n.sign) {
-        return Ok(s.to_string());
+        return out.write_str(s).map_err(failed);
     }
     let count = (n.digits.len() / 2) as i32;
     let group = |g: i32| -> u16 {
@@ -488,29 +501,36 @@ pub fn numeric_to_string(v: &[u8]) -> std::result::Result<String, String> {
             0
         }
     };
-    let mut out = String::with_capacity(8 + 4 * count as usize + n.dscale as usize);
     if n.sign == NUMERIC_NEG {
-        out.push('-');
+        out.write_char('-').map_err(failed)?;
     }
     if n.weight < 0 {
-        out.push('0');
+        out.write_char('0').map_err(failed)?;
     } else {
-        out.push_str(&group(0).to_string());
+        write!(out, "{}", group(0)).map_err(failed)?;
         for g in 1..=n.weight {
-            out.push_str(&format!("{:04}", group(g)));
+            write!(out, "{:04}", group(g)).map_err(failed)?;
         }
     }
     if n.dscale > 0 {
-        out.push('.');
-        let start = out.len();
+        out.write_char('.').map_err(failed)?;
+        let mut left = n.dscale as usize;
         let mut g = n.weight + 1;
-        while out.len() - start < n.dscale as usize {
-            out.push_str(&format!("{:04}", group(g)));
+        while left > 0 {
+            let d = group(g);
+            if left >= 4 {
+                write!(out, "{d:04}").map_err(failed)?;
+                left -= 4;
+            } else {
+                // The leading `left` digits of this group.
+                let shown = d / 10u16.pow((4 - left) as u32);
+                write!(out, "{shown:0left$}").map_err(failed)?;
+                left = 0;
+            }
             g += 1;
         }
-        out.truncate(start + n.dscale as usize);
     }
-    Ok(out)
+    Ok(())
 }
 
 const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
@@ -807,6 +827,12 @@ mod tests {
         );
     }
 
+    fn numeric_to_string(v: &[u8]) -> std::result::Result<String, String> {
+        let mut out = String::new();
+        write_numeric(v, &mut out)?;
+        Ok(out)
+    }
+
     #[test]
     fn numeric_text_matches_postgres_output() {
         assert_eq!(
@@ -842,7 +868,7 @@ mod tests {
             0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38,
             0x0a, 0x11,
         ];
-        assert_eq!(format_uuid(bytes), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
+        assert_eq!(&format_uuid(bytes), b"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
     }
 
     fn copy_stream(rows: &[Vec<Option<Vec<u8>>>]) -> Vec<u8> {

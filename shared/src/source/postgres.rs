@@ -18,28 +18,24 @@ use crate::retry::RetryPolicy;
 use crate::spec::JobSpec;
 use crate::{Error, Result};
 
-/// Key types we can cut into ranges. The worker refuses any other cast type in a message.
-const SPLITTABLE_TYPES: &[&str] = &[
-    "smallint",
-    "integer",
-    "bigint",
-    "numeric",
-    "date",
-    "timestamp without time zone",
-    "timestamp with time zone",
-    "text",
-    "character varying",
-    "character",
-    "uuid",
-];
-
-/// The type to cast a key's text form back to. `character` alone means char(1), which would
-/// truncate the bounds; `bpchar` is the same type without a length.
-fn cast_type(key_type: &str) -> &str {
-    match key_type {
+/// The key types shardflow cuts into ranges, and the type each one's text form is cast back to
+/// in SQL. Anything else is refused, so a shard message can never put other SQL in the cast.
+/// `character` alone means char(1), which would truncate the bounds; `bpchar` has no length.
+fn cast_type(key_type: &str) -> Option<&'static str> {
+    Some(match key_type {
+        "smallint" => "smallint",
+        "integer" => "integer",
+        "bigint" => "bigint",
+        "numeric" => "numeric",
+        "date" => "date",
+        "timestamp without time zone" => "timestamp without time zone",
+        "timestamp with time zone" => "timestamp with time zone",
+        "text" => "text",
+        "character varying" => "character varying",
         "character" => "bpchar",
-        other => other,
-    }
+        "uuid" => "uuid",
+        _ => return None,
+    })
 }
 
 /// How to reach the source database. Holds the password; Debug prints no secret.
@@ -251,7 +247,7 @@ pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<Tabl
     for r in client.query(KEY_SQL, &[&oid]).await? {
         let name: String = r.get(0);
         if let Some(c) = columns.iter().find(|c| c.name == name)
-            && SPLITTABLE_TYPES.contains(&c.type_name.as_str())
+            && cast_type(&c.type_name).is_some()
         {
             split_key = Some(c.clone());
             break;
@@ -418,19 +414,18 @@ pub async fn check_ascending(
     key: &SourceColumn,
     cuts: &[plan::Cut],
 ) -> Result<()> {
-    if !SPLITTABLE_TYPES.contains(&key.type_name.as_str()) {
+    let Some(ty) = cast_type(&key.type_name) else {
         return Err(Error::Source(format!(
             "cannot cut on key type {}",
             key.type_name
         )));
-    }
+    };
     let values: Vec<&str> = cuts.iter().map(|c| c.value.as_str()).collect();
     let sql = format!(
         "SELECT count(*) FROM (
            SELECT v::{ty} AS v, lag(v::{ty}) OVER (ORDER BY n) AS prev
            FROM unnest($1::text[]) WITH ORDINALITY AS u(v, n)) s
          WHERE prev >= v",
-        ty = cast_type(&key.type_name)
     );
     let out_of_order: i64 = client.query_one(&sql, &[&values]).await?.get(0);
     if out_of_order > 0 {
@@ -482,13 +477,12 @@ pub fn copy_statement(task: &ShardTask) -> Result<(String, Option<String>, Optio
             upper,
             include_nulls,
         } => {
-            if !SPLITTABLE_TYPES.contains(&key_type.as_str()) {
-                return Err(Error::Message(format!(
+            let key_type = cast_type(key_type).ok_or_else(|| {
+                Error::Message(format!(
                     "shard key type \"{key_type}\" is not one shardflow cuts on"
-                )));
-            }
+                ))
+            })?;
             let k = quote_ident(column);
-            let key_type = cast_type(key_type);
             let mut conds = Vec::new();
             if lower.is_some() {
                 conds.push(format!(

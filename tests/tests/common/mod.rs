@@ -305,6 +305,29 @@ pub async fn assert_same_content(
     }
 }
 
+/// The arguments of `dispatcher run` on a job file, with its destination and state store in
+/// `dir`, followed by `extra`.
+pub fn dispatcher_run_args(dir: &Path, job_file: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "run".to_string(),
+        "--job".into(),
+        job_file.display().to_string(),
+        "--dest".into(),
+        dir.join("warehouse").display().to_string(),
+        "--state".into(),
+        format!("sqlite://{}", dir.join("state.db").display()),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// `dispatcher run` as a command, ready to spawn.
+pub fn dispatcher_run(dir: &Path, job_file: &Path, extra: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(dispatcher_bin());
+    command.args(dispatcher_run_args(dir, job_file, extra));
+    command
+}
+
 /// The dispatcher binary, built by `cargo build --bins` (tests/run.sh does it first).
 pub fn dispatcher_bin() -> PathBuf {
     let path = std::env::var_os("SHARDFLOW_DISPATCHER_BIN")
