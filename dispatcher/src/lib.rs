@@ -398,10 +398,10 @@ fn start_fleet(
         SubscriptionConfig {
             topic: topology.shards_topic.clone(),
             ack_deadline: opts.ack_deadline,
-            dead_letter: Some(DeadLetterPolicy {
-                topic: topology.dead_letter_topic.clone(),
-                max_delivery_attempts: opts.max_delivery_attempts,
-            }),
+            dead_letter: Some(DeadLetterPolicy::new(
+                &topology.dead_letter_topic,
+                opts.max_delivery_attempts,
+            )),
         },
     );
     for (sub, topic) in [
@@ -575,9 +575,11 @@ async fn drive(
         parts.extend(r.files.iter().cloned());
     }
     report.rows_extracted = report.shard_rows.iter().sum();
+    let schema = pg_binary::arrow_schema(&plan.source_columns);
     let outcome = warehouse
         .load(LoadRequest {
             table: &spec.dest_table_name,
+            schema: &schema,
             run_id: &run_id,
             parts: &parts,
             staging: &ctx.staging,

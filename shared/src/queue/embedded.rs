@@ -328,10 +328,28 @@ impl AckHandle for EmbeddedAck {
 
 #[cfg(test)]
 mod tests {
-    //! Pub/Sub's semantics, as the embedded queue must keep them. The Pub/Sub backend will run
-    //! the same cases against the emulator.
+    //! Pub/Sub's semantics, as the embedded queue must keep them: the shared suite, plus what
+    //! only this backend has (explicit lease extension, duplicate injection).
     use super::*;
     use crate::queue::DeadLetterPolicy;
+    use crate::queue::conformance::{Fixture, MAX_ATTEMPTS, queue_conformance_suite};
+
+    async fn fixture() -> Fixture {
+        Fixture {
+            queue: Arc::new(queue(
+                // Longer than the suite's quiet waits, so only abandonment redelivers.
+                Duration::from_secs(3),
+                MAX_ATTEMPTS,
+                EmbeddedOptions::default(),
+            )),
+            work_topic: "work".into(),
+            work_sub: "work-sub".into(),
+            dead_sub: "dead-sub".into(),
+            patience: Duration::from_secs(10),
+        }
+    }
+
+    queue_conformance_suite!(super::fixture);
 
     fn queue(ack_deadline: Duration, max_attempts: u32, options: EmbeddedOptions) -> EmbeddedQueue {
         let q = EmbeddedQueue::new(options);
@@ -340,10 +358,7 @@ mod tests {
             SubscriptionConfig {
                 topic: "work".into(),
                 ack_deadline,
-                dead_letter: Some(DeadLetterPolicy {
-                    topic: "dead".into(),
-                    max_delivery_attempts: max_attempts,
-                }),
+                dead_letter: Some(DeadLetterPolicy::new("dead", max_attempts)),
             },
         );
         q.create_subscription(
@@ -362,38 +377,6 @@ mod tests {
             .await
             .expect("a delivery within 5s")
             .expect("delivery")
-    }
-
-    #[tokio::test]
-    async fn acked_messages_are_gone() {
-        let q = queue(Duration::from_secs(30), 5, EmbeddedOptions::default());
-        let mut sub = q.subscribe("work-sub", 10).await.unwrap();
-        q.publish("work", Message::new("a")).await.unwrap();
-        let d = next(&mut sub).await;
-        assert_eq!(
-            (d.message.data.as_ref(), d.delivery_attempt),
-            (&b"a"[..], 1)
-        );
-        d.ack().await.unwrap();
-        assert_eq!(q.backlog("work-sub"), 0);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), sub.next())
-                .await
-                .is_err()
-        );
-    }
-
-    #[tokio::test]
-    async fn nacked_messages_come_back_with_the_attempt_counted() {
-        let q = queue(Duration::from_secs(30), 5, EmbeddedOptions::default());
-        let mut sub = q.subscribe("work-sub", 10).await.unwrap();
-        let id = q.publish("work", Message::new("a")).await.unwrap();
-        next(&mut sub).await.nack().await.unwrap();
-        let again = next(&mut sub).await;
-        assert_eq!(
-            (again.message_id.as_str(), again.delivery_attempt),
-            (id.as_str(), 2)
-        );
     }
 
     #[tokio::test]
@@ -420,48 +403,6 @@ mod tests {
         );
         second.ack().await.unwrap();
         assert_eq!(q.backlog("work-sub"), 0);
-    }
-
-    #[tokio::test]
-    async fn a_message_that_keeps_failing_is_dead_lettered_after_n_attempts() {
-        let q = queue(Duration::from_secs(30), 3, EmbeddedOptions::default());
-        let mut sub = q.subscribe("work-sub", 10).await.unwrap();
-        let mut dead = q.subscribe("dead-sub", 10).await.unwrap();
-        q.publish("work", Message::new("poison").with_attribute("k", "v"))
-            .await
-            .unwrap();
-        for attempt in 1..=3 {
-            let d = next(&mut sub).await;
-            assert_eq!(d.delivery_attempt, attempt);
-            d.nack().await.unwrap();
-        }
-        let d = next(&mut dead).await;
-        assert_eq!(d.message.data.as_ref(), b"poison");
-        assert_eq!(d.message.attributes.get("k").map(String::as_str), Some("v"));
-        assert_eq!(
-            d.message
-                .attributes
-                .get(DEAD_LETTER_COUNT_ATTRIBUTE)
-                .map(String::as_str),
-            Some("3")
-        );
-        assert_eq!(q.backlog("work-sub"), 0);
-    }
-
-    #[tokio::test]
-    async fn flow_control_holds_back_deliveries_until_one_settles() {
-        let q = queue(Duration::from_secs(30), 5, EmbeddedOptions::default());
-        let mut sub = q.subscribe("work-sub", 1).await.unwrap();
-        q.publish("work", Message::new("1")).await.unwrap();
-        q.publish("work", Message::new("2")).await.unwrap();
-        let first = next(&mut sub).await;
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), sub.next())
-                .await
-                .is_err()
-        );
-        first.ack().await.unwrap();
-        assert_eq!(next(&mut sub).await.message.data.as_ref(), b"2");
     }
 
     #[tokio::test]

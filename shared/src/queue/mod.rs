@@ -3,7 +3,10 @@
 //! dead-lettering after N attempts. The embedded backend keeps exactly these semantics in
 //! process; the Pub/Sub backend plugs in behind the same traits.
 
+#[cfg(test)]
+mod conformance;
 pub mod embedded;
+pub mod pubsub;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,6 +19,8 @@ use crate::Result;
 /// Topic and subscription names (overridable; these are the deployed defaults).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
+    pub jobs_topic: String,
+    pub jobs_subscription: String,
     pub shards_topic: String,
     pub shards_subscription: String,
     pub results_topic: String,
@@ -27,6 +32,8 @@ pub struct Topology {
 impl Default for Topology {
     fn default() -> Self {
         Topology {
+            jobs_topic: "etl-jobs".into(),
+            jobs_subscription: "etl-jobs-dispatcher".into(),
             shards_topic: "etl-shards".into(),
             shards_subscription: "etl-shards-workers".into(),
             results_topic: "etl-shard-results".into(),
@@ -110,6 +117,8 @@ impl Delivery {
 pub trait Subscription: Send {
     /// Waits for the next delivery.
     async fn next(&mut self) -> Result<Delivery>;
+    /// Stops pulling new messages; deliveries already handed out can still be settled.
+    fn close(&mut self) {}
 }
 
 #[async_trait]
@@ -135,6 +144,19 @@ pub struct SubscriptionConfig {
 pub struct DeadLetterPolicy {
     pub topic: String,
     pub max_delivery_attempts: u32,
+    /// Pub/Sub's wait before redelivering a nacked message, growing from the first to the
+    /// second value. The embedded queue redelivers at once.
+    pub retry_backoff: (Duration, Duration),
+}
+
+impl DeadLetterPolicy {
+    pub fn new(topic: &str, max_delivery_attempts: u32) -> Self {
+        DeadLetterPolicy {
+            topic: topic.to_string(),
+            max_delivery_attempts,
+            retry_backoff: (Duration::from_secs(10), Duration::from_secs(600)),
+        }
+    }
 }
 
 /// The attribute Pub/Sub sets on dead-lettered messages.

