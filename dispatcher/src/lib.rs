@@ -5,29 +5,34 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
-use shardflow::messages::{self, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
+use shardflow::metrics::Metrics;
 use shardflow::plan::{self, Mode};
 use shardflow::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
-use shardflow::queue::{DeadLetterPolicy, Message, Queue, SubscriptionConfig, Topology};
+use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
+use shardflow::queue::{DeadLetterPolicy, Queue, SubscriptionConfig, Topology};
 use shardflow::retry::RetryPolicy;
 use shardflow::source::pg_binary;
 use shardflow::source::postgres::{self, PgConnector};
 use shardflow::source::{ShardBounds, SourceColumn};
 use shardflow::spec::{JobSpec, LoadType, ProcessingMode, SourceType};
 use shardflow::staging::Staging;
-use shardflow::state::sqlite::SqliteStateStore;
-use shardflow::state::{NewRun, NewShard, Recorded, RunStatus, StateStore};
+use shardflow::state::sql::SqlStateStore;
+use shardflow::state::{RunStatus, StateStore};
+use shardflow::warehouse::Warehouse;
+use shardflow::warehouse::bigquery;
 use shardflow::warehouse::parquet_dir::ParquetDirWarehouse;
-use shardflow::warehouse::{LoadRequest, Warehouse, WriteMode};
 use shardflow::{Error, Result};
 use shardflow_worker::{RunRegistry, Worker, WorkerSettings};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
+pub mod engine;
 pub mod progress;
+pub mod serve;
+
+pub use engine::{Engine, EngineSettings, RunEvents, RunJob, RunObserver, RunOutcome};
 
 /// Rows per Arrow batch when `ETL_BATCH_SIZE` is not set (the seed's default).
 pub const DEFAULT_BATCH_ROWS: usize = 10_000;
@@ -94,7 +99,7 @@ fn shard_id(index: usize) -> String {
     format!("s{index:05}")
 }
 
-fn check_supported(spec: &JobSpec) -> Result<()> {
+pub(crate) fn check_supported(spec: &JobSpec) -> Result<()> {
     if spec.source_type != SourceType::Postgresql {
         return Err(Error::Source(format!(
             "source_type {:?} is not supported by this build yet (PostgreSQL is)",
@@ -174,13 +179,25 @@ pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
     })
 }
 
+/// Which queue carries the shards.
+#[derive(Clone, Debug)]
+pub enum QueueChoice {
+    /// In process, with `workers` in-process workers.
+    Embedded(EmbeddedOptions),
+    /// Google Pub/Sub (the emulator when `PUBSUB_EMULATOR_HOST` is set); a fleet of
+    /// `worker serve` processes runs the shards.
+    PubSub { project: String },
+}
+
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub plan: PlanOptions,
     pub workers: usize,
-    pub dest: PathBuf,
-    /// Defaults to `<dest>/_staging`.
-    pub staging: Option<PathBuf>,
+    /// A directory for the Parquet-table warehouse, or `bigquery://PROJECT/DATASET`.
+    pub dest: String,
+    /// Staging URL (directory or `gs://bucket/prefix`); defaults to `<dest>/_staging` for a
+    /// directory destination.
+    pub staging: Option<String>,
     pub state_url: String,
     pub batch_rows: usize,
     pub etl_run_id: Option<i64>,
@@ -189,7 +206,8 @@ pub struct RunOptions {
     pub ack_deadline: Duration,
     /// Deliveries of a failing shard before it is dead-lettered and the run fails.
     pub max_delivery_attempts: u32,
-    pub queue: EmbeddedOptions,
+    pub queue: QueueChoice,
+    pub topology: Topology,
 }
 
 impl Default for RunOptions {
@@ -197,7 +215,7 @@ impl Default for RunOptions {
         RunOptions {
             plan: PlanOptions::default(),
             workers: 2,
-            dest: PathBuf::from("./warehouse"),
+            dest: "./warehouse".into(),
             staging: None,
             state_url: "sqlite://./shardflow-state.db".into(),
             batch_rows: DEFAULT_BATCH_ROWS,
@@ -205,7 +223,8 @@ impl Default for RunOptions {
             show_progress: false,
             ack_deadline: Duration::from_secs(60),
             max_delivery_attempts: 5,
-            queue: EmbeddedOptions::default(),
+            queue: QueueChoice::Embedded(EmbeddedOptions::default()),
+            topology: Topology::default(),
         }
     }
 }
@@ -233,166 +252,197 @@ pub struct RunReport {
     pub error_message: Option<String>,
 }
 
-/// Runs a job end to end on the embedded backends. Never panics on bad input: every failure
-/// becomes a `failed` report with the reason.
+/// Runs one job end to end and waits: on the embedded backends with in-process workers, or
+/// over Pub/Sub with the fleet. Never panics on bad input: every failure becomes a `failed`
+/// report with the reason.
 pub async fn run_job(spec: JobSpec, opts: RunOptions) -> RunReport {
-    let started = Instant::now();
-    let run_id = uuid::Uuid::now_v7().to_string();
-    let mut report = RunReport {
-        status: RunStatus::Running.as_str().into(),
-        run_id: run_id.clone(),
+    let failed = |e: Error| RunReport {
+        status: RunStatus::Failed.as_str().into(),
         data_source_id: spec.data_source_id,
         etl_run_id: opts.etl_run_id,
         dest_table: spec.dest_table_name.clone(),
+        error_message: Some(e.to_string()),
         ..Default::default()
     };
-    let span = tracing::info_span!(
-        "run",
-        run_id = %run_id,
-        data_source_id = spec.data_source_id,
-        etl_run_id = opts.etl_run_id
-    );
-    let outcome = execute(&spec, &opts, &mut report)
-        .instrument(span.clone())
-        .await;
-    report.duration_seconds = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
-    let _g = span.enter();
-    match outcome {
-        Ok(()) => {
-            report.status = RunStatus::Completed.as_str().into();
-            tracing::info!(
-                rows_loaded = report.rows_loaded,
-                seconds = report.duration_seconds,
-                "run completed"
-            );
-        }
-        Err(e) => {
-            report.status = RunStatus::Failed.as_str().into();
-            report.error_message = Some(e.to_string());
-            tracing::error!(error = %e, "run failed");
-        }
+    if let Err(e) = check_supported(&spec) {
+        return failed(e);
     }
-    report
+    let mut fleet = match Fleet::start(&spec, &opts).await {
+        Ok(f) => f,
+        Err(e) => return failed(e),
+    };
+    let job = RunJob {
+        job_key: opts
+            .etl_run_id
+            .map(|id| format!("etl-{id}"))
+            .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7())),
+        spec: Arc::new(spec.clone()),
+        etl_run_id: opts.etl_run_id,
+    };
+    let observer = ProgressObserver {
+        show: opts.show_progress,
+        rows: fleet.rows.clone(),
+        bar: std::sync::Mutex::new(None),
+    };
+    let outcome = fleet.engine.run(&job, &observer).await;
+    observer.finish();
+    fleet.stop().await;
+    match outcome {
+        Ok(RunOutcome::Finished(report)) | Ok(RunOutcome::AlreadyFinished(report)) => report,
+        Ok(RunOutcome::OwnedElsewhere { run_id, owner }) => failed(Error::Other(format!(
+            "run {run_id} of this job is being driven by {owner}"
+        ))),
+        Err(e) => failed(e),
+    }
 }
 
-struct RunContext {
-    state: Arc<dyn StateStore>,
-    staging: Staging,
-    queue: EmbeddedQueue,
-    topology: Topology,
+/// The backends of one `dispatcher run`, with its in-process workers when embedded.
+struct Fleet {
+    engine: Arc<Engine>,
     shutdown: CancellationToken,
-    workers: tokio::task::JoinSet<Result<()>>,
-    /// Rows the workers have extracted so far, for the progress bar.
+    tasks: tokio::task::JoinSet<()>,
+    /// Rows the in-process workers have extracted so far, for the progress bar.
     rows: Arc<AtomicU64>,
 }
 
-async fn execute(spec: &JobSpec, opts: &RunOptions, report: &mut RunReport) -> Result<()> {
-    let warehouse = ParquetDirWarehouse::new(&opts.dest)?;
-    warehouse.check_table_name(&spec.dest_table_name)?;
-    let plan_opts = PlanOptions {
-        workers: Some(opts.workers),
-        ..opts.plan.clone()
-    };
-    let plan = plan_job(spec, &plan_opts).await?;
-    report.mode = Some(plan.mode);
-    report.estimated_rows = Some(plan.estimated_rows);
-    report.shards = plan.shards.len();
-    tracing::info!(
-        estimated_rows = plan.estimated_rows,
-        shards = plan.shards.len(),
-        mode = ?plan.mode,
-        split = %plan.split_method,
-        "planned"
-    );
-
-    // One snapshot for every shard, held open until the last shard has read it.
-    let connector = PgConnector::from_spec(spec, opts.plan.retry.clone())?;
-    let snapshot = if plan.shards.len() > 1 {
-        Some(postgres::export_snapshot(&connector).await?)
+/// The warehouse a destination URL names.
+pub async fn open_warehouse(dest: &str) -> Result<Arc<dyn Warehouse>> {
+    if dest.starts_with("bigquery://") {
+        let (project, dataset) = bigquery::parse_bigquery_url(dest)?;
+        Ok(Arc::new(
+            bigquery::BigQueryWarehouse::connect(&project, &dataset).await?,
+        ))
     } else {
-        None
-    };
-
-    let state: Arc<dyn StateStore> = Arc::new(SqliteStateStore::open(&opts.state_url).await?);
-    let new_shards: Vec<NewShard> = plan
-        .shards
-        .iter()
-        .enumerate()
-        .map(|(i, s)| NewShard {
-            shard_id: s.shard_id.clone(),
-            shard_index: i as u32,
-            estimated_rows: s.estimated_rows,
-            bounds: s.bounds.clone(),
-        })
-        .collect();
-    state
-        .create_run(
-            &NewRun {
-                run_id: report.run_id.clone(),
-                data_source_id: spec.data_source_id,
-                etl_run_id: opts.etl_run_id,
-                dest_table: spec.dest_table_name.clone(),
-                mode: format!("{:?}", plan.mode).to_lowercase(),
-                plan_json: serde_json::to_string(&plan)?,
-            },
-            &new_shards,
-        )
-        .await?;
-
-    let staging = Staging::local(
-        &opts
-            .staging
-            .clone()
-            .unwrap_or_else(|| opts.dest.join("_staging")),
-    )?;
-    let mut ctx = start_fleet(spec, opts, &report.run_id, state.clone(), staging)?;
-    let outcome = drive(
-        spec,
-        opts,
-        &plan,
-        snapshot.as_ref().map(|s| s.id.clone()),
-        &mut ctx,
-        &warehouse,
-        report,
-    )
-    .await;
-    drop(snapshot);
-    ctx.shutdown.cancel();
-    while let Some(done) = ctx.workers.join_next().await {
-        if let Ok(Err(e)) = done {
-            tracing::warn!(error = %e, "worker stopped with an error");
-        }
+        Ok(Arc::new(ParquetDirWarehouse::new(PathBuf::from(dest))?))
     }
-    // Staging is removed whatever happened: a failed run is rerun from the source.
-    if let Err(e) = ctx.staging.remove_run(&report.run_id).await {
-        tracing::warn!(error = %e, "could not clean staging");
-    }
-    let (status, error) = match &outcome {
-        Ok(()) => (RunStatus::Completed, None),
-        Err(e) => (RunStatus::Failed, Some(e.to_string())),
-    };
-    state
-        .finish_run(
-            &report.run_id,
-            status,
-            report.rows_extracted,
-            report.rows_loaded,
-            error.as_deref(),
-        )
-        .await?;
-    outcome
 }
 
-/// The embedded queue with Pub/Sub's topology, and N workers on it.
-fn start_fleet(
-    spec: &JobSpec,
+impl Fleet {
+    async fn start(spec: &JobSpec, opts: &RunOptions) -> Result<Self> {
+        let warehouse = open_warehouse(&opts.dest).await?;
+        let staging = match (&opts.staging, opts.dest.starts_with("bigquery://")) {
+            (Some(url), _) => Staging::from_url(url)?,
+            (None, false) => Staging::local(&PathBuf::from(&opts.dest).join("_staging"))?,
+            (None, true) => {
+                return Err(Error::Other(
+                    "a BigQuery destination needs --staging gs://bucket/prefix".into(),
+                ));
+            }
+        };
+        let state: Arc<dyn StateStore> = Arc::new(SqlStateStore::open(&opts.state_url).await?);
+        let topology = opts.topology.clone();
+        let shutdown = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let rows = Arc::new(AtomicU64::new(0));
+        let events = Arc::new(RunEvents::default());
+        let queue: Arc<dyn Queue> = match &opts.queue {
+            QueueChoice::Embedded(options) => {
+                let queue = embedded_queue(*options, &topology, opts);
+                let registry = Arc::new(RunRegistry::default());
+                registry.register_any(Arc::new(spec.clone()));
+                let mut workers = tokio::task::JoinSet::new();
+                for i in 0..opts.workers.max(1) {
+                    let worker = Worker::new(
+                        Arc::new(queue.clone()),
+                        registry.clone(),
+                        staging.clone(),
+                        WorkerSettings {
+                            worker_id: format!("embedded-{i}"),
+                            topology: topology.clone(),
+                            lease: opts.ack_deadline,
+                            retry: opts.plan.retry.clone(),
+                            ..Default::default()
+                        },
+                        rows.clone(),
+                    );
+                    let token = shutdown.clone();
+                    workers.spawn(async move { worker.serve(token).await });
+                }
+                // A worker that stops before the run ends fails the run (it would hang).
+                let (events, token) = (events.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    while let Some(done) = workers.join_next().await {
+                        if token.is_cancelled() {
+                            continue;
+                        }
+                        let why = match done {
+                            Ok(Err(e)) => e.to_string(),
+                            Err(e) => e.to_string(),
+                            Ok(Ok(())) => "stopped".into(),
+                        };
+                        events.fail_all(format!("a worker stopped before the run finished: {why}"));
+                    }
+                });
+                Arc::new(queue)
+            }
+            QueueChoice::PubSub { project } => {
+                let mut options = PubSubOptions::from_env(project);
+                options.lease_extension = opts
+                    .ack_deadline
+                    .clamp(Duration::from_secs(10), Duration::from_secs(600));
+                Arc::new(PubSubQueue::connect(options).await?)
+            }
+        };
+        let engine = Arc::new(Engine {
+            queue,
+            state,
+            staging,
+            warehouse,
+            topology,
+            owner: format!("cli-{}", uuid::Uuid::new_v4().simple()),
+            events: events.clone(),
+            metrics: Arc::new(Metrics::new()),
+            settings: EngineSettings {
+                plan: PlanOptions {
+                    workers: match opts.queue {
+                        QueueChoice::Embedded(_) => Some(opts.workers),
+                        QueueChoice::PubSub { .. } => opts.plan.workers,
+                    },
+                    ..opts.plan.clone()
+                },
+                batch_rows: opts.batch_rows,
+                ..Default::default()
+            },
+        });
+        for consumer in [ConsumerKind::Results, ConsumerKind::DeadLetters] {
+            let (engine, token, events) = (engine.clone(), shutdown.clone(), events.clone());
+            tasks.spawn(async move {
+                let outcome = match consumer {
+                    ConsumerKind::Results => engine.record_results(token).await,
+                    ConsumerKind::DeadLetters => engine.record_dead_letters(token).await,
+                };
+                if let Err(e) = outcome {
+                    events.fail_all(format!("the {consumer:?} consumer stopped: {e}"));
+                }
+            });
+        }
+        Ok(Fleet {
+            engine,
+            shutdown,
+            tasks,
+            rows,
+        })
+    }
+
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ConsumerKind {
+    Results,
+    DeadLetters,
+}
+
+/// The embedded queue with Pub/Sub's topology.
+fn embedded_queue(
+    options: EmbeddedOptions,
+    topology: &Topology,
     opts: &RunOptions,
-    run_id: &str,
-    state: Arc<dyn StateStore>,
-    staging: Staging,
-) -> Result<RunContext> {
-    let topology = Topology::default();
-    let queue = EmbeddedQueue::new(opts.queue);
+) -> EmbeddedQueue {
+    let queue = EmbeddedQueue::new(options);
     queue.create_subscription(
         &topology.shards_subscription,
         SubscriptionConfig {
@@ -420,182 +470,42 @@ fn start_fleet(
             },
         );
     }
-    let registry = Arc::new(RunRegistry::default());
-    registry.register(run_id, Arc::new(spec.clone()));
-    let shutdown = CancellationToken::new();
-    let mut workers = tokio::task::JoinSet::new();
-    let rows = Arc::new(AtomicU64::new(0));
-    for i in 0..opts.workers.max(1) {
-        let worker = Worker::new(
-            Arc::new(queue.clone()),
-            registry.clone(),
-            staging.clone(),
-            WorkerSettings {
-                worker_id: format!("embedded-{i}"),
-                topology: topology.clone(),
-                lease: opts.ack_deadline,
-                retry: opts.plan.retry.clone(),
-                ..Default::default()
-            },
-            rows.clone(),
-        );
-        let token = shutdown.clone();
-        workers.spawn(async move { worker.serve(token).await });
-    }
-    Ok(RunContext {
-        state,
-        staging,
-        queue,
-        topology,
-        shutdown,
-        workers,
-        rows,
-    })
+    queue
 }
 
-/// Publishes the shards, collects results until every shard is in (or one is dead), loads.
-async fn drive(
-    spec: &JobSpec,
-    opts: &RunOptions,
-    plan: &Plan,
-    snapshot: Option<String>,
-    ctx: &mut RunContext,
-    warehouse: &dyn Warehouse,
-    report: &mut RunReport,
-) -> Result<()> {
-    let run_id = report.run_id.clone();
-    let mut results = ctx
-        .queue
-        .subscribe(&ctx.topology.results_subscription, 1024)
-        .await?;
-    let mut dead = ctx
-        .queue
-        .subscribe(&ctx.topology.dead_letter_subscription, 1024)
-        .await?;
-    for (i, shard) in plan.shards.iter().enumerate() {
-        let task = ShardTask {
-            version: WIRE_VERSION,
-            run_id: run_id.clone(),
-            shard_id: shard.shard_id.clone(),
-            shard_index: i as u32,
-            data_source_id: spec.data_source_id,
-            etl_run_id: opts.etl_run_id,
-            schema_name: spec.schema_name.clone(),
-            table_name: spec.table_name.clone(),
-            columns: plan.source_columns.clone(),
-            bounds: shard.bounds.clone(),
-            snapshot: snapshot.clone(),
-            batch_rows: opts.batch_rows,
-        };
-        ctx.queue
-            .publish(
-                &ctx.topology.shards_topic,
-                Message::new(messages::encode(&task)?).with_attribute("run_id", &run_id),
-            )
-            .await?;
+/// The progress bar, fed by the engine.
+struct ProgressObserver {
+    show: bool,
+    rows: Arc<AtomicU64>,
+    bar: std::sync::Mutex<Option<progress::Progress>>,
+}
+
+impl ProgressObserver {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<progress::Progress>> {
+        self.bar.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    let total = plan.shards.len();
-    let bar = progress::Progress::start(
-        opts.show_progress,
-        plan.estimated_rows,
-        total,
-        ctx.rows.clone(),
-    );
-    let mut done = 0usize;
-    while done < total {
-        tokio::select! {
-            delivery = results.next() => {
-                let delivery = delivery?;
-                let result: ShardResult = match messages::decode("shard result", &delivery.message.data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(error = %e, "dropping an undecodable shard result");
-                        delivery.ack().await?;
-                        continue;
-                    }
-                };
-                if result.run_id != run_id {
-                    delivery.ack().await?;
-                    continue;
-                }
-                match ctx.state.record_result(&result).await? {
-                    Recorded::Succeeded => {
-                        done += 1;
-                        bar.shard_done(done);
-                    }
-                    Recorded::Duplicate => report.duplicate_results_ignored += 1,
-                    Recorded::FailedAttempt => {}
-                }
-                delivery.ack().await?;
-            }
-            delivery = dead.next() => {
-                let delivery = delivery?;
-                let task: ShardTask = messages::decode("dead-lettered shard", &delivery.message.data)?;
-                let attempts = delivery_attempts(&delivery.message);
-                delivery.ack().await?;
-                if task.run_id != run_id {
-                    continue;
-                }
-                let last_error = ctx
-                    .state
-                    .shards(&run_id)
-                    .await?
-                    .into_iter()
-                    .find(|s| s.shard_id == task.shard_id)
-                    .and_then(|s| s.error)
-                    .unwrap_or_else(|| "no error was reported".into());
-                let why = format!(
-                    "shard {} failed after {attempts} attempts: {last_error}",
-                    task.shard_id
-                );
-                if ctx.state.fail_shard(&run_id, &task.shard_id, &why).await? {
-                    bar.finish();
-                    return Err(Error::Other(why));
-                }
-            }
-            stopped = ctx.workers.join_next() => {
-                let why = match stopped {
-                    Some(Ok(Err(e))) => e.to_string(),
-                    Some(Err(e)) => e.to_string(),
-                    _ => "stopped".into(),
-                };
-                bar.finish();
-                return Err(Error::Other(format!("a worker stopped before the run finished: {why}")));
-            }
+    fn finish(&self) {
+        if let Some(bar) = self.lock().take() {
+            bar.finish();
         }
     }
-    bar.finish();
-
-    // Every shard is in: gather the parts in plan order and load them once.
-    let records = ctx.state.shards(&run_id).await?;
-    let mut parts: Vec<StagedFile> = Vec::new();
-    for r in &records {
-        report.shard_rows.push(r.rows.unwrap_or(0));
-        parts.extend(r.files.iter().cloned());
-    }
-    report.rows_extracted = report.shard_rows.iter().sum();
-    let schema = pg_binary::arrow_schema(&plan.source_columns);
-    let outcome = warehouse
-        .load(LoadRequest {
-            table: &spec.dest_table_name,
-            schema: &schema,
-            run_id: &run_id,
-            parts: &parts,
-            staging: &ctx.staging,
-            mode: WriteMode::Replace,
-            expected_rows: report.rows_extracted,
-        })
-        .await?;
-    report.rows_loaded = outcome.rows_loaded;
-    report.destination = Some(outcome.location);
-    Ok(())
 }
 
-fn delivery_attempts(message: &Message) -> String {
-    message
-        .attributes
-        .get(shardflow::queue::DEAD_LETTER_COUNT_ATTRIBUTE)
-        .cloned()
-        .unwrap_or_else(|| "several".into())
+#[async_trait::async_trait]
+impl RunObserver for ProgressObserver {
+    async fn planned(&self, _run_id: &str, estimated_rows: u64, shards: usize) {
+        *self.lock() = Some(progress::Progress::start(
+            self.show,
+            estimated_rows,
+            shards,
+            self.rows.clone(),
+        ));
+    }
+
+    async fn shard_done(&self, done: usize, _total: usize, _rows: u64) {
+        if let Some(bar) = self.lock().as_ref() {
+            bar.shard_done(done);
+        }
+    }
 }

@@ -1,20 +1,30 @@
-//! The `dispatcher` binary: `plan` prints a job's plan and moves no data; `run` plans, runs the
-//! shards on N in-process workers over the embedded queue, loads the destination once, and
-//! prints the run report as the last line of stdout.
+//! The `dispatcher` binary: `plan` prints a job's plan and moves no data; `run` runs one job
+//! (on in-process workers over the embedded queue, or on the fleet over Pub/Sub), loads the
+//! destination once, and prints the run report as the last line of stdout; `serve` pulls job
+//! messages from Pub/Sub and reports to Django; `pubsub-setup` creates topics and
+//! subscriptions.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand};
+use shardflow::django::DjangoClient;
 use shardflow::plan::DEFAULT_SHARD_ROWS;
 use shardflow::queue::embedded::EmbeddedOptions;
+use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
+use shardflow::queue::{DeadLetterPolicy, SubscriptionConfig, Topology};
 use shardflow::retry::RetryPolicy;
 use shardflow::spec::{JobConfig, JobSpec};
 use shardflow::telemetry::{self, LogFormat};
+use shardflow_dispatcher::serve::{ServeSettings, serve};
 use shardflow_dispatcher::{
-    DEFAULT_BATCH_ROWS, PlanOptions, RunOptions, RunReport, plan_job, run_job,
+    DEFAULT_BATCH_ROWS, EngineSettings, PlanOptions, QueueChoice, RunOptions, RunReport, plan_job,
+    run_job,
 };
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -25,7 +35,7 @@ use shardflow_dispatcher::{
 struct Cli {
     /// Log format: `text` for people, `json` for Cloud Logging (severity, message,
     /// data_source_id, etl_run_id). Logs go to stderr.
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, global = true, env = "SHARDFLOW_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
     /// Log level (DEBUG, INFO, WARNING, ERROR) or a tracing filter directive.
     #[arg(long, global = true, env = "LOG_LEVEL", default_value = "info")]
@@ -61,13 +71,23 @@ enum Command {
         /// Workers to run in-process (the same code the `worker` binary runs).
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Destination directory: the table is the Parquet files under `<dest>/<dest_table_name>/`.
+        /// Destination: a directory (the table is the Parquet files under
+        /// `<dest>/<dest_table_name>/`) or `bigquery://PROJECT/DATASET`.
         #[arg(long, default_value = "./warehouse")]
-        dest: PathBuf,
-        /// Staging directory for the workers' Parquet parts (removed after the run).
-        /// Defaults to `<dest>/_staging`.
-        #[arg(long)]
-        staging: Option<PathBuf>,
+        dest: String,
+        /// Staging for the workers' Parquet parts (removed after the run): a directory or
+        /// `gs://bucket/prefix`. Defaults to `<dest>/_staging` for a directory destination.
+        #[arg(long, env = "SHARDFLOW_STAGING")]
+        staging: Option<String>,
+        /// `embedded`: in-process queue and workers. `pubsub`: publish the shards to Pub/Sub
+        /// for a fleet of `worker serve` processes and wait for their results.
+        #[arg(long, env = "SHARDFLOW_QUEUE", default_value = "embedded", value_parser = ["embedded", "pubsub"])]
+        queue: String,
+        /// Google Cloud project of the Pub/Sub topics (with `--queue pubsub`).
+        #[arg(long, env = "GCP_PROJECT_ID", default_value = "")]
+        project: String,
+        #[command(flatten)]
+        topology: TopologyArgs,
         /// State store URL (runs, shards, results).
         #[arg(
             long,
@@ -96,6 +116,215 @@ enum Command {
         #[arg(long, env = "SHARDFLOW_DUPLICATE_DELIVERIES")]
         duplicate_deliveries: bool,
     },
+    /// Pull job messages from Pub/Sub, run them on the fleet, report each run to Django.
+    /// Every flag also reads the environment variable it names.
+    Serve(Box<ServeArgs>),
+    /// Create the topics and subscriptions (with the dead-letter policy) that are missing.
+    /// Idempotent.
+    PubsubSetup(SetupArgs),
+}
+
+/// Topic and subscription names.
+#[derive(Args, Clone, Debug)]
+struct TopologyArgs {
+    #[arg(long, env = "SHARDFLOW_JOBS_TOPIC", default_value = "etl-jobs")]
+    jobs_topic: String,
+    #[arg(
+        long,
+        env = "SHARDFLOW_JOBS_SUBSCRIPTION",
+        default_value = "etl-jobs-dispatcher"
+    )]
+    jobs_subscription: String,
+    #[arg(long, env = "SHARDFLOW_SHARDS_TOPIC", default_value = "etl-shards")]
+    shards_topic: String,
+    #[arg(
+        long,
+        env = "SHARDFLOW_SHARDS_SUBSCRIPTION",
+        default_value = "etl-shards-workers"
+    )]
+    shards_subscription: String,
+    #[arg(
+        long,
+        env = "SHARDFLOW_RESULTS_TOPIC",
+        default_value = "etl-shard-results"
+    )]
+    results_topic: String,
+    #[arg(
+        long,
+        env = "SHARDFLOW_RESULTS_SUBSCRIPTION",
+        default_value = "etl-shard-results-dispatcher"
+    )]
+    results_subscription: String,
+    #[arg(
+        long,
+        env = "SHARDFLOW_DEAD_LETTER_TOPIC",
+        default_value = "etl-shards-dead-letter"
+    )]
+    dead_letter_topic: String,
+    #[arg(
+        long,
+        env = "SHARDFLOW_DEAD_LETTER_SUBSCRIPTION",
+        default_value = "etl-shards-dead-letter-dispatcher"
+    )]
+    dead_letter_subscription: String,
+}
+
+impl TopologyArgs {
+    fn topology(&self) -> Topology {
+        Topology {
+            jobs_topic: self.jobs_topic.clone(),
+            jobs_subscription: self.jobs_subscription.clone(),
+            shards_topic: self.shards_topic.clone(),
+            shards_subscription: self.shards_subscription.clone(),
+            results_topic: self.results_topic.clone(),
+            results_subscription: self.results_subscription.clone(),
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            dead_letter_subscription: self.dead_letter_subscription.clone(),
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+struct ServeArgs {
+    /// Google Cloud project (Pub/Sub, and BigQuery unless --dest says otherwise).
+    #[arg(long, env = "GCP_PROJECT_ID")]
+    project: String,
+    /// BigQuery dataset of the destination tables.
+    #[arg(long, env = "BIGQUERY_DATASET", default_value = "raw_data")]
+    dataset: String,
+    /// Destination; defaults to `bigquery://<project>/<dataset>`. A directory is accepted
+    /// for a single-machine setup.
+    #[arg(long, env = "SHARDFLOW_DEST")]
+    dest: Option<String>,
+    /// Staging the workers write to: `gs://bucket/prefix`.
+    #[arg(long, env = "SHARDFLOW_STAGING")]
+    staging: String,
+    /// State store: `postgres://…` for several dispatcher replicas, or `sqlite://FILE`.
+    #[arg(
+        long,
+        env = "SHARDFLOW_STATE",
+        default_value = "sqlite://./shardflow-state.db"
+    )]
+    state: String,
+    /// Runs driven at once.
+    #[arg(long, env = "SHARDFLOW_MAX_RUNS", default_value_t = 8)]
+    max_runs: usize,
+    /// Port of /metrics and /healthz.
+    #[arg(long, env = "SHARDFLOW_METRICS_PORT", default_value_t = 9090)]
+    metrics_port: u16,
+    /// Address to serve /metrics and /healthz on.
+    #[arg(long, env = "SHARDFLOW_METRICS_HOST", default_value = "0.0.0.0")]
+    metrics_host: String,
+    /// Target rows per shard.
+    #[arg(long, env = "SHARDFLOW_SHARD_ROWS", default_value_t = DEFAULT_SHARD_ROWS)]
+    shard_rows: u64,
+    /// Rows per Arrow batch in the workers.
+    #[arg(long, env = "ETL_BATCH_SIZE", default_value_t = DEFAULT_BATCH_ROWS)]
+    batch_size: usize,
+    /// Seconds between the heartbeats of a run's owner.
+    #[arg(long, env = "SHARDFLOW_HEARTBEAT_SECS", default_value_t = 5)]
+    heartbeat_secs: u64,
+    /// Seconds of silence after which another dispatcher takes a run over.
+    #[arg(long, env = "SHARDFLOW_STALE_AFTER_SECS", default_value_t = 30)]
+    stale_after_secs: u64,
+    /// Seconds to let runs finish after SIGTERM before leaving them to another dispatcher.
+    #[arg(long, env = "SHARDFLOW_DRAIN_SECS", default_value_t = 60)]
+    drain_secs: u64,
+    /// Seconds before handing back a job that another live dispatcher is running.
+    #[arg(long, env = "SHARDFLOW_BUSY_BACKOFF_SECS", default_value_t = 10)]
+    busy_backoff_secs: u64,
+    #[command(flatten)]
+    topology: TopologyArgs,
+}
+
+#[derive(Args, Clone, Debug)]
+struct SetupArgs {
+    #[arg(long, env = "GCP_PROJECT_ID")]
+    project: String,
+    /// Deliveries of a shard before it goes to the dead-letter topic (5 to 100).
+    #[arg(long, env = "SHARDFLOW_MAX_DELIVERY_ATTEMPTS", default_value_t = 5)]
+    max_delivery_attempts: u32,
+    /// Ack deadline of the shards subscription (workers extend it while they run).
+    #[arg(long, env = "SHARDFLOW_ACK_DEADLINE_SECS", default_value_t = 60)]
+    ack_deadline_secs: u64,
+    /// Ack deadline of the jobs subscription (the dispatcher extends it while a run goes).
+    #[arg(long, env = "SHARDFLOW_JOBS_ACK_DEADLINE_SECS", default_value_t = 600)]
+    jobs_ack_deadline_secs: u64,
+    #[command(flatten)]
+    topology: TopologyArgs,
+}
+
+/// Creates whatever is missing; prints one line per resource.
+async fn pubsub_setup(args: SetupArgs) -> shardflow::Result<()> {
+    let queue = PubSubQueue::connect(PubSubOptions::from_env(&args.project)).await?;
+    let t = args.topology.topology();
+    for topic in [
+        &t.jobs_topic,
+        &t.shards_topic,
+        &t.results_topic,
+        &t.dead_letter_topic,
+    ] {
+        let created = queue.ensure_topic(topic).await?;
+        println!(
+            "topic {topic}: {}",
+            if created { "created" } else { "exists" }
+        );
+    }
+    let plain = |topic: &str, secs: u64| SubscriptionConfig {
+        topic: topic.to_string(),
+        ack_deadline: Duration::from_secs(secs),
+        dead_letter: None,
+    };
+    let subscriptions = [
+        (
+            &t.jobs_subscription,
+            plain(&t.jobs_topic, args.jobs_ack_deadline_secs),
+        ),
+        (
+            &t.shards_subscription,
+            SubscriptionConfig {
+                topic: t.shards_topic.clone(),
+                ack_deadline: Duration::from_secs(args.ack_deadline_secs),
+                dead_letter: Some(DeadLetterPolicy::new(
+                    &t.dead_letter_topic,
+                    args.max_delivery_attempts,
+                )),
+            },
+        ),
+        (&t.results_subscription, plain(&t.results_topic, 60)),
+        (&t.dead_letter_subscription, plain(&t.dead_letter_topic, 60)),
+    ];
+    for (name, config) in subscriptions {
+        let created = queue.ensure_subscription(name, &config).await?;
+        println!(
+            "subscription {name}: {}",
+            if created { "created" } else { "exists" }
+        );
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("stopping: no new jobs");
+        cancel.cancel();
+    });
+    token
 }
 
 /// The job file, as a job config or as a job message with the config inline.
@@ -183,11 +412,82 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::PubsubSetup(args) => match pubsub_setup(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve(args) => {
+            let django = match DjangoClient::from_env(retry.clone()) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if django.is_none() {
+                tracing::warn!(
+                    "DJANGO_API_URL is not set: only jobs with an inline config can run, and no run is reported"
+                );
+            }
+            let metrics_addr = match format!("{}:{}", args.metrics_host, args.metrics_port).parse()
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("error: bad metrics address: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let settings = ServeSettings {
+                dest: args
+                    .dest
+                    .clone()
+                    .unwrap_or_else(|| format!("bigquery://{}/{}", args.project, args.dataset)),
+                project: args.project.clone(),
+                topology: args.topology.topology(),
+                staging: args.staging.clone(),
+                state_url: args.state.clone(),
+                max_runs: args.max_runs,
+                metrics_addr,
+                engine: EngineSettings {
+                    plan: PlanOptions {
+                        shard_rows: args.shard_rows,
+                        workers: None,
+                        exact_count: false,
+                        retry,
+                    },
+                    batch_rows: args.batch_size,
+                    heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
+                    stale_after: Duration::from_secs(args.stale_after_secs.max(2)),
+                    ..Default::default()
+                },
+                drain: Duration::from_secs(args.drain_secs),
+                busy_backoff: Duration::from_secs(args.busy_backoff_secs),
+                owner: format!(
+                    "{}-{}",
+                    std::env::var("HOSTNAME").unwrap_or_else(|_| "dispatcher".into()),
+                    std::process::id()
+                ),
+            };
+            match serve(settings, django, shutdown_on_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "dispatcher stopped");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run {
             plan,
             workers,
             dest,
             staging,
+            queue,
+            project,
+            topology,
             state,
             batch_size,
             etl_run_id,
@@ -220,9 +520,14 @@ async fn main() -> ExitCode {
                         show_progress: progress_bar,
                         ack_deadline: std::time::Duration::from_secs(ack_deadline.max(1)),
                         max_delivery_attempts: max_delivery_attempts.max(1),
-                        queue: EmbeddedOptions {
-                            duplicate_every_message: duplicate_deliveries,
+                        queue: if queue == "pubsub" {
+                            QueueChoice::PubSub { project }
+                        } else {
+                            QueueChoice::Embedded(EmbeddedOptions {
+                                duplicate_every_message: duplicate_deliveries,
+                            })
                         },
+                        topology: topology.topology(),
                     };
                     run_job(spec, opts).await
                 }

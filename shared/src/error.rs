@@ -29,6 +29,9 @@ pub enum Error {
     Queue(String),
     #[error("message: {0}")]
     Message(String),
+    /// The Django API answered with an error, or could not be reached (`transient`).
+    #[error("Django API: {message}")]
+    Api { message: String, transient: bool },
     #[error("{0}")]
     Other(String),
 }
@@ -39,7 +42,13 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Database(_) | Error::Staging(_) | Error::Queue(_)
+            Error::Database(_)
+                | Error::Staging(_)
+                | Error::Queue(_)
+                | Error::Api {
+                    transient: true,
+                    ..
+                }
         )
     }
 }

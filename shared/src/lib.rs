@@ -2,8 +2,10 @@
 //! messages, the source connectors, the Parquet writer, and the backends behind small traits
 //! (queue, state store, staging, warehouse).
 
+pub mod django;
 pub mod error;
 pub mod messages;
+pub mod metrics;
 pub mod parquet_sink;
 pub mod plan;
 pub mod queue;

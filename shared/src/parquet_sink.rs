@@ -24,6 +24,9 @@ pub struct PartOptions {
     /// A row group is closed once its encoded, buffered size reaches this.
     pub row_group_bytes: usize,
     pub zstd_level: i32,
+    /// Bytes buffered before an upload turns into a multipart upload (see
+    /// `Staging::upload_buffer`).
+    pub upload_buffer: usize,
 }
 
 impl Default for PartOptions {
@@ -32,6 +35,7 @@ impl Default for PartOptions {
             max_part_bytes: 256 << 20,
             row_group_bytes: 32 << 20,
             zstd_level: 1,
+            upload_buffer: crate::staging::MULTIPART_THRESHOLD,
         }
     }
 }
@@ -66,7 +70,8 @@ pub async fn write_parts(
     let props = properties(opts)?;
     let open = |n: usize| -> Result<OpenPart> {
         let path = staging_part_path(run_id, shard_id, n);
-        let sink = BufWriter::new(store.clone(), Path::from(path.as_str()));
+        let sink =
+            BufWriter::with_capacity(store.clone(), Path::from(path.as_str()), opts.upload_buffer);
         let writer = AsyncArrowWriter::try_new(sink, schema.clone(), Some(props.clone()))?;
         Ok(OpenPart {
             writer,
@@ -172,7 +177,7 @@ mod tests {
         let opts = PartOptions {
             max_part_bytes: 200_000,
             row_group_bytes: 50_000,
-            zstd_level: 1,
+            ..Default::default()
         };
         let mut seen = 0;
         let files = write_parts(

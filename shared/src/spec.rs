@@ -253,7 +253,7 @@ pub struct SpecError {
 }
 
 impl SpecError {
-    fn single(field: &str, problem: impl Into<String>) -> Self {
+    pub fn single(field: &str, problem: impl Into<String>) -> Self {
         SpecError {
             problems: vec![FieldProblem {
                 field: field.to_string(),

@@ -15,7 +15,7 @@ use serde_json::json;
 use shardflow::plan::{fit_to_workers, imbalance, shard_count};
 use shardflow::queue::embedded::EmbeddedOptions;
 use shardflow::retry::RetryPolicy;
-use shardflow_dispatcher::{PlanOptions, RunOptions, plan_job, run_job};
+use shardflow_dispatcher::{PlanOptions, QueueChoice, RunOptions, plan_job, run_job};
 
 /// Options with an exact count, so shard counts do not depend on ANALYZE's sampling.
 fn exact(dir: &std::path::Path, shard_rows: u64) -> RunOptions {
@@ -33,7 +33,7 @@ fn options(dir: &std::path::Path, shard_rows: u64) -> RunOptions {
             retry: RetryPolicy::none(),
         },
         workers: 2,
-        dest: dir.join("warehouse"),
+        dest: dir.join("warehouse").display().to_string(),
         staging: None,
         state_url: format!("sqlite://{}", dir.join("state.db").display()),
         ..Default::default()
@@ -213,9 +213,9 @@ async fn every_shard_delivered_twice_still_loads_each_row_once() {
     create_wide_table(&pg, &schema, "t", 100_000, "i::bigint", true).await;
     let dir = scratch("dupes");
     let mut opts = exact(&dir, 25_000);
-    opts.queue = EmbeddedOptions {
+    opts.queue = QueueChoice::Embedded(EmbeddedOptions {
         duplicate_every_message: true,
-    };
+    });
     let report = run_job(job(&schema, "t", "t", json!({})), opts).await;
     assert_eq!(report.status, "completed", "{report:?}");
     assert_eq!(report.shards, 4);

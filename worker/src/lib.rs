@@ -27,15 +27,23 @@ pub trait JobResolver: Send + Sync {
     async fn job_for(&self, task: &ShardTask) -> Result<Arc<JobSpec>>;
 }
 
-/// The in-process resolver: the dispatcher registers each run's spec here.
+/// The in-process resolver: the dispatcher registers each run's spec here, or one spec for
+/// every run (a `dispatcher run` process runs one job).
 #[derive(Default)]
 pub struct RunRegistry {
     runs: Mutex<HashMap<String, Arc<JobSpec>>>,
 }
 
+/// The registry key that stands for any run.
+const ANY_RUN: &str = "*";
+
 impl RunRegistry {
     pub fn register(&self, run_id: &str, spec: Arc<JobSpec>) {
         self.lock().insert(run_id.to_string(), spec);
+    }
+
+    pub fn register_any(&self, spec: Arc<JobSpec>) {
+        self.register(ANY_RUN, spec);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobSpec>>> {
@@ -46,9 +54,13 @@ impl RunRegistry {
 #[async_trait]
 impl JobResolver for RunRegistry {
     async fn job_for(&self, task: &ShardTask) -> Result<Arc<JobSpec>> {
-        self.lock().get(&task.run_id).cloned().ok_or_else(|| {
-            Error::Message(format!("run {} is not known to this worker", task.run_id))
-        })
+        let runs = self.lock();
+        runs.get(&task.run_id)
+            .or_else(|| runs.get(ANY_RUN))
+            .cloned()
+            .ok_or_else(|| {
+                Error::Message(format!("run {} is not known to this worker", task.run_id))
+            })
     }
 }
 
@@ -244,13 +256,17 @@ impl Worker {
         };
         let schema = pg_binary::arrow_schema(&task.columns);
         let rows = self.rows.clone();
+        let parts = PartOptions {
+            upload_buffer: self.staging.upload_buffer(),
+            ..self.settings.parts.clone()
+        };
         write_parts(
             self.staging.store(),
             &task.run_id,
             &task.shard_id,
             schema,
             stream,
-            &self.settings.parts,
+            &parts,
             |n| {
                 rows.fetch_add(n as u64, Ordering::Relaxed);
             },

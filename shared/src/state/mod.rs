@@ -1,7 +1,11 @@
 //! The state store: runs, their shards, and each shard's result. Recording a result is
-//! idempotent by shard id: the first success wins and a duplicate changes nothing.
+//! idempotent by shard id: the first success wins and a duplicate changes nothing. A run has
+//! an owner (the dispatcher driving it) with a heartbeat, so a restarted or another dispatcher
+//! can take over a run whose owner went quiet, and never one that is alive.
 
-pub mod sqlite;
+pub mod sql;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -31,11 +35,13 @@ impl RunStatus {
 #[derive(Clone, Debug)]
 pub struct NewRun {
     pub run_id: String,
+    pub job_key: String,
     pub data_source_id: Option<i64>,
     pub etl_run_id: Option<i64>,
     pub dest_table: String,
     pub mode: String,
     pub plan_json: String,
+    pub owner: String,
 }
 
 #[derive(Clone, Debug)]
@@ -44,6 +50,8 @@ pub struct NewShard {
     pub shard_index: u32,
     pub estimated_rows: u64,
     pub bounds: ShardBounds,
+    /// The encoded shard message (no secret in it), republished when a run is resumed.
+    pub task_json: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -56,11 +64,16 @@ pub struct ShardRecord {
     pub files: Vec<StagedFile>,
     pub attempts: u32,
     pub error: Option<String>,
+    pub task_json: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunRecord {
     pub run_id: String,
+    pub job_key: String,
+    pub data_source_id: Option<i64>,
+    pub etl_run_id: Option<i64>,
+    pub owner: String,
     pub status: String,
     pub rows_extracted: Option<u64>,
     pub rows_loaded: Option<u64>,
@@ -80,7 +93,13 @@ pub enum Recorded {
 
 #[async_trait]
 pub trait StateStore: Send + Sync {
-    async fn create_run(&self, run: &NewRun, shards: &[NewShard]) -> Result<()>;
+    /// Records a new run and its shards; false (and nothing changed) when the run exists.
+    async fn create_run(&self, run: &NewRun, shards: &[NewShard]) -> Result<bool>;
+    /// Makes `owner` the owner of a running run if it already is, or if the owner's last
+    /// heartbeat is older than `stale_after`. False when someone alive owns it or it ended.
+    async fn claim_run(&self, run_id: &str, owner: &str, stale_after: Duration) -> Result<bool>;
+    /// The owner is alive; false when the run is no longer its own (taken over or ended).
+    async fn heartbeat(&self, run_id: &str, owner: &str) -> Result<bool>;
     async fn record_result(&self, result: &ShardResult) -> Result<Recorded>;
     /// Marks a shard failed for good (dead-lettered); false when it had already succeeded.
     async fn fail_shard(&self, run_id: &str, shard_id: &str, error: &str) -> Result<bool>;
@@ -94,6 +113,8 @@ pub trait StateStore: Send + Sync {
         error_message: Option<&str>,
     ) -> Result<()>;
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>>;
+    /// The newest run of a job key.
+    async fn latest_run(&self, job_key: &str) -> Result<Option<RunRecord>>;
 }
 
 /// The rows and files of a success, for storing.
@@ -107,7 +128,7 @@ pub(crate) fn success_parts(result: &ShardResult) -> Option<(u64, u64, &[StagedF
 }
 
 #[cfg(test)]
-mod conformance {
+pub(crate) mod conformance {
     //! One suite, run against every backend.
     use super::*;
     use crate::messages::WIRE_VERSION;
@@ -143,19 +164,22 @@ mod conformance {
                 shard_index: i,
                 estimated_rows: 100,
                 bounds: ShardBounds::Whole,
+                task_json: format!("{{\"shard\":{i}}}"),
             })
             .collect();
         let run = NewRun {
             run_id: "run-1".into(),
+            job_key: "job-1".into(),
             data_source_id: Some(7),
             etl_run_id: None,
             dest_table: "t".into(),
             mode: "sharded".into(),
             plan_json: "{}".into(),
+            owner: "dispatcher-a".into(),
         };
-        store.create_run(&run, &shards).await.unwrap();
-        // Creating the same run again (a redelivered job) is not an error and changes nothing.
-        store.create_run(&run, &shards).await.unwrap();
+        assert!(store.create_run(&run, &shards).await.unwrap());
+        // Creating the same run again (a redelivered job) changes nothing and says so.
+        assert!(!store.create_run(&run, &[]).await.unwrap());
 
         let failed = result(
             "s0",
@@ -193,6 +217,7 @@ mod conformance {
         assert_eq!(records[0].attempts, 2);
         assert_eq!(records[0].files.len(), 1);
         assert_eq!(records[1].status, "pending");
+        assert_eq!(records[1].task_json, "{\"shard\":1}");
 
         assert!(
             store
@@ -216,6 +241,65 @@ mod conformance {
         let r = store.run("run-1").await.unwrap().unwrap();
         assert_eq!(r.status, "failed");
         assert_eq!(r.error_message.as_deref(), Some("shard s1 failed"));
+        assert_eq!((r.data_source_id, r.etl_run_id), (Some(7), None));
         assert_eq!(store.run("nope").await.unwrap(), None);
+    }
+
+    pub async fn only_a_quiet_owner_loses_its_run(store: &dyn StateStore) {
+        let run = NewRun {
+            run_id: "run-2".into(),
+            job_key: "job-2".into(),
+            data_source_id: Some(8),
+            etl_run_id: Some(80),
+            dest_table: "t".into(),
+            mode: "standard".into(),
+            plan_json: "{}".into(),
+            owner: "a".into(),
+        };
+        assert!(store.create_run(&run, &[]).await.unwrap());
+        let long = Duration::from_secs(3600);
+        assert!(store.heartbeat("run-2", "a").await.unwrap());
+        assert!(
+            store.claim_run("run-2", "a", long).await.unwrap(),
+            "its own"
+        );
+        assert!(
+            !store.claim_run("run-2", "b", long).await.unwrap(),
+            "a is alive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            store
+                .claim_run("run-2", "b", Duration::from_millis(10))
+                .await
+                .unwrap()
+        );
+        assert!(!store.heartbeat("run-2", "a").await.unwrap(), "a lost it");
+        assert_eq!(store.run("run-2").await.unwrap().unwrap().owner, "b");
+        store
+            .finish_run("run-2", RunStatus::Completed, 0, 0, None)
+            .await
+            .unwrap();
+        assert!(!store.claim_run("run-2", "b", long).await.unwrap(), "ended");
+        assert!(!store.heartbeat("run-2", "b").await.unwrap());
+
+        // A second run of the same job is the latest.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let again = NewRun {
+            run_id: "run-3".into(),
+            ..run
+        };
+        assert!(store.create_run(&again, &[]).await.unwrap());
+        let latest = store.latest_run("job-2").await.unwrap().unwrap();
+        assert_eq!(
+            (latest.run_id.as_str(), latest.status.as_str()),
+            ("run-3", "running")
+        );
+        assert_eq!(store.latest_run("job-x").await.unwrap(), None);
+    }
+
+    pub async fn run_all(store: &dyn StateStore) {
+        results_are_idempotent_by_shard(store).await;
+        only_a_quiet_owner_loses_its_run(store).await;
     }
 }

@@ -1,6 +1,7 @@
 //! The warehouse: ONE load per table per run from the staged Parquet parts. A catalog load
 //! replaces the table atomically; a transactional load appends, also all-or-nothing.
 
+pub mod bigquery;
 pub mod parquet_dir;
 
 use async_trait::async_trait;

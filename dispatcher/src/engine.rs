@@ -1,0 +1,553 @@
+//! The run engine both modes share: `dispatcher run` (embedded queue, in-process workers) and
+//! `dispatcher serve` (Pub/Sub, a fleet of workers) drive runs through this same code.
+//!
+//! Shard results are recorded in the state store by whichever dispatcher pulls them
+//! (idempotent by shard id), so replicas can share one results subscription; the dispatcher
+//! that owns a run (heartbeat in the state store) watches its shards there, loads once when
+//! all are in, and finishes the run. A job whose owner went quiet (killed, restarted) is
+//! taken over: the stale run is closed as superseded and the job runs again as a new run
+//! under a fresh snapshot, so no shard mixes two snapshots and nothing loads twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use shardflow::messages::{self, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
+use shardflow::metrics::Metrics;
+use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
+use shardflow::source::pg_binary;
+use shardflow::source::postgres::{self, PgConnector};
+use shardflow::spec::JobSpec;
+use shardflow::staging::Staging;
+use shardflow::state::{NewRun, NewShard, Recorded, RunRecord, RunStatus, StateStore};
+use shardflow::warehouse::{LoadRequest, Warehouse, WriteMode};
+use shardflow::{Error, Result};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{PlanOptions, RunReport, plan_job};
+
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    pub plan: PlanOptions,
+    pub batch_rows: usize,
+    /// How often the owner of a run says it is alive.
+    pub heartbeat: Duration,
+    /// A run whose owner has been quiet this long is taken over.
+    pub stale_after: Duration,
+    /// How often the owner rereads its shards when no result came through this process.
+    pub poll: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            plan: PlanOptions::default(),
+            batch_rows: crate::DEFAULT_BATCH_ROWS,
+            heartbeat: Duration::from_secs(5),
+            stale_after: Duration::from_secs(30),
+            poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Wakes the owner of a run when something about it was recorded.
+#[derive(Default)]
+pub struct RunEvents {
+    waiting: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Set when the machinery under every run broke (an in-process worker died).
+    fatal: Mutex<Option<String>>,
+    /// Results ignored as duplicates, by run (for the report).
+    duplicates: Mutex<HashMap<String, u64>>,
+}
+
+impl RunEvents {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn watch(&self, run_id: &str) -> Arc<Notify> {
+        self.lock().entry(run_id.to_string()).or_default().clone()
+    }
+
+    fn forget(&self, run_id: &str) {
+        self.lock().remove(run_id);
+        self.duplicates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(run_id);
+    }
+
+    fn count_duplicate(&self, run_id: &str) {
+        *self
+            .duplicates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(run_id.to_string())
+            .or_default() += 1;
+    }
+
+    fn duplicates(&self, run_id: &str) -> u64 {
+        self.duplicates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(run_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn poke(&self, run_id: &str) {
+        if let Some(n) = self.lock().get(run_id) {
+            n.notify_one();
+        }
+    }
+
+    /// Fails every run this process drives.
+    pub fn fail_all(&self, why: String) {
+        *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        for n in self.lock().values() {
+            n.notify_one();
+        }
+    }
+
+    fn fatal(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Told as a run goes, for a progress bar or Django.
+#[async_trait]
+pub trait RunObserver: Send + Sync {
+    async fn planned(&self, _run_id: &str, _estimated_rows: u64, _shards: usize) {}
+    async fn shard_done(&self, _done: usize, _total: usize, _rows_so_far: u64) {}
+}
+
+pub struct NoObserver;
+impl RunObserver for NoObserver {}
+
+/// One job to run: its key says which job message it came from.
+#[derive(Clone)]
+pub struct RunJob {
+    /// `etl-<etl_run_id>`, `sched-<data_source_id>-<message_id>`, or a fresh id from the CLI.
+    pub job_key: String,
+    pub spec: Arc<JobSpec>,
+    pub etl_run_id: Option<i64>,
+}
+
+pub enum RunOutcome {
+    /// This call ran the job to its end.
+    Finished(RunReport),
+    /// The job had already finished (a redelivered or duplicated job message).
+    AlreadyFinished(RunReport),
+    /// Another dispatcher is alive and driving this job.
+    OwnedElsewhere { run_id: String, owner: String },
+}
+
+pub struct Engine {
+    pub queue: Arc<dyn Queue>,
+    pub state: Arc<dyn StateStore>,
+    pub staging: Staging,
+    pub warehouse: Arc<dyn Warehouse>,
+    pub topology: Topology,
+    /// This dispatcher's identity in the state store.
+    pub owner: String,
+    pub events: Arc<RunEvents>,
+    pub metrics: Arc<Metrics>,
+    pub settings: EngineSettings,
+}
+
+fn report_of(record: &RunRecord, spec: &JobSpec, etl_run_id: Option<i64>) -> RunReport {
+    RunReport {
+        status: record.status.clone(),
+        run_id: record.run_id.clone(),
+        data_source_id: spec.data_source_id,
+        etl_run_id,
+        dest_table: spec.dest_table_name.clone(),
+        rows_extracted: record.rows_extracted.unwrap_or(0),
+        rows_loaded: record.rows_loaded.unwrap_or(0),
+        error_message: record.error_message.clone(),
+        ..Default::default()
+    }
+}
+
+impl Engine {
+    /// Records shard results from the results subscription until `shutdown`.
+    pub async fn record_results(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
+        let mut results = self
+            .queue
+            .subscribe(&self.topology.results_subscription, 256)
+            .await?;
+        loop {
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                d = results.next() => d?,
+            };
+            let result: ShardResult = match messages::decode("shard result", &delivery.message.data)
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "dropping an undecodable shard result");
+                    delivery.ack().await?;
+                    continue;
+                }
+            };
+            match self.state.record_result(&result).await {
+                Ok(recorded) => {
+                    if recorded == Recorded::Duplicate {
+                        tracing::debug!(run_id = %result.run_id, shard_id = %result.shard_id, "duplicate shard result ignored");
+                        self.events.count_duplicate(&result.run_id);
+                    }
+                    self.events.poke(&result.run_id);
+                    delivery.ack().await?;
+                }
+                Err(e) => {
+                    // Not recorded: let it come back rather than lose it.
+                    tracing::warn!(error = %e, "could not record a shard result; it will be redelivered");
+                    delivery.nack().await?;
+                }
+            }
+        }
+    }
+
+    /// Marks dead-lettered shards failed until `shutdown`; their run then fails with the reason.
+    pub async fn record_dead_letters(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
+        let mut dead = self
+            .queue
+            .subscribe(&self.topology.dead_letter_subscription, 64)
+            .await?;
+        loop {
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                d = dead.next() => d?,
+            };
+            let task: ShardTask =
+                match messages::decode("dead-lettered shard", &delivery.message.data) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!(error = %e, "dropping an undecodable dead letter");
+                        delivery.ack().await?;
+                        continue;
+                    }
+                };
+            let attempts = delivery
+                .message
+                .attributes
+                .get(DEAD_LETTER_COUNT_ATTRIBUTE)
+                .cloned()
+                .unwrap_or_else(|| "several".into());
+            let last_error = self
+                .state
+                .shards(&task.run_id)
+                .await?
+                .into_iter()
+                .find(|s| s.shard_id == task.shard_id)
+                .and_then(|s| s.error)
+                .unwrap_or_else(|| "no error was reported".into());
+            let why = format!(
+                "shard {} failed after {attempts} attempts: {last_error}",
+                task.shard_id
+            );
+            self.state
+                .fail_shard(&task.run_id, &task.shard_id, &why)
+                .await?;
+            self.events.poke(&task.run_id);
+            delivery.ack().await?;
+        }
+    }
+
+    /// Runs a job to its end, unless it already ended or another live dispatcher drives it.
+    pub async fn run(&self, job: &RunJob, observer: &dyn RunObserver) -> Result<RunOutcome> {
+        let attempt = match self.state.latest_run(&job.job_key).await? {
+            Some(r) if r.status != RunStatus::Running.as_str() => {
+                return Ok(RunOutcome::AlreadyFinished(report_of(
+                    &r,
+                    &job.spec,
+                    job.etl_run_id,
+                )));
+            }
+            Some(r) => {
+                if !self
+                    .state
+                    .claim_run(&r.run_id, &self.owner, self.settings.stale_after)
+                    .await?
+                {
+                    return Ok(RunOutcome::OwnedElsewhere {
+                        run_id: r.run_id,
+                        owner: r.owner,
+                    });
+                }
+                // Ours now: its snapshot died with its owner, so run the job again.
+                let why = format!(
+                    "superseded: dispatcher {} went quiet and {} restarted the job",
+                    r.owner, self.owner
+                );
+                tracing::warn!(run_id = %r.run_id, "{why}");
+                self.state
+                    .finish_run(&r.run_id, RunStatus::Failed, 0, 0, Some(&why))
+                    .await?;
+                if let Err(e) = self.staging.remove_run(&r.run_id).await {
+                    tracing::warn!(error = %e, "could not clean the superseded run's staging");
+                }
+                attempt_of(&r.run_id) + 1
+            }
+            None => 1,
+        };
+        let run_id = format!("{}.{attempt}", job.job_key);
+        let span = tracing::info_span!(
+            "run",
+            run_id = %run_id,
+            data_source_id = job.spec.data_source_id,
+            etl_run_id = job.etl_run_id
+        );
+        let started = Instant::now();
+        let mut report = RunReport {
+            status: RunStatus::Running.as_str().into(),
+            run_id: run_id.clone(),
+            data_source_id: job.spec.data_source_id,
+            etl_run_id: job.etl_run_id,
+            dest_table: job.spec.dest_table_name.clone(),
+            ..Default::default()
+        };
+        let outcome = self
+            .drive(job, &run_id, observer, &mut report)
+            .instrument(span.clone())
+            .await;
+        report.duplicate_results_ignored = self.events.duplicates(&run_id);
+        self.events.forget(&run_id);
+        let _g = span.enter();
+        report.duration_seconds = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => {
+                // Lost the run to another dispatcher mid-way; it finishes the job.
+                return Ok(RunOutcome::OwnedElsewhere {
+                    run_id,
+                    owner: "another dispatcher".into(),
+                });
+            }
+            Err(e) => {
+                report.error_message = Some(e.to_string());
+            }
+        }
+        // Staging is removed whatever happened: a failed run is rerun from the source.
+        if let Err(e) = self.staging.remove_run(&run_id).await {
+            tracing::warn!(error = %e, "could not clean staging");
+        }
+        let status = if report.error_message.is_none() {
+            RunStatus::Completed
+        } else {
+            RunStatus::Failed
+        };
+        report.status = status.as_str().into();
+        if self.state.run(&run_id).await?.is_some() {
+            self.state
+                .finish_run(
+                    &run_id,
+                    status.clone(),
+                    report.rows_extracted,
+                    report.rows_loaded,
+                    report.error_message.as_deref(),
+                )
+                .await?;
+        }
+        self.metrics.run_finished(status.as_str());
+        match &report.error_message {
+            None => tracing::info!(
+                rows_loaded = report.rows_loaded,
+                seconds = report.duration_seconds,
+                "run completed"
+            ),
+            Some(e) => tracing::error!(error = %e, "run failed"),
+        }
+        Ok(RunOutcome::Finished(report))
+    }
+
+    /// Plans, records, publishes, waits for every shard, loads. Ok(false) when the run was
+    /// taken over by another dispatcher.
+    async fn drive(
+        &self,
+        job: &RunJob,
+        run_id: &str,
+        observer: &dyn RunObserver,
+        report: &mut RunReport,
+    ) -> Result<bool> {
+        let spec = &job.spec;
+        self.warehouse.check_table_name(&spec.dest_table_name)?;
+        let plan = plan_job(spec, &self.settings.plan).await?;
+        report.mode = Some(plan.mode);
+        report.estimated_rows = Some(plan.estimated_rows);
+        report.shards = plan.shards.len();
+        tracing::info!(
+            estimated_rows = plan.estimated_rows,
+            shards = plan.shards.len(),
+            mode = ?plan.mode,
+            split = %plan.split_method,
+            "planned"
+        );
+        // One snapshot for every shard, held open until the last shard has read it.
+        let snapshot = if plan.shards.len() > 1 {
+            let connector = PgConnector::from_spec(spec, self.settings.plan.retry.clone())?;
+            Some(postgres::export_snapshot(&connector).await?)
+        } else {
+            None
+        };
+        let tasks: Vec<ShardTask> = plan
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, shard)| ShardTask {
+                version: WIRE_VERSION,
+                run_id: run_id.to_string(),
+                shard_id: shard.shard_id.clone(),
+                shard_index: i as u32,
+                data_source_id: spec.data_source_id,
+                etl_run_id: job.etl_run_id,
+                schema_name: spec.schema_name.clone(),
+                table_name: spec.table_name.clone(),
+                columns: plan.source_columns.clone(),
+                bounds: shard.bounds.clone(),
+                snapshot: snapshot.as_ref().map(|s| s.id.clone()),
+                batch_rows: self.settings.batch_rows,
+            })
+            .collect();
+        let mut new_shards = Vec::with_capacity(tasks.len());
+        for (task, shard) in tasks.iter().zip(&plan.shards) {
+            new_shards.push(NewShard {
+                shard_id: task.shard_id.clone(),
+                shard_index: task.shard_index,
+                estimated_rows: shard.estimated_rows,
+                bounds: shard.bounds.clone(),
+                task_json: String::from_utf8(messages::encode(task)?)
+                    .map_err(|e| Error::Other(format!("shard message is not UTF-8: {e}")))?,
+            });
+        }
+        let created = self
+            .state
+            .create_run(
+                &NewRun {
+                    run_id: run_id.to_string(),
+                    job_key: job.job_key.clone(),
+                    data_source_id: spec.data_source_id,
+                    etl_run_id: job.etl_run_id,
+                    dest_table: spec.dest_table_name.clone(),
+                    mode: format!("{:?}", plan.mode).to_lowercase(),
+                    plan_json: serde_json::to_string(&plan)?,
+                    owner: self.owner.clone(),
+                },
+                &new_shards,
+            )
+            .await?;
+        if !created {
+            // Another dispatcher created the same run a moment ago.
+            return Ok(false);
+        }
+        let wake = self.events.watch(run_id);
+        observer
+            .planned(run_id, plan.estimated_rows, tasks.len())
+            .await;
+        for task in &tasks {
+            self.queue
+                .publish(
+                    &self.topology.shards_topic,
+                    Message::new(messages::encode(task)?).with_attribute("run_id", run_id),
+                )
+                .await?;
+        }
+
+        if !self.wait_for_shards(run_id, &wake, observer).await? {
+            return Ok(false);
+        }
+        drop(snapshot);
+
+        // Every shard is in: gather the parts in plan order and load them once.
+        let records = self.state.shards(run_id).await?;
+        let mut parts: Vec<StagedFile> = Vec::new();
+        for r in &records {
+            report.shard_rows.push(r.rows.unwrap_or(0));
+            parts.extend(r.files.iter().cloned());
+        }
+        report.rows_extracted = report.shard_rows.iter().sum();
+        let schema = pg_binary::arrow_schema(&plan.source_columns);
+        let outcome = self
+            .warehouse
+            .load(LoadRequest {
+                table: &spec.dest_table_name,
+                schema: &schema,
+                run_id,
+                parts: &parts,
+                staging: &self.staging,
+                mode: WriteMode::Replace,
+                expected_rows: report.rows_extracted,
+            })
+            .await?;
+        report.rows_loaded = outcome.rows_loaded;
+        report.destination = Some(outcome.location);
+        Ok(true)
+    }
+
+    /// Until every shard succeeded (Ok(true)), one failed for good (Err), or the run was
+    /// taken over (Ok(false)).
+    async fn wait_for_shards(
+        &self,
+        run_id: &str,
+        wake: &Notify,
+        observer: &dyn RunObserver,
+    ) -> Result<bool> {
+        let mut last_done = 0usize;
+        let mut last_beat = Instant::now();
+        loop {
+            if let Some(why) = self.events.fatal() {
+                return Err(Error::Other(why));
+            }
+            let shards = self.state.shards(run_id).await?;
+            if let Some(failed) = shards.iter().find(|s| s.status == "failed") {
+                return Err(Error::Other(
+                    failed
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| format!("shard {} failed", failed.shard_id)),
+                ));
+            }
+            let done = shards.iter().filter(|s| s.status == "succeeded").count();
+            if done != last_done {
+                last_done = done;
+                let rows = shards.iter().filter_map(|s| s.rows).sum();
+                observer.shard_done(done, shards.len(), rows).await;
+            }
+            if done == shards.len() {
+                return Ok(true);
+            }
+            if last_beat.elapsed() >= self.settings.heartbeat {
+                if !self.state.heartbeat(run_id, &self.owner).await? {
+                    tracing::warn!("another dispatcher took this run over");
+                    return Ok(false);
+                }
+                last_beat = Instant::now();
+            }
+            let _ = tokio::time::timeout(self.settings.poll, wake.notified()).await;
+        }
+    }
+}
+
+/// The attempt number at the end of a run id (`<job key>.<n>`).
+fn attempt_of(run_id: &str) -> u32 {
+    run_id
+        .rsplit_once('.')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_count_attempts() {
+        assert_eq!(attempt_of("etl-7.1"), 1);
+        assert_eq!(attempt_of("etl-7.12"), 12);
+        assert_eq!(attempt_of("sched-3-99.2"), 2);
+        assert_eq!(attempt_of("odd"), 1);
+    }
+}

@@ -1,0 +1,368 @@
+//! `dispatcher serve`: pulls job messages as Django and Cloud Scheduler publish them, runs
+//! several jobs at once on the fleet, and reports each run to Django.
+//!
+//! A job message is acked only when its run has ended (the Pub/Sub client keeps its lease
+//! alive meanwhile), so a dispatcher that dies leaves its jobs to be redelivered, and the
+//! next dispatcher takes them over from the state store. A duplicate of a job that is still
+//! running elsewhere is handed back after a pause until that run ends; a duplicate of an
+//! ended job is acked without running it again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use shardflow::django::{DjangoClient, RunUpdate};
+use shardflow::metrics::{self, Metrics};
+use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
+use shardflow::queue::{Delivery, Queue, Topology};
+use shardflow::spec::{JobConfig, JobSpec};
+use shardflow::staging::Staging;
+use shardflow::state::sql::SqlStateStore;
+use shardflow::{Error, Result};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Engine, EngineSettings, RunEvents, RunJob, RunObserver, RunOutcome};
+use crate::{RunReport, check_supported, open_warehouse};
+
+#[derive(Clone, Debug)]
+pub struct ServeSettings {
+    pub project: String,
+    pub topology: Topology,
+    /// `bigquery://PROJECT/DATASET` or a directory.
+    pub dest: String,
+    /// `gs://bucket/prefix` (or a directory shared with the workers).
+    pub staging: String,
+    pub state_url: String,
+    /// Runs driven at once.
+    pub max_runs: usize,
+    pub metrics_addr: SocketAddr,
+    pub engine: EngineSettings,
+    /// How long a dispatcher that was told to stop waits for its runs before leaving them to
+    /// be taken over.
+    pub drain: Duration,
+    /// Pause before handing back a job that another live dispatcher is running.
+    pub busy_backoff: Duration,
+    pub owner: String,
+}
+
+/// A job message: `{"data_source_id": 123, "etl_run_id": 456, "config": {…}}`, where only
+/// `data_source_id` (or an inline config) is required.
+#[derive(Debug, Deserialize)]
+pub struct JobMessage {
+    pub data_source_id: Option<i64>,
+    pub etl_run_id: Option<i64>,
+    pub config: Option<serde_json::Value>,
+}
+
+impl JobMessage {
+    /// The identity of the job: Django's run id, or for a scheduled message the data source
+    /// and the message (a redelivery of the same message is the same job).
+    pub fn job_key(&self, message_id: &str) -> String {
+        match (self.etl_run_id, self.data_source_id) {
+            (Some(id), _) => format!("etl-{id}"),
+            (None, Some(ds)) => format!("sched-{ds}-{message_id}"),
+            (None, None) => format!("inline-{message_id}"),
+        }
+    }
+}
+
+/// What to do with a job message after handling it.
+enum Settle {
+    Ack,
+    /// Hand it back: it will be redelivered (after the pause for a busy job).
+    Retry {
+        pause: Duration,
+    },
+}
+
+pub async fn serve(
+    settings: ServeSettings,
+    django: Option<DjangoClient>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let stop_http = CancellationToken::new();
+    let bound = metrics::serve(settings.metrics_addr, metrics.clone(), stop_http.clone()).await?;
+    tracing::info!(%bound, "serving /metrics and /healthz");
+
+    let mut options = PubSubOptions::from_env(&settings.project);
+    options.lease_extension = Duration::from_secs(60);
+    let queue = PubSubQueue::connect(options).await?;
+    let engine = Arc::new(Engine {
+        queue: Arc::new(queue.clone()),
+        state: Arc::new(SqlStateStore::open(&settings.state_url).await?),
+        staging: Staging::from_url(&settings.staging)?,
+        warehouse: open_warehouse(&settings.dest).await?,
+        topology: settings.topology.clone(),
+        owner: settings.owner.clone(),
+        events: Arc::new(RunEvents::default()),
+        metrics,
+        settings: settings.engine.clone(),
+    });
+    let consumers_stop = CancellationToken::new();
+    let mut consumers = tokio::task::JoinSet::new();
+    consumers.spawn(engine.clone().record_results(consumers_stop.clone()));
+    consumers.spawn(engine.clone().record_dead_letters(consumers_stop.clone()));
+
+    let mut jobs = queue
+        .subscribe(
+            &settings.topology.jobs_subscription,
+            settings.max_runs.max(1),
+        )
+        .await?;
+    let django = django.map(Arc::new);
+    let mut running = tokio::task::JoinSet::new();
+    tracing::info!(
+        subscription = %settings.topology.jobs_subscription,
+        max_runs = settings.max_runs,
+        "dispatcher serving"
+    );
+    let outcome = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            delivery = jobs.next() => {
+                let delivery = match delivery {
+                    Ok(d) => d,
+                    Err(e) => break Err(e),
+                };
+                let (engine, django, pause) = (engine.clone(), django.clone(), settings.busy_backoff);
+                running.spawn(async move {
+                    let settle = handle_job(&engine, django.as_deref(), &delivery, pause).await;
+                    let settled = match settle {
+                        Settle::Ack => delivery.ack().await,
+                        Settle::Retry { pause } => {
+                            tokio::time::sleep(pause).await;
+                            delivery.nack().await
+                        }
+                    };
+                    if let Err(e) = settled {
+                        tracing::warn!(error = %e, "could not settle a job message");
+                    }
+                });
+            }
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "a job task panicked; its message will be redelivered");
+                }
+            }
+            Some(done) = consumers.join_next() => {
+                let why = match done {
+                    Ok(Ok(())) => "stopped".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                break Err(Error::Other(format!("a result consumer stopped: {why}")));
+            }
+        }
+    };
+    jobs.close();
+    if !running.is_empty() {
+        tracing::info!(
+            runs = running.len(),
+            seconds = settings.drain.as_secs(),
+            "draining runs"
+        );
+        let drained = tokio::time::timeout(settings.drain, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("runs still going; their jobs will be taken over by another dispatcher");
+            running.abort_all();
+        }
+    }
+    consumers_stop.cancel();
+    while consumers.join_next().await.is_some() {}
+    stop_http.cancel();
+    outcome
+}
+
+async fn handle_job(
+    engine: &Engine,
+    django: Option<&DjangoClient>,
+    delivery: &Delivery,
+    busy_pause: Duration,
+) -> Settle {
+    let message: JobMessage = match serde_json::from_slice(&delivery.message.data) {
+        Ok(m) => m,
+        Err(e) => {
+            // It will never parse; say so once and drop it.
+            let etl_run_id = serde_json::from_slice::<serde_json::Value>(&delivery.message.data)
+                .ok()
+                .and_then(|v| v.get("etl_run_id").and_then(serde_json::Value::as_i64));
+            let why = format!("malformed job message: {e}");
+            tracing::error!(message_id = %delivery.message_id, "{why}");
+            report_failure(django, etl_run_id, &why).await;
+            return Settle::Ack;
+        }
+    };
+    let key = message.job_key(&delivery.message_id);
+    let span = tracing::info_span!(
+        "job",
+        job_key = %key,
+        data_source_id = message.data_source_id,
+        etl_run_id = message.etl_run_id
+    );
+    let _enter = span.enter();
+    drop(_enter);
+    let spec = match resolve(django, &message).await {
+        Ok(spec) => spec,
+        Err(e) if e.is_transient() => {
+            tracing::warn!(job_key = %key, error = %e, "job config unavailable; will retry");
+            return Settle::Retry { pause: busy_pause };
+        }
+        Err(e) => {
+            tracing::error!(job_key = %key, error = %e, "job refused");
+            report_failure(django, message.etl_run_id, &e.to_string()).await;
+            return Settle::Ack;
+        }
+    };
+    let job = RunJob {
+        job_key: key.clone(),
+        spec: Arc::new(spec),
+        etl_run_id: message.etl_run_id,
+    };
+    let observer = DjangoObserver {
+        django,
+        etl_run_id: message.etl_run_id,
+    };
+    match engine.run(&job, &observer).await {
+        Ok(RunOutcome::Finished(report)) => {
+            report_final(django, &report).await;
+            Settle::Ack
+        }
+        Ok(RunOutcome::AlreadyFinished(report)) => {
+            tracing::info!(job_key = %key, run_id = %report.run_id, status = %report.status, "duplicate job message: the job already ran");
+            Settle::Ack
+        }
+        Ok(RunOutcome::OwnedElsewhere { run_id, owner }) => {
+            tracing::info!(job_key = %key, %run_id, %owner, "job is running on another dispatcher");
+            Settle::Retry { pause: busy_pause }
+        }
+        Err(e) => {
+            tracing::warn!(job_key = %key, error = %e, "job could not be driven; will retry");
+            Settle::Retry { pause: busy_pause }
+        }
+    }
+}
+
+/// The validated spec: the inline config, or Django's for the data source.
+async fn resolve(django: Option<&DjangoClient>, message: &JobMessage) -> Result<JobSpec> {
+    let mut config: JobConfig = match (&message.config, message.data_source_id) {
+        (Some(inline), _) => serde_json::from_value(inline.clone()).map_err(|e| {
+            Error::Spec(shardflow::spec::SpecError::single(
+                "config",
+                format!("not a job config: {e}"),
+            ))
+        })?,
+        (None, Some(id)) => match django {
+            Some(d) => d.job_config(id).await?,
+            None => {
+                return Err(Error::Other(format!(
+                    "job for data source {id} has no inline config and DJANGO_API_URL is not set"
+                )));
+            }
+        },
+        (None, None) => {
+            return Err(Error::Other(
+                "job message has neither data_source_id nor config".into(),
+            ));
+        }
+    };
+    if config.data_source_id.is_none() {
+        config.data_source_id = message.data_source_id;
+    }
+    let spec = JobSpec::validate(config)?;
+    check_supported(&spec)?;
+    Ok(spec)
+}
+
+async fn report_failure(django: Option<&DjangoClient>, etl_run_id: Option<i64>, why: &str) {
+    let (Some(django), Some(id)) = (django, etl_run_id) else {
+        return;
+    };
+    let update = RunUpdate {
+        status: "failed".into(),
+        error_message: Some(why.to_string()),
+        rows_extracted: Some(0),
+        rows_loaded: Some(0),
+        ..Default::default()
+    };
+    if let Err(e) = django.update_run(id, &update).await {
+        tracing::error!(error = %e, etl_run_id = id, "could not tell Django the run failed");
+    }
+}
+
+async fn report_final(django: Option<&DjangoClient>, report: &RunReport) {
+    let (Some(django), Some(id)) = (django, report.etl_run_id) else {
+        return;
+    };
+    let update = RunUpdate {
+        status: report.status.clone(),
+        rows_extracted: Some(report.rows_extracted),
+        rows_loaded: Some(report.rows_loaded),
+        duration_seconds: Some(report.duration_seconds),
+        error_message: report.error_message.clone(),
+        ..Default::default()
+    };
+    if let Err(e) = django.update_run(id, &update).await {
+        tracing::error!(error = %e, etl_run_id = id, "could not report the run to Django");
+    }
+}
+
+/// Tells Django `running`, then progress as shards finish.
+struct DjangoObserver<'a> {
+    django: Option<&'a DjangoClient>,
+    etl_run_id: Option<i64>,
+}
+
+impl DjangoObserver<'_> {
+    async fn send(&self, update: RunUpdate) {
+        if let (Some(django), Some(id)) = (self.django, self.etl_run_id)
+            && let Err(e) = django.update_run(id, &update).await
+        {
+            tracing::warn!(error = %e, etl_run_id = id, "could not report progress to Django");
+        }
+    }
+}
+
+#[async_trait]
+impl RunObserver for DjangoObserver<'_> {
+    async fn planned(&self, _run_id: &str, _estimated_rows: u64, shards: usize) {
+        self.send(RunUpdate {
+            status: "running".into(),
+            shards_completed: Some(0),
+            shards_total: Some(shards),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn shard_done(&self, done: usize, total: usize, rows_so_far: u64) {
+        self.send(RunUpdate {
+            status: "running".into(),
+            rows_extracted: Some(rows_so_far),
+            shards_completed: Some(done),
+            shards_total: Some(total),
+            ..Default::default()
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_keys_identify_the_job() {
+        let m: JobMessage =
+            serde_json::from_str(r#"{"data_source_id": 3, "etl_run_id": 44}"#).unwrap();
+        assert_eq!(m.job_key("m1"), "etl-44");
+        let scheduled: JobMessage = serde_json::from_str(r#"{"data_source_id": 3}"#).unwrap();
+        assert_eq!(scheduled.job_key("m1"), "sched-3-m1");
+        assert_eq!(scheduled.job_key("m2"), "sched-3-m2");
+    }
+}

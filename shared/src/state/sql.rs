@@ -1,0 +1,413 @@
+//! The state store on SQL: SQLite (the embedded default, one file) or PostgreSQL (for a fleet
+//! of dispatchers), through sqlx's `Any` driver. The queries are shared (`$n` placeholders
+//! work in both); each backend's schema lives beside this file.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor as _, Row};
+
+use super::{
+    NewRun, NewShard, Recorded, RunRecord, RunStatus, ShardRecord, StateStore, success_parts,
+};
+use crate::messages::{ShardOutcome, ShardResult};
+use crate::{Error, Result};
+
+const SQLITE_SCHEMA: &str = include_str!("sqlite.sql");
+const POSTGRES_SCHEMA: &str = include_str!("postgres.sql");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct SqlStateStore {
+    pool: AnyPool,
+}
+
+/// Which backend a state URL names.
+fn backend_of(url: &str) -> Result<Backend> {
+    if url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else {
+        Err(Error::State(format!(
+            "state store URL must start with sqlite:// or postgres://, got {:?}",
+            redact_url(url)
+        )))
+    }
+}
+
+/// The URL without its password, for errors and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl SqlStateStore {
+    /// Opens (creating if needed) `sqlite://PATH`, `sqlite::memory:` or `postgres://…`.
+    pub async fn open(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = backend_of(url)?;
+        let (url, max) = match backend {
+            // One writer keeps SQLite's locking simple; the store is not on the hot path.
+            Backend::Sqlite if url.contains('?') || url.contains(":memory:") => {
+                (url.to_string(), 1)
+            }
+            Backend::Sqlite => (format!("{url}?mode=rwc"), 1),
+            Backend::Postgres => (url.to_string(), 8),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute("PRAGMA busy_timeout = 30000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| {
+                Error::State(format!("cannot open state store {}: {e}", redact_url(&url)))
+            })?;
+        let schema = match backend {
+            Backend::Sqlite => SQLITE_SCHEMA,
+            Backend::Postgres => POSTGRES_SCHEMA,
+        };
+        sqlx::raw_sql(schema).execute(&pool).await?;
+        Ok(SqlStateStore { pool })
+    }
+}
+
+/// The run columns `run_record` reads, with a static tail (no SQL is built at run time).
+macro_rules! select_runs {
+    ($tail:literal) => {
+        concat!(
+            "SELECT run_id, job_key, data_source_id, etl_run_id, owner, status, rows_extracted,
+                    rows_loaded, error_message FROM shardflow_runs ",
+            $tail
+        )
+    };
+}
+
+/// Fixed-width UTC time, so that text comparison is time comparison in both backends.
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn now() -> String {
+    timestamp(chrono::Utc::now())
+}
+
+fn opt_u64(row: &AnyRow, column: &str) -> Result<Option<u64>> {
+    Ok(row.try_get::<Option<i64>, _>(column)?.map(|v| v as u64))
+}
+
+#[async_trait]
+impl StateStore for SqlStateStore {
+    async fn create_run(&self, run: &NewRun, shards: &[NewShard]) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let now = now();
+        let inserted = sqlx::query(
+            "INSERT INTO shardflow_runs (run_id, job_key, data_source_id, etl_run_id, dest_table,
+                                         status, mode, plan_json, owner, heartbeat_at, started_at)
+             VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, $9)
+             ON CONFLICT (run_id) DO NOTHING",
+        )
+        .bind(&run.run_id)
+        .bind(&run.job_key)
+        .bind(run.data_source_id)
+        .bind(run.etl_run_id)
+        .bind(&run.dest_table)
+        .bind(&run.mode)
+        .bind(&run.plan_json)
+        .bind(&run.owner)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if !inserted {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for s in shards {
+            sqlx::query(
+                "INSERT INTO shardflow_shards (run_id, shard_id, shard_index, estimated_rows,
+                                               bounds_json, task_json, status)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'pending')",
+            )
+            .bind(&run.run_id)
+            .bind(&s.shard_id)
+            .bind(s.shard_index as i64)
+            .bind(s.estimated_rows as i64)
+            .bind(serde_json::to_string(&s.bounds)?)
+            .bind(&s.task_json)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn claim_run(&self, run_id: &str, owner: &str, stale_after: Duration) -> Result<bool> {
+        let stale = chrono::Utc::now()
+            - chrono::Duration::from_std(stale_after)
+                .map_err(|e| Error::State(format!("stale_after {stale_after:?}: {e}")))?;
+        let claimed = sqlx::query(
+            "UPDATE shardflow_runs SET owner = $1, heartbeat_at = $2
+             WHERE run_id = $3 AND status = 'running' AND (owner = $1 OR heartbeat_at < $4)",
+        )
+        .bind(owner)
+        .bind(now())
+        .bind(run_id)
+        .bind(timestamp(stale))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(claimed > 0)
+    }
+
+    async fn heartbeat(&self, run_id: &str, owner: &str) -> Result<bool> {
+        let alive = sqlx::query(
+            "UPDATE shardflow_runs SET heartbeat_at = $1
+             WHERE run_id = $2 AND owner = $3 AND status = 'running'",
+        )
+        .bind(now())
+        .bind(run_id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(alive > 0)
+    }
+
+    async fn record_result(&self, result: &ShardResult) -> Result<Recorded> {
+        let changed = match success_parts(result) {
+            Some((rows, bytes, files)) => sqlx::query(
+                "UPDATE shardflow_shards SET status = 'succeeded', rows = $1, bytes = $2,
+                        files_json = $3, attempts = attempts + 1, error = NULL
+                 WHERE run_id = $4 AND shard_id = $5 AND status = 'pending'",
+            )
+            .bind(rows as i64)
+            .bind(bytes as i64)
+            .bind(serde_json::to_string(files)?)
+            .bind(&result.run_id)
+            .bind(&result.shard_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+            None => {
+                let error = match &result.outcome {
+                    ShardOutcome::Failed { error } => error.as_str(),
+                    ShardOutcome::Succeeded { .. } => "",
+                };
+                sqlx::query(
+                    "UPDATE shardflow_shards SET attempts = attempts + 1, error = $1
+                     WHERE run_id = $2 AND shard_id = $3 AND status = 'pending'",
+                )
+                .bind(error)
+                .bind(&result.run_id)
+                .bind(&result.shard_id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+            }
+        };
+        Ok(match (changed, success_parts(result).is_some()) {
+            (0, _) => Recorded::Duplicate,
+            (_, true) => Recorded::Succeeded,
+            (_, false) => Recorded::FailedAttempt,
+        })
+    }
+
+    async fn fail_shard(&self, run_id: &str, shard_id: &str, error: &str) -> Result<bool> {
+        let changed = sqlx::query(
+            "UPDATE shardflow_shards SET status = 'failed', error = $1
+             WHERE run_id = $2 AND shard_id = $3 AND status = 'pending'",
+        )
+        .bind(error)
+        .bind(run_id)
+        .bind(shard_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(changed > 0)
+    }
+
+    async fn shards(&self, run_id: &str) -> Result<Vec<ShardRecord>> {
+        let rows = sqlx::query(
+            "SELECT shard_id, shard_index, estimated_rows, status, rows, files_json, attempts,
+                    error, task_json
+             FROM shardflow_shards WHERE run_id = $1 ORDER BY shard_index",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let files: Option<String> = r.try_get("files_json")?;
+                Ok(ShardRecord {
+                    shard_id: r.try_get("shard_id")?,
+                    shard_index: r.try_get::<i64, _>("shard_index")? as u32,
+                    estimated_rows: r.try_get::<i64, _>("estimated_rows")? as u64,
+                    status: r.try_get("status")?,
+                    rows: opt_u64(r, "rows")?,
+                    files: match files {
+                        Some(f) => serde_json::from_str(&f)?,
+                        None => Vec::new(),
+                    },
+                    attempts: r.try_get::<i64, _>("attempts")? as u32,
+                    error: r.try_get("error")?,
+                    task_json: r.try_get("task_json")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn finish_run(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        rows_extracted: u64,
+        rows_loaded: u64,
+        error_message: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE shardflow_runs SET status = $1, finished_at = $2, rows_extracted = $3,
+                    rows_loaded = $4, error_message = $5
+             WHERE run_id = $6",
+        )
+        .bind(status.as_str())
+        .bind(now())
+        .bind(rows_extracted as i64)
+        .bind(rows_loaded as i64)
+        .bind(error_message)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+        let row = sqlx::query(select_runs!("WHERE run_id = $1"))
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(run_record).transpose()
+    }
+
+    async fn latest_run(&self, job_key: &str) -> Result<Option<RunRecord>> {
+        let row = sqlx::query(select_runs!(
+            "WHERE job_key = $1 ORDER BY started_at DESC, run_id DESC LIMIT 1"
+        ))
+        .bind(job_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(run_record).transpose()
+    }
+}
+
+fn run_record(r: &AnyRow) -> Result<RunRecord> {
+    Ok(RunRecord {
+        run_id: r.try_get("run_id")?,
+        job_key: r.try_get("job_key")?,
+        data_source_id: r.try_get("data_source_id")?,
+        etl_run_id: r.try_get("etl_run_id")?,
+        owner: r.try_get("owner")?,
+        status: r.try_get("status")?,
+        rows_extracted: opt_u64(r, "rows_extracted")?,
+        rows_loaded: opt_u64(r, "rows_loaded")?,
+        error_message: r.try_get("error_message")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::conformance;
+
+    #[tokio::test]
+    async fn sqlite_passes_the_state_store_suite() {
+        let dir = std::env::temp_dir().join(format!("shardflow-state-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("state.db").display());
+        let store = SqlStateStore::open(&url).await.unwrap();
+        conformance::run_all(&store).await;
+        // The file survives a reopen with its data.
+        drop(store);
+        let store = SqlStateStore::open(&url).await.unwrap();
+        assert_eq!(store.shards("run-1").await.unwrap().len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn postgres_passes_the_state_store_suite() {
+        // A fresh database per run of the test, so the suite's fixed run ids never collide.
+        let admin = std::env::var("SHARDFLOW_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let db = format!("shardflow_state_{}", uuid::Uuid::new_v4().simple());
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed (start it): {e}"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let url = format!("{}/{db}", admin.rsplit_once('/').unwrap().0);
+        let store = SqlStateStore::open(&url).await.unwrap();
+        // Opening again (a second replica) is fine.
+        let _second = SqlStateStore::open(&url).await.unwrap();
+        conformance::run_all(&store).await;
+        drop((store, _second));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {db} WITH (FORCE)"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    #[test]
+    fn urls_are_redacted_and_checked() {
+        assert_eq!(
+            redact_url("postgres://etl:s3cret@db:5432/state"),
+            "postgres://etl:***@db:5432/state"
+        );
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+        let err = backend_of("mysql://u:pw@h/db").unwrap_err().to_string();
+        assert!(
+            err.contains("mysql://u:***@h/db") && !err.contains("pw"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn timestamps_compare_as_text() {
+        use chrono::TimeZone;
+        let a = timestamp(chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap());
+        let b = timestamp(
+            chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap()
+                + chrono::Duration::microseconds(1),
+        );
+        assert_eq!(a, "2026-01-02T03:04:05.000000Z");
+        assert!(a < b);
+    }
+}
