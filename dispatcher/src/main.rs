@@ -244,6 +244,12 @@ struct SetupArgs {
     /// Deliveries of a shard before it goes to the dead-letter topic (5 to 100).
     #[arg(long, env = "SHARDFLOW_MAX_DELIVERY_ATTEMPTS", default_value_t = 5)]
     max_delivery_attempts: u32,
+    /// Pub/Sub's wait before redelivering a failed shard grows from this...
+    #[arg(long, env = "SHARDFLOW_RETRY_MIN_BACKOFF_SECS", default_value_t = 10)]
+    retry_min_backoff_secs: u64,
+    /// ...to this.
+    #[arg(long, env = "SHARDFLOW_RETRY_MAX_BACKOFF_SECS", default_value_t = 600)]
+    retry_max_backoff_secs: u64,
     /// Ack deadline of the shards subscription (workers extend it while they run).
     #[arg(long, env = "SHARDFLOW_ACK_DEADLINE_SECS", default_value_t = 60)]
     ack_deadline_secs: u64,
@@ -285,10 +291,15 @@ async fn pubsub_setup(args: SetupArgs) -> shardflow::Result<()> {
             SubscriptionConfig {
                 topic: t.shards_topic.clone(),
                 ack_deadline: Duration::from_secs(args.ack_deadline_secs),
-                dead_letter: Some(DeadLetterPolicy::new(
-                    &t.dead_letter_topic,
-                    args.max_delivery_attempts,
-                )),
+                dead_letter: Some(DeadLetterPolicy {
+                    retry_backoff: (
+                        Duration::from_secs(args.retry_min_backoff_secs),
+                        Duration::from_secs(
+                            args.retry_max_backoff_secs.max(args.retry_min_backoff_secs),
+                        ),
+                    ),
+                    ..DeadLetterPolicy::new(&t.dead_letter_topic, args.max_delivery_attempts)
+                }),
             },
         ),
         (&t.results_subscription, plain(&t.results_topic, 60)),

@@ -271,7 +271,8 @@ async fn resolve(django: Option<&DjangoClient>, message: &JobMessage) -> Result<
             ));
         }
     };
-    if config.data_source_id.is_none() {
+    // Workers fetch the config by the id the message named, so the shards must carry it.
+    if message.data_source_id.is_some() {
         config.data_source_id = message.data_source_id;
     }
     let spec = JobSpec::validate(config)?;

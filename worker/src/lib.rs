@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use shardflow::django::DjangoClient;
 use shardflow::messages::{self, ShardOutcome, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
+use shardflow::metrics::Metrics;
 use shardflow::parquet_sink::{PartOptions, write_parts};
 use shardflow::queue::{Delivery, Message, Queue, Topology};
 use shardflow::retry::RetryPolicy;
@@ -64,6 +66,45 @@ impl JobResolver for RunRegistry {
     }
 }
 
+/// The fleet's resolver: the job config from Django by data source, cached briefly so a
+/// run's shards do not each ask.
+pub struct DjangoJobResolver {
+    django: DjangoClient,
+    ttl: Duration,
+    cache: tokio::sync::Mutex<HashMap<i64, (Instant, Arc<JobSpec>)>>,
+}
+
+impl DjangoJobResolver {
+    pub fn new(django: DjangoClient, ttl: Duration) -> Self {
+        DjangoJobResolver {
+            django,
+            ttl,
+            cache: tokio::sync::Mutex::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl JobResolver for DjangoJobResolver {
+    async fn job_for(&self, task: &ShardTask) -> Result<Arc<JobSpec>> {
+        let Some(id) = task.data_source_id else {
+            return Err(Error::Message(format!(
+                "shard {} of run {} names no data_source_id, so its job config cannot be fetched",
+                task.shard_id, task.run_id
+            )));
+        };
+        let mut cache = self.cache.lock().await;
+        if let Some((at, spec)) = cache.get(&id)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(spec.clone());
+        }
+        let spec = Arc::new(JobSpec::validate(self.django.job_config(id).await?)?);
+        cache.insert(id, (Instant::now(), spec.clone()));
+        Ok(spec)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct WorkerSettings {
     pub worker_id: String,
@@ -100,6 +141,7 @@ pub struct Worker {
     settings: Arc<WorkerSettings>,
     /// Rows extracted so far, for progress display.
     rows: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -116,7 +158,13 @@ impl Worker {
             staging,
             settings: Arc::new(settings),
             rows,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Pulls and runs shards until `shutdown`; then stops pulling and lets in-flight shards
@@ -132,7 +180,14 @@ impl Worker {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 delivery = subscription.next() => {
-                    let delivery = delivery?;
+                    let delivery = match delivery {
+                        Ok(d) => d,
+                        Err(e) => {
+                            // Let the shards in hand finish before reporting the broken queue.
+                            while running.join_next().await.is_some() {}
+                            return Err(e);
+                        }
+                    };
                     let worker = self.clone();
                     running.spawn(async move { worker.handle(delivery).await });
                 }
@@ -142,6 +197,11 @@ impl Worker {
                     }
                 }
             }
+        }
+        // Stop pulling; the shards in hand finish, publish and ack as usual.
+        subscription.close();
+        if !running.is_empty() {
+            tracing::info!(shards = running.len(), "draining in-flight shards");
         }
         while running.join_next().await.is_some() {}
         Ok(())
@@ -168,6 +228,7 @@ impl Worker {
         );
         async {
             let started = Instant::now();
+            self.metrics.shards_in_flight.inc();
             let work = self.process(&task);
             tokio::pin!(work);
             let mut keep_alive = tokio::time::interval(self.settings.lease / 3);
@@ -182,12 +243,16 @@ impl Worker {
                     }
                 }
             };
+            self.metrics.shards_in_flight.dec();
             let outcome = match outcome {
                 Ok(files) => {
                     let rows = files.iter().map(|f| f.rows).sum();
                     let bytes = files.iter().map(|f| f.bytes).sum();
                     let seconds = started.elapsed().as_secs_f64();
                     tracing::info!(rows, bytes, seconds, "shard extracted");
+                    self.metrics.rows.inc_by(rows);
+                    self.metrics.bytes.inc_by(bytes);
+                    self.metrics.shard_seconds.observe(seconds);
                     ShardOutcome::Succeeded {
                         rows,
                         bytes,
@@ -196,6 +261,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
+                    self.metrics.shard_failures.inc();
                     tracing::warn!(error = %e, "shard failed");
                     ShardOutcome::Failed {
                         error: e.to_string(),

@@ -1,18 +1,25 @@
-//! The `worker` binary. `run-shard` runs one shard message against a job file and prints the
-//! result, the same code path the fleet's shard loop runs.
+//! The `worker` binary. `serve` pulls shards from Pub/Sub until SIGTERM (then stops pulling,
+//! finishes the shards in hand, and exits); `run-shard` runs one shard message against a job
+//! file and prints the result, the same code path the fleet's shard loop runs.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use shardflow::django::DjangoClient;
 use shardflow::messages::{self, ShardTask};
+use shardflow::metrics::{self, Metrics};
+use shardflow::queue::Topology;
 use shardflow::queue::embedded::EmbeddedQueue;
+use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
 use shardflow::retry::RetryPolicy;
 use shardflow::spec::JobSpec;
 use shardflow::staging::Staging;
 use shardflow::telemetry::{self, LogFormat};
-use shardflow_worker::{RunRegistry, Worker, WorkerSettings};
+use shardflow_worker::{DjangoJobResolver, RunRegistry, Worker, WorkerSettings};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -22,7 +29,7 @@ use shardflow_worker::{RunRegistry, Worker, WorkerSettings};
 )]
 struct Cli {
     /// Log format: `text` for people, `json` for Cloud Logging.
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, global = true, env = "SHARDFLOW_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
     /// Log level (DEBUG, INFO, WARNING, ERROR) or a tracing filter directive.
     #[arg(long, global = true, env = "LOG_LEVEL", default_value = "info")]
@@ -33,6 +40,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Pull shards from Pub/Sub, extract them to Parquet in staging, publish each result, ack.
+    /// Job configs come from Django by data source. Every flag also reads the environment
+    /// variable it names.
+    Serve(ServeArgs),
     /// Extract one shard: read the shard message and job config from files, write the Parquet
     /// parts to a staging directory, print the shard result as JSON.
     RunShard {
@@ -46,6 +57,118 @@ enum Command {
         #[arg(long, default_value = "./warehouse/_staging")]
         staging: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Google Cloud project of the Pub/Sub subscription and topics.
+    #[arg(long, env = "GCP_PROJECT_ID")]
+    project: String,
+    #[arg(
+        long,
+        env = "SHARDFLOW_SHARDS_SUBSCRIPTION",
+        default_value = "etl-shards-workers"
+    )]
+    subscription: String,
+    #[arg(
+        long,
+        env = "SHARDFLOW_RESULTS_TOPIC",
+        default_value = "etl-shard-results"
+    )]
+    results_topic: String,
+    /// Where Parquet parts go: `gs://bucket/prefix` (or a directory shared with the
+    /// dispatcher).
+    #[arg(long, env = "SHARDFLOW_STAGING")]
+    staging: String,
+    /// Shards extracted at once (default: the number of cores).
+    #[arg(long, env = "SHARDFLOW_MAX_OUTSTANDING")]
+    max_outstanding: Option<usize>,
+    /// Seconds each lease extension lasts: a worker that dies has its shards redelivered
+    /// after at most this long (10 to 600).
+    #[arg(long, env = "SHARDFLOW_LEASE_SECS", default_value_t = 60)]
+    lease_secs: u64,
+    /// Port of /metrics and /healthz.
+    #[arg(long, env = "SHARDFLOW_METRICS_PORT", default_value_t = 9090)]
+    metrics_port: u16,
+    #[arg(long, env = "SHARDFLOW_METRICS_HOST", default_value = "0.0.0.0")]
+    metrics_host: String,
+    /// Seconds a job config fetched from Django is reused.
+    #[arg(long, env = "SHARDFLOW_CONFIG_CACHE_SECS", default_value_t = 60)]
+    config_cache_secs: u64,
+}
+
+async fn serve(args: ServeArgs) -> shardflow::Result<()> {
+    let retry = RetryPolicy::from_env()?;
+    let django = DjangoClient::from_env(retry.clone())?.ok_or_else(|| {
+        shardflow::Error::Other(
+            "DJANGO_API_URL is not set: workers fetch each job's config from Django".into(),
+        )
+    })?;
+    let metrics_registry = Arc::new(Metrics::new());
+    let stop_http = CancellationToken::new();
+    let addr = format!("{}:{}", args.metrics_host, args.metrics_port)
+        .parse()
+        .map_err(|e| shardflow::Error::Other(format!("bad metrics address: {e}")))?;
+    let bound = metrics::serve(addr, metrics_registry.clone(), stop_http.clone()).await?;
+    let lease = Duration::from_secs(args.lease_secs.clamp(10, 600));
+    let mut options = PubSubOptions::from_env(&args.project);
+    options.lease_extension = lease;
+    let queue = PubSubQueue::connect(options).await?;
+    let max_outstanding = args.max_outstanding.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let settings = WorkerSettings {
+        worker_id: format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
+            std::process::id()
+        ),
+        topology: Topology {
+            shards_subscription: args.subscription,
+            results_topic: args.results_topic,
+            ..Topology::default()
+        },
+        max_outstanding,
+        lease,
+        retry,
+        ..Default::default()
+    };
+    tracing::info!(%bound, max_outstanding, worker_id = %settings.worker_id, "worker serving");
+    let worker = Worker::new(
+        Arc::new(queue),
+        Arc::new(DjangoJobResolver::new(
+            django,
+            Duration::from_secs(args.config_cache_secs),
+        )),
+        Staging::from_url(&args.staging)?,
+        settings,
+        Arc::new(AtomicU64::new(0)),
+    )
+    .with_metrics(metrics_registry);
+    let shutdown = CancellationToken::new();
+    let cancel = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("stopping: no new shards");
+        cancel.cancel();
+    });
+    let outcome = worker.serve(shutdown).await;
+    stop_http.cancel();
+    tracing::info!("worker stopped");
+    outcome
 }
 
 #[tokio::main]
@@ -68,6 +191,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(command: Command) -> shardflow::Result<()> {
     match command {
+        Command::Serve(args) => serve(args).await,
         Command::RunShard {
             job,
             shard,

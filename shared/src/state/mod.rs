@@ -95,8 +95,9 @@ pub enum Recorded {
 pub trait StateStore: Send + Sync {
     /// Records a new run and its shards; false (and nothing changed) when the run exists.
     async fn create_run(&self, run: &NewRun, shards: &[NewShard]) -> Result<bool>;
-    /// Makes `owner` the owner of a running run if it already is, or if the owner's last
-    /// heartbeat is older than `stale_after`. False when someone alive owns it or it ended.
+    /// Makes `owner` the owner of a running run whose owner (another dispatcher) has not
+    /// beaten for `stale_after`. False when its owner is alive, is `owner` itself (a
+    /// duplicate job inside one dispatcher), or the run ended.
     async fn claim_run(&self, run_id: &str, owner: &str, stale_after: Duration) -> Result<bool>;
     /// The owner is alive; false when the run is no longer its own (taken over or ended).
     async fn heartbeat(&self, run_id: &str, owner: &str) -> Result<bool>;
@@ -260,7 +261,7 @@ pub(crate) mod conformance {
         let long = Duration::from_secs(3600);
         assert!(store.heartbeat("run-2", "a").await.unwrap());
         assert!(
-            store.claim_run("run-2", "a", long).await.unwrap(),
+            !store.claim_run("run-2", "a", Duration::ZERO).await.unwrap(),
             "its own"
         );
         assert!(

@@ -170,7 +170,7 @@ impl StateStore for SqlStateStore {
                 .map_err(|e| Error::State(format!("stale_after {stale_after:?}: {e}")))?;
         let claimed = sqlx::query(
             "UPDATE shardflow_runs SET owner = $1, heartbeat_at = $2
-             WHERE run_id = $3 AND status = 'running' AND (owner = $1 OR heartbeat_at < $4)",
+             WHERE run_id = $3 AND status = 'running' AND owner <> $1 AND heartbeat_at < $4",
         )
         .bind(owner)
         .bind(now())

@@ -1,0 +1,625 @@
+//! The fleet end to end: `dispatcher serve` and `worker serve` processes on Google's Pub/Sub
+//! emulator, staging in the GCS emulator's bucket, bqemulator as the warehouse, PostgreSQL as
+//! source and state store, and a stub of the Django API that records every call. Each test
+//! has its own topics, bucket, dataset and state database, so they run side by side.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{fresh_schema, job_json, pg};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use serde_json::{Value, json};
+use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
+use shardflow::queue::{Message, Queue};
+
+const PROJECT: &str = "test-proj";
+
+fn env_or_fail(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: start the emulators with eval \"$(bash tests/emulators.sh start)\" \
+             (tests/run.sh does it)"
+        )
+    })
+}
+
+fn bin(name: &str) -> std::path::PathBuf {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/debug/{name}"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// The Django API stub: serves job configs by data source, records every request.
+#[derive(Clone, Default)]
+struct Django {
+    configs: Arc<Mutex<HashMap<i64, Value>>>,
+    calls: Arc<Mutex<Vec<(String, String, Value)>>>,
+}
+
+impl Django {
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let me = me.clone();
+                            async move { Ok::<_, Infallible>(me.handle(req).await) }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let authorized = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            == Some("Bearer test-token");
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        self.calls
+            .lock()
+            .unwrap()
+            .push((method.clone(), path.clone(), body));
+        let respond = |status: u16, body: Value| {
+            let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+            *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+            r
+        };
+        if !authorized {
+            return respond(401, json!({"detail": "bad token"}));
+        }
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (method.as_str(), parts.as_slice()) {
+            ("GET", ["api", "etl", "job-config", id]) => {
+                let id: i64 = id.parse().unwrap_or(-1);
+                match self.configs.lock().unwrap().get(&id) {
+                    Some(c) => respond(200, c.clone()),
+                    None => respond(404, json!({"detail": "Not found."})),
+                }
+            }
+            ("PATCH", ["api", "etl", "runs", _, "update"]) => respond(200, json!({"ok": true})),
+            _ => respond(404, json!({"detail": "no route"})),
+        }
+    }
+
+    /// The PATCH bodies Django received for a run, in order.
+    fn patches(&self, etl_run_id: i64) -> Vec<Value> {
+        let path = format!("/api/etl/runs/{etl_run_id}/update/");
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, p, _)| m == "PATCH" && *p == path)
+            .map(|(_, _, b)| b.clone())
+            .collect()
+    }
+
+    /// Waits for the final status of a run.
+    async fn final_status(&self, etl_run_id: i64, within: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(last) = self
+                .patches(etl_run_id)
+                .into_iter()
+                .rfind(|b| b["status"] == "completed" || b["status"] == "failed")
+            {
+                return last;
+            }
+            assert!(
+                start.elapsed() < within,
+                "Django heard no final status for run {etl_run_id} within {within:?}; heard {:?}",
+                self.patches(etl_run_id)
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// One fleet: its own topics, bucket, dataset and state database, plus the processes.
+struct Fleet {
+    id: String,
+    django: Django,
+    env: Vec<(String, String)>,
+    dataset: String,
+    children: Vec<Child>,
+    queue: PubSubQueue,
+}
+
+impl Fleet {
+    async fn start(name: &str, workers: usize, extra_env: &[(&str, &str)]) -> Fleet {
+        let pubsub = env_or_fail("PUBSUB_EMULATOR_HOST");
+        let gcs = env_or_fail("STORAGE_EMULATOR_HOST");
+        let bq = env_or_fail("BIGQUERY_EMULATOR_HOST");
+        let gcs_root = env_or_fail("SHARDFLOW_GCS_ROOT");
+        let id = format!("{name}{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let django = Django::default();
+        let django_url = django.start().await;
+        // A state database of its own.
+        let admin = pg().await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE state_{id}"))
+            .await
+            .unwrap();
+        let dataset = format!("ds_{id}");
+        let mut env: Vec<(String, String)> = vec![
+            ("PUBSUB_EMULATOR_HOST", pubsub.as_str()),
+            ("STORAGE_EMULATOR_HOST", gcs.as_str()),
+            ("BIGQUERY_EMULATOR_HOST", bq.as_str()),
+            ("SHARDFLOW_GCS_ROOT", gcs_root.as_str()),
+            ("GCP_PROJECT_ID", PROJECT),
+            ("DJANGO_API_URL", django_url.as_str()),
+            ("ETL_API_TOKEN", "test-token"),
+            ("BIGQUERY_DATASET", dataset.as_str()),
+            ("ETL_MAX_RETRIES", "1"),
+            ("ETL_RETRY_DELAY", "0.2"),
+            ("SHARDFLOW_METRICS_PORT", "0"),
+            ("SHARDFLOW_METRICS_HOST", "127.0.0.1"),
+            ("SHARDFLOW_LEASE_SECS", "10"),
+            ("SHARDFLOW_HEARTBEAT_SECS", "1"),
+            ("SHARDFLOW_STALE_AFTER_SECS", "4"),
+            ("SHARDFLOW_BUSY_BACKOFF_SECS", "2"),
+            ("SHARDFLOW_RETRY_MIN_BACKOFF_SECS", "1"),
+            ("SHARDFLOW_RETRY_MAX_BACKOFF_SECS", "2"),
+            ("SHARDFLOW_SHARD_ROWS", "10000"),
+            ("SHARDFLOW_MAX_OUTSTANDING", "2"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.push(("SHARDFLOW_STAGING".into(), format!("gs://stage-{id}/runs")));
+        env.push((
+            "SHARDFLOW_STATE".into(),
+            format!("postgres://postgres@127.0.0.1:5432/state_{id}"),
+        ));
+        for (topic, default) in [
+            ("JOBS_TOPIC", "etl-jobs"),
+            ("JOBS_SUBSCRIPTION", "etl-jobs-dispatcher"),
+            ("SHARDS_TOPIC", "etl-shards"),
+            ("SHARDS_SUBSCRIPTION", "etl-shards-workers"),
+            ("RESULTS_TOPIC", "etl-shard-results"),
+            ("RESULTS_SUBSCRIPTION", "etl-shard-results-dispatcher"),
+            ("DEAD_LETTER_TOPIC", "etl-shards-dead-letter"),
+            (
+                "DEAD_LETTER_SUBSCRIPTION",
+                "etl-shards-dead-letter-dispatcher",
+            ),
+        ] {
+            env.push((format!("SHARDFLOW_{topic}"), format!("{default}-{id}")));
+        }
+        for (k, v) in extra_env {
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let setup = Command::new(bin("dispatcher"))
+            .arg("pubsub-setup")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(
+            setup.status.success(),
+            "pubsub-setup: {}",
+            String::from_utf8_lossy(&setup.stderr)
+        );
+        let mut options = PubSubOptions::from_env(PROJECT);
+        options.lease_extension = Duration::from_secs(10);
+        let queue = PubSubQueue::connect(options).await.unwrap();
+        let mut fleet = Fleet {
+            id,
+            django,
+            env,
+            dataset,
+            children: Vec::new(),
+            queue,
+        };
+        fleet.spawn_dispatcher();
+        for _ in 0..workers {
+            fleet.spawn_worker();
+        }
+        fleet
+    }
+
+    fn env(&self, name: &str) -> String {
+        self.env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
+    fn spawn(&mut self, binary: &str) -> usize {
+        let log = std::fs::File::create(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
+            format!(
+                "../target/e2e-{}-{binary}-{}.log",
+                self.id,
+                self.children.len()
+            ),
+        ))
+        .unwrap();
+        let child = Command::new(bin(binary))
+            .arg("serve")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    fn spawn_dispatcher(&mut self) -> usize {
+        self.spawn("dispatcher")
+    }
+
+    fn spawn_worker(&mut self) -> usize {
+        self.spawn("worker")
+    }
+
+    fn kill(&mut self, index: usize) {
+        let _ = self.children[index].kill();
+        let _ = self.children[index].wait();
+    }
+
+    /// Publishes a job message the way Django does.
+    async fn publish_job(&self, data_source_id: i64, etl_run_id: i64) {
+        let body = json!({"data_source_id": data_source_id, "etl_run_id": etl_run_id});
+        self.queue
+            .publish(
+                &self.env("SHARDFLOW_JOBS_TOPIC"),
+                Message::new(body.to_string())
+                    .with_attribute("data_source_id", data_source_id.to_string())
+                    .with_attribute("etl_run_id", etl_run_id.to_string()),
+            )
+            .await
+            .unwrap();
+    }
+
+    fn serve_config(&self, data_source_id: i64, config: Value) {
+        self.django
+            .configs
+            .lock()
+            .unwrap()
+            .insert(data_source_id, config);
+    }
+
+    /// Runs a query on bqemulator and returns its rows as arrays of strings.
+    async fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        let bq = env_or_fail("BIGQUERY_EMULATOR_HOST");
+        let response: Value = reqwest::Client::new()
+            .post(format!("{bq}/bigquery/v2/projects/{PROJECT}/queries"))
+            .json(&json!({"query": sql, "useLegacySql": false, "maxResults": 1_000_000}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rows = response["rows"].as_array().cloned().unwrap_or_default();
+        rows.iter()
+            .map(|r| {
+                r["f"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["v"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A source table: `rows` rows with an id key, text, a decimal and a timestamp.
+async fn source_table(schema: &str, rows: i64) {
+    let pg = pg().await;
+    fresh_schema(&pg, schema).await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.t (id bigint PRIMARY KEY, name text, amount numeric(12,2), \
+         seen timestamptz);
+         INSERT INTO {schema}.t SELECT i, 'name-' || i || CASE WHEN i % 7 = 0 THEN ' ü😀' ELSE '' END,
+                (i * 1.25)::numeric(12,2), timestamptz '2024-01-01 00:00:00+00' + i * interval '1 minute'
+         FROM generate_series(1, {rows}) i;
+         ANALYZE {schema}.t;"
+    ))
+    .await
+    .unwrap();
+}
+
+/// (count, md5 of "id|name" lines in id order, sum of amount) from PostgreSQL.
+async fn source_digest(schema: &str) -> (i64, String, String) {
+    let pg = pg().await;
+    let row = pg
+        .query_one(
+            &format!(
+                "SELECT count(*), md5(string_agg(id || '|' || coalesce(name, ''), E'\\n' ORDER BY id)), \
+                 sum(amount)::text FROM {schema}.t"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// The same digest from BigQuery, computed here from the rows it returns.
+async fn destination_digest(fleet: &Fleet, table: &str) -> (i64, String, String) {
+    let t = format!("`{PROJECT}.{}.{table}`", fleet.dataset);
+    let rows = fleet
+        .query(&format!("SELECT id, name FROM {t} ORDER BY id"))
+        .await;
+    let text = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{}|{}",
+                r[0].clone().unwrap_or_default(),
+                r[1].clone().unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let sum = fleet
+        .query(&format!("SELECT CAST(SUM(amount) AS STRING) FROM {t}"))
+        .await;
+    let sum = sum[0][0].clone().unwrap_or_default();
+    // BigQuery prints NUMERIC with its full scale; PostgreSQL with the column's.
+    let sum = normalize_decimal(&sum);
+    (
+        rows.len() as i64,
+        format!("{:x}", md5::Md5::digest(text.as_bytes())),
+        sum,
+    )
+}
+
+fn normalize_decimal(s: &str) -> String {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+use md5::Digest as _;
+
+async fn assert_loaded_exactly(fleet: &Fleet, schema: &str, table: &str) {
+    let (count, digest, sum) = source_digest(schema).await;
+    let (bq_count, bq_digest, bq_sum) = destination_digest(fleet, table).await;
+    assert_eq!(bq_count, count, "row count");
+    assert_eq!(bq_digest, digest, "content digest of id|name in id order");
+    assert_eq!(bq_sum, normalize_decimal(&sum), "sum of amount");
+}
+
+fn config(schema: &str, dest: &str) -> Value {
+    job_json(schema, "t", dest, json!({}))
+}
+
+fn assert_completed(status: &Value, rows: u64) {
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["rows_extracted"], rows, "{status}");
+    assert_eq!(status["rows_loaded"], rows, "{status}");
+    assert!(
+        status["duration_seconds"].as_f64().unwrap() > 0.0,
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_from_django_load_bigquery_exactly_and_report_back() {
+    let mut fleet = Fleet::start("main", 2, &[]).await;
+    source_table("fleet_a", 30_000).await;
+    source_table("fleet_b", 12_000).await;
+    fleet.serve_config(101, config("fleet_a", "table_a"));
+    fleet.serve_config(102, config("fleet_b", "table_b"));
+
+    // Two jobs at once, and the first one published twice.
+    fleet.publish_job(101, 5001).await;
+    fleet.publish_job(102, 5002).await;
+    fleet.publish_job(101, 5001).await;
+
+    let a = fleet
+        .django
+        .final_status(5001, Duration::from_secs(240))
+        .await;
+    let b = fleet
+        .django
+        .final_status(5002, Duration::from_secs(240))
+        .await;
+    assert_completed(&a, 30_000);
+    assert_completed(&b, 12_000);
+    assert_loaded_exactly(&fleet, "fleet_a", "table_a").await;
+    assert_loaded_exactly(&fleet, "fleet_b", "table_b").await;
+
+    // Django heard running (with progress) before completed, and the duplicate job message
+    // did not run the job again: one load job for the run.
+    let patches = fleet.django.patches(5001);
+    assert_eq!(patches[0]["status"], "running", "{patches:?}");
+    assert!(
+        patches
+            .iter()
+            .any(|p| p["status"] == "running" && p["shards_completed"].as_u64() > Some(0)),
+        "{patches:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let loads = fleet
+        .query(&format!(
+            "SELECT COUNT(*) FROM `{PROJECT}.{}.table_a`",
+            fleet.dataset
+        ))
+        .await;
+    assert_eq!(loads[0][0].as_deref(), Some("30000"), "still loaded once");
+    let completed = fleet
+        .django
+        .patches(5001)
+        .iter()
+        .filter(|p| p["status"] == "running" && p["shards_completed"] == 0)
+        .count();
+    assert_eq!(completed, 1, "the job started once");
+
+    // SIGTERM: workers stop pulling, drain, and exit cleanly.
+    fleet.kill_all_workers_gracefully().await;
+}
+
+impl Fleet {
+    /// SIGTERM to every worker: each drains and exits 0.
+    async fn kill_all_workers_gracefully(&mut self) -> Vec<i32> {
+        let mut codes = Vec::new();
+        for c in self.children.iter_mut().skip(1) {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let status = c.wait().unwrap();
+            codes.push(status.code().unwrap_or(-1));
+        }
+        assert!(
+            codes.iter().all(|c| *c == 0),
+            "workers exit cleanly on SIGTERM: {codes:?}"
+        );
+        codes
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_workers_and_a_restarted_dispatcher_still_load_exactly_once() {
+    // Small batches and many shards make the run long enough to kill things in the middle.
+    let mut fleet = Fleet::start(
+        "kill",
+        2,
+        &[("ETL_BATCH_SIZE", "500"), ("SHARDFLOW_SHARD_ROWS", "20000")],
+    )
+    .await;
+    source_table("fleet_kill", 200_000).await;
+    fleet.serve_config(201, config("fleet_kill", "table_k"));
+    fleet.publish_job(201, 6001).await;
+
+    // Wait until the run is going, then SIGKILL a worker and the dispatcher mid-run.
+    let start = Instant::now();
+    while !fleet
+        .django
+        .patches(6001)
+        .iter()
+        .any(|p| p["status"] == "running")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fleet.kill(1);
+    fleet.kill(0);
+    fleet.spawn_worker();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.spawn_dispatcher();
+
+    let status = fleet
+        .django
+        .final_status(6001, Duration::from_secs(400))
+        .await;
+    assert_completed(&status, 200_000);
+    assert_loaded_exactly(&fleet, "fleet_kill", "table_k").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failures_reach_django_with_the_reason() {
+    let fleet = Fleet::start("fail", 1, &[]).await;
+    // A shard that always fails: a date PostgreSQL has and BigQuery cannot hold.
+    let pg = pg().await;
+    fresh_schema(&pg, "fleet_poison").await;
+    pg.batch_execute(
+        "CREATE TABLE fleet_poison.t (id bigint PRIMARY KEY, d date);
+         INSERT INTO fleet_poison.t SELECT i, date '2024-01-01' FROM generate_series(1, 30000) i;
+         UPDATE fleet_poison.t SET d = 'infinity' WHERE id = 25000;
+         ANALYZE fleet_poison.t;",
+    )
+    .await
+    .unwrap();
+    fleet.serve_config(301, config("fleet_poison", "table_p"));
+    fleet.publish_job(301, 7001).await;
+    // A dead database: nothing listens on port 1.
+    let mut dead = config("fleet_poison", "table_d");
+    dead["connection_params"]["port"] = json!(1);
+    fleet.serve_config(302, dead);
+    fleet.publish_job(302, 7002).await;
+    // A data source Django does not know.
+    fleet.publish_job(303, 7003).await;
+
+    let poisoned = fleet
+        .django
+        .final_status(7001, Duration::from_secs(240))
+        .await;
+    assert_eq!(poisoned["status"], "failed", "{poisoned}");
+    let why = poisoned["error_message"].as_str().unwrap();
+    assert!(
+        why.contains("failed after 5 attempts")
+            && why.contains("\"d\"")
+            && why.contains("infinity"),
+        "{why}"
+    );
+
+    let dead = fleet
+        .django
+        .final_status(7002, Duration::from_secs(120))
+        .await;
+    assert_eq!(dead["status"], "failed", "{dead}");
+    let why = dead["error_message"].as_str().unwrap();
+    assert!(
+        why.contains("source database error") && why.contains("gave up after 1 retries"),
+        "{why}"
+    );
+    assert!(
+        !why.contains("pw-never-shown"),
+        "no secret in errors: {why}"
+    );
+
+    let unknown = fleet
+        .django
+        .final_status(7003, Duration::from_secs(120))
+        .await;
+    assert_eq!(unknown["status"], "failed", "{unknown}");
+    assert!(
+        unknown["error_message"].as_str().unwrap().contains("404"),
+        "{unknown}"
+    );
+}
