@@ -16,6 +16,21 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
   exit 1
 fi
 
+# The Pub/Sub emulator, the GCS emulator and bqemulator (installed into target/emulators on
+# first use); the fleet tests read their addresses from the environment.
+emulators_env="$(mktemp)"
+if ! bash tests/emulators.sh start >"$emulators_env" </dev/null; then
+  echo "tests/run.sh: the emulators did not start (see target/emulators/*.log)" >&2
+  exit 1
+fi
+# shellcheck disable=SC1090
+. "$emulators_env"
+# Stop what this run started (SHARDFLOW_KEEP_EMULATORS=1 keeps them for the next run).
+if [ -z "${SHARDFLOW_KEEP_EMULATORS:-}" ]; then
+  trap 'bash tests/emulators.sh stop' EXIT
+fi
+rm -f "$emulators_env"
+
 cargo fmt --all --check
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 # One build of everything (the end-to-end tests also run the dispatcher binary).

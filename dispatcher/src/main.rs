@@ -24,7 +24,6 @@ use shardflow_dispatcher::{
     DEFAULT_BATCH_ROWS, EngineSettings, PlanOptions, QueueChoice, RunOptions, RunReport, plan_job,
     run_job,
 };
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -315,29 +314,6 @@ async fn pubsub_setup(args: SetupArgs) -> shardflow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
-        tracing::info!("stopping: no new jobs");
-        cancel.cancel();
-    });
-    token
-}
-
 /// The job file, as a job config or as a job message with the config inline.
 fn read_job(path: &Path) -> Result<(JobSpec, Option<i64>), String> {
     let text = std::fs::read_to_string(path)
@@ -482,7 +458,13 @@ async fn main() -> ExitCode {
                     std::process::id()
                 ),
             };
-            match serve(settings, django, shutdown_on_signal()).await {
+            match serve(
+                settings,
+                django,
+                telemetry::shutdown_on_signal("no new jobs"),
+            )
+            .await
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "dispatcher stopped");

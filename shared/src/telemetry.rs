@@ -153,6 +153,29 @@ where
     Value::Object(out).to_string()
 }
 
+/// A token cancelled on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+pub fn shutdown_on_signal(what_stops: &'static str) -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("stopping: {what_stops}");
+        cancel.cancel();
+    });
+    token
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

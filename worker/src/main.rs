@@ -147,24 +147,7 @@ async fn serve(args: ServeArgs) -> shardflow::Result<()> {
         Arc::new(AtomicU64::new(0)),
     )
     .with_metrics(metrics_registry);
-    let shutdown = CancellationToken::new();
-    let cancel = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
-        }
-        tracing::info!("stopping: no new shards");
-        cancel.cancel();
-    });
+    let shutdown = telemetry::shutdown_on_signal("no new shards");
     let outcome = worker.serve(shutdown).await;
     stop_http.cancel();
     tracing::info!("worker stopped");
