@@ -22,6 +22,7 @@ use shardflow::staging::Staging;
 use shardflow::state::sql::SqlStateStore;
 use shardflow::{Error, Result};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::engine::{Engine, EngineSettings, RunEvents, RunJob, RunObserver, RunOutcome};
 use crate::{RunReport, check_supported, open_warehouse};
@@ -87,9 +88,7 @@ pub async fn serve(
     let bound = metrics::serve(settings.metrics_addr, metrics.clone(), stop_http.clone()).await?;
     tracing::info!(%bound, "serving /metrics and /healthz");
 
-    let mut options = PubSubOptions::from_env(&settings.project);
-    options.lease_extension = Duration::from_secs(60);
-    let queue = PubSubQueue::connect(options).await?;
+    let queue = PubSubQueue::connect(PubSubOptions::from_env(&settings.project)).await?;
     let engine = Arc::new(Engine {
         queue: Arc::new(queue.clone()),
         state: Arc::new(SqlStateStore::open(&settings.state_url).await?),
@@ -205,8 +204,19 @@ async fn handle_job(
         data_source_id = message.data_source_id,
         etl_run_id = message.etl_run_id
     );
-    let _enter = span.enter();
-    drop(_enter);
+    run_message(engine, django, message, key, busy_pause)
+        .instrument(span)
+        .await
+}
+
+/// Resolves, runs and reports one parsed job message.
+async fn run_message(
+    engine: &Engine,
+    django: Option<&DjangoClient>,
+    message: JobMessage,
+    key: String,
+    busy_pause: Duration,
+) -> Settle {
     let spec = match resolve(django, &message).await {
         Ok(spec) => spec,
         Err(e) if e.is_transient() => {

@@ -24,9 +24,6 @@ pub struct PartOptions {
     /// A row group is closed once its encoded, buffered size reaches this.
     pub row_group_bytes: usize,
     pub zstd_level: i32,
-    /// Bytes buffered before an upload turns into a multipart upload (see
-    /// `Staging::upload_buffer`).
-    pub upload_buffer: usize,
 }
 
 impl Default for PartOptions {
@@ -35,7 +32,6 @@ impl Default for PartOptions {
             max_part_bytes: 256 << 20,
             row_group_bytes: 32 << 20,
             zstd_level: 1,
-            upload_buffer: crate::staging::MULTIPART_THRESHOLD,
         }
     }
 }
@@ -70,8 +66,7 @@ pub async fn write_parts(
     let props = properties(opts)?;
     let open = |n: usize| -> Result<OpenPart> {
         let path = staging_part_path(run_id, shard_id, n);
-        let sink =
-            BufWriter::with_capacity(store.clone(), Path::from(path.as_str()), opts.upload_buffer);
+        let sink = BufWriter::new(store.clone(), Path::from(path.as_str()));
         let writer = AsyncArrowWriter::try_new(sink, schema.clone(), Some(props.clone()))?;
         Ok(OpenPart {
             writer,

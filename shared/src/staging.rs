@@ -13,17 +13,12 @@ use object_store::prefix::PrefixStore;
 
 use crate::{Error, Result};
 
-/// object_store's own default: above this an upload is multipart.
-pub const MULTIPART_THRESHOLD: usize = 10 << 20;
-
 #[derive(Clone, Debug)]
 pub struct Staging {
     store: Arc<dyn ObjectStore>,
     /// The directory behind the store, when it is local.
     local_root: Option<PathBuf>,
     url: String,
-    /// The GCS emulator has no multipart uploads: there every part goes up in one PUT.
-    single_put: bool,
 }
 
 impl Staging {
@@ -38,7 +33,6 @@ impl Staging {
             store: Arc::new(store),
             url: format!("file://{}", root.display()),
             local_root: Some(root),
-            single_put: false,
         })
     }
 
@@ -65,7 +59,14 @@ impl Staging {
         } else {
             format!("gs://{bucket}/{prefix}")
         };
-        if let Some(root) = emulator_directory() {
+        if storage_emulator_url().is_some() {
+            let root = emulator_directory().ok_or_else(|| {
+                Error::Staging(
+                    "STORAGE_EMULATOR_HOST is set but SHARDFLOW_GCS_ROOT is not: name the GCS \
+                     emulator's backing directory (tests/emulators.sh prints it)"
+                        .into(),
+                )
+            })?;
             // Neither GCS emulator accepts the XML API object_store speaks (fake-gcs-server
             // routes `PUT /bucket/object` to signed-URL uploads and has no XML list or
             // delete; gcp-storage-emulator refuses percent-encoded paths and multipart
@@ -75,22 +76,11 @@ impl Staging {
             staging.url = url;
             return Ok(staging);
         }
-        let mut builder = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
-        let emulator = storage_emulator_url();
-        if let Some(base_url) = &emulator {
-            // The emulator wants no credentials, but object_store asks for a token on every
-            // upload unless it is handed one.
-            let anonymous =
-                object_store::StaticCredentialProvider::new(object_store::gcp::GcpCredential {
-                    bearer: String::new(),
-                });
-            builder = builder
-                .with_base_url(base_url)
-                .with_skip_signature(true)
-                .with_credentials(Arc::new(anonymous))
-                .with_client_options(object_store::ClientOptions::new().with_allow_http(true));
-        }
-        let store: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
+        let store: Arc<dyn ObjectStore> = Arc::new(
+            GoogleCloudStorageBuilder::from_env()
+                .with_bucket_name(bucket)
+                .build()?,
+        );
         let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
             store
         } else {
@@ -100,7 +90,6 @@ impl Staging {
             store,
             local_root: None,
             url,
-            single_put: emulator.is_some(),
         })
     }
 
@@ -108,16 +97,6 @@ impl Staging {
     /// a warehouse load names it.
     pub fn uri(&self, path: &str) -> String {
         format!("{}/{path}", self.url)
-    }
-
-    /// How much of a part to buffer before switching to a multipart upload.
-    pub fn upload_buffer(&self) -> usize {
-        if self.single_put {
-            // Parts are capped well below this (256 MB by default).
-            1 << 30
-        } else {
-            MULTIPART_THRESHOLD
-        }
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -162,10 +141,8 @@ impl Staging {
     }
 }
 
-/// The GCS emulator's backing directory (`SHARDFLOW_GCS_ROOT`, holding `bucket/object`), used
-/// only while `STORAGE_EMULATOR_HOST` is set.
+/// The GCS emulator's backing directory (`SHARDFLOW_GCS_ROOT`, holding `bucket/object`).
 fn emulator_directory() -> Option<PathBuf> {
-    storage_emulator_url()?;
     std::env::var_os("SHARDFLOW_GCS_ROOT")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
@@ -222,10 +199,9 @@ mod tests {
         );
         // A part above object_store's multipart threshold, and a small one.
         let big: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-        let mut writer = object_store::buffered::BufWriter::with_capacity(
+        let mut writer = object_store::buffered::BufWriter::new(
             staging.store().clone(),
             ObjectPath::from("r1/s00000/part-00000.parquet"),
-            staging.upload_buffer(),
         );
         use tokio::io::AsyncWriteExt;
         writer.write_all(&big).await.unwrap();

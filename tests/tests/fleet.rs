@@ -480,20 +480,15 @@ async fn jobs_from_django_load_bigquery_exactly_and_report_back() {
         "{patches:?}"
     );
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let loads = fleet
-        .query(&format!(
-            "SELECT COUNT(*) FROM `{PROJECT}.{}.table_a`",
-            fleet.dataset
-        ))
-        .await;
-    assert_eq!(loads[0][0].as_deref(), Some("30000"), "still loaded once");
-    let completed = fleet
+    // Still exactly the source after the duplicate had its chance to run.
+    assert_loaded_exactly(&fleet, "fleet_a", "table_a").await;
+    let started = fleet
         .django
         .patches(5001)
         .iter()
         .filter(|p| p["status"] == "running" && p["shards_completed"] == 0)
         .count();
-    assert_eq!(completed, 1, "the job started once");
+    assert_eq!(started, 1, "the job started once");
 
     // SIGTERM: workers stop pulling, drain, and exit cleanly.
     fleet.kill_all_workers_gracefully().await;

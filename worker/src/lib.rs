@@ -322,17 +322,13 @@ impl Worker {
         };
         let schema = pg_binary::arrow_schema(&task.columns);
         let rows = self.rows.clone();
-        let parts = PartOptions {
-            upload_buffer: self.staging.upload_buffer(),
-            ..self.settings.parts.clone()
-        };
         write_parts(
             self.staging.store(),
             &task.run_id,
             &task.shard_id,
             schema,
             stream,
-            &parts,
+            &self.settings.parts,
             |n| {
                 rows.fetch_add(n as u64, Ordering::Relaxed);
             },
