@@ -12,7 +12,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arrow_schema::Schema;
 use async_trait::async_trait;
+use shardflow::digest;
 use shardflow::messages::{self, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
 use shardflow::metrics::Metrics;
 use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
@@ -20,7 +22,9 @@ use shardflow::source::pg_binary;
 use shardflow::source::postgres::{self, PgConnector};
 use shardflow::spec::JobSpec;
 use shardflow::staging::Staging;
-use shardflow::state::{NewRun, NewShard, Recorded, RunRecord, RunStatus, StateStore};
+use shardflow::state::{
+    NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, StateStore,
+};
 use shardflow::warehouse::{LoadRequest, Warehouse, WriteMode};
 use shardflow::{Error, Result};
 use tokio::sync::Notify;
@@ -285,7 +289,7 @@ impl Engine {
                 );
                 tracing::warn!(run_id = %r.run_id, "{why}");
                 self.state
-                    .finish_run(&r.run_id, RunStatus::Failed, 0, 0, Some(&why))
+                    .finish_run(&r.run_id, &RunEnd::failed(why))
                     .await?;
                 if let Err(e) = self.staging.remove_run(&r.run_id).await {
                     tracing::warn!(error = %e, "could not clean the superseded run's staging");
@@ -345,10 +349,14 @@ impl Engine {
             self.state
                 .finish_run(
                     &run_id,
-                    status.clone(),
-                    report.rows_extracted,
-                    report.rows_loaded,
-                    report.error_message.as_deref(),
+                    &RunEnd {
+                        status: status.clone(),
+                        rows_extracted: report.rows_extracted,
+                        rows_loaded: report.rows_loaded,
+                        checksum: report.checksum.clone(),
+                        watermark: report.watermark.clone(),
+                        error_message: report.error_message.clone(),
+                    },
                 )
                 .await?;
         }
@@ -393,6 +401,11 @@ impl Engine {
         } else {
             None
         };
+        // The maximum is reported only for a column the shards extract.
+        let timestamp_column = spec
+            .timestamp_column
+            .clone()
+            .filter(|c| plan.source_columns.iter().any(|s| &s.name == c));
         let tasks: Vec<ShardTask> = plan
             .shards
             .iter()
@@ -410,6 +423,7 @@ impl Engine {
                 bounds: shard.bounds.clone(),
                 snapshot: snapshot.as_ref().map(|s| s.id.clone()),
                 batch_rows: self.settings.batch_rows,
+                timestamp_column: timestamp_column.clone(),
             })
             .collect();
         let mut new_shards = Vec::with_capacity(tasks.len());
@@ -470,6 +484,7 @@ impl Engine {
         }
         report.rows_extracted = report.shard_rows.iter().sum();
         let schema = pg_binary::arrow_schema(&plan.source_columns);
+        let summary = summarize_shards(&records, &schema, timestamp_column.as_deref())?;
         let outcome = self
             .warehouse
             .load(LoadRequest {
@@ -484,6 +499,8 @@ impl Engine {
             .await?;
         report.rows_loaded = outcome.rows_loaded;
         report.destination = Some(outcome.location);
+        report.checksum = Some(summary.checksum);
+        report.watermark = summary.watermark;
         Ok(true)
     }
 
@@ -531,6 +548,64 @@ impl Engine {
     }
 }
 
+/// What the shards of a finished extraction say together.
+#[derive(Debug, PartialEq)]
+struct ShardSummary {
+    checksum: String,
+    watermark: Option<String>,
+}
+
+/// Checks every shard staged the planned schema (parts of another shape must never reach
+/// the load), and combines the shards' checksums and timestamp maxima.
+fn summarize_shards(
+    records: &[ShardRecord],
+    expected: &Schema,
+    timestamp_column: Option<&str>,
+) -> Result<ShardSummary> {
+    let mut checksums = Vec::with_capacity(records.len());
+    let mut maxima = Vec::new();
+    for r in records {
+        let (Some(checksum), Some(schema)) = (&r.checksum, &r.schema) else {
+            return Err(Error::Other(format!(
+                "shard {} reported no checksum or schema",
+                r.shard_id
+            )));
+        };
+        if schema.fields() != expected.fields() {
+            return Err(Error::Other(format!(
+                "shard {} staged columns [{}], the plan expects [{}]",
+                r.shard_id,
+                describe_fields(schema),
+                describe_fields(expected)
+            )));
+        }
+        checksums.push(checksum.as_str());
+        maxima.extend(r.max_value.clone());
+    }
+    let watermark = match timestamp_column {
+        Some(column) => {
+            let field = expected.field_with_name(column).map_err(|_| {
+                Error::Other(format!("timestamp_column {column:?} is not extracted"))
+            })?;
+            digest::max_of(&maxima, field.data_type())?
+        }
+        None => None,
+    };
+    Ok(ShardSummary {
+        checksum: digest::combine_checksums(checksums)?,
+        watermark,
+    })
+}
+
+fn describe_fields(schema: &Schema) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The attempt number at the end of a run id (`<job key>.<n>`).
 fn attempt_of(run_id: &str) -> u32 {
     run_id
@@ -542,6 +617,68 @@ fn attempt_of(run_id: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(shard: &str, schema: &Schema, checksum: &str, max: Option<&str>) -> ShardRecord {
+        ShardRecord {
+            shard_id: shard.into(),
+            shard_index: 0,
+            estimated_rows: 0,
+            status: "succeeded".into(),
+            rows: Some(1),
+            files: Vec::new(),
+            checksum: Some(checksum.into()),
+            schema: Some(schema.clone()),
+            max_value: max.map(str::to_string),
+            attempts: 1,
+            error: None,
+            task_json: String::new(),
+        }
+    }
+
+    #[test]
+    fn shards_combine_into_a_checksum_and_watermark() {
+        use arrow_schema::{DataType, Field};
+        let schema = Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("day", DataType::Date32, true),
+        ]);
+        let records = vec![
+            record("s0", &schema, "0000000000000001", Some("2024-01-09")),
+            record("s1", &schema, "0000000000000010", None),
+            record("s2", &schema, "0000000000000100", Some("2024-01-10")),
+        ];
+        assert_eq!(
+            summarize_shards(&records, &schema, Some("day")).unwrap(),
+            ShardSummary {
+                checksum: "0000000000000111".into(),
+                watermark: Some("2024-01-10".into()),
+            }
+        );
+        assert_eq!(
+            summarize_shards(&records, &schema, None).unwrap().watermark,
+            None
+        );
+
+        let drifted = Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("day", DataType::Utf8, true),
+        ]);
+        let mut bad = records.clone();
+        bad[1] = record("s1", &drifted, "0000000000000010", None);
+        assert_eq!(
+            summarize_shards(&bad, &schema, None)
+                .unwrap_err()
+                .to_string(),
+            "shard s1 staged columns [id Int64, day Utf8], the plan expects [id Int64, day Date32]"
+        );
+        bad[1].checksum = None;
+        assert_eq!(
+            summarize_shards(&bad, &schema, None)
+                .unwrap_err()
+                .to_string(),
+            "shard s1 reported no checksum or schema"
+        );
+    }
 
     #[test]
     fn run_ids_count_attempts() {

@@ -245,6 +245,12 @@ pub struct RunReport {
     pub shard_rows: Vec<u64>,
     pub rows_extracted: u64,
     pub rows_loaded: u64,
+    /// Order-independent checksum of the loaded rows' content (the sum of the shards').
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// The largest value of the timestamp column among the loaded rows (ISO 8601).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
     pub duration_seconds: f64,
     /// Results for shards that had already reported (redeliveries); ignored by design.
     pub duplicate_results_ignored: u64,

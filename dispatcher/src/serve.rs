@@ -316,6 +316,7 @@ async fn report_final(django: Option<&DjangoClient>, report: &RunReport) {
         rows_loaded: Some(report.rows_loaded),
         duration_seconds: Some(report.duration_seconds),
         error_message: report.error_message.clone(),
+        watermark: report.watermark.clone(),
         ..Default::default()
     };
     if let Err(e) = django.update_run(id, &update).await {

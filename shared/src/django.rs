@@ -37,6 +37,9 @@ pub struct RunUpdate {
     pub shards_completed: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shards_total: Option<usize>,
+    /// The timestamp column's high-water mark actually loaded (sent with `completed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
 }
 
 impl DjangoClient {

@@ -2,6 +2,7 @@
 //! messages, the source connectors, the Parquet writer, and the backends behind small traits
 //! (queue, state store, staging, warehouse).
 
+pub mod digest;
 pub mod django;
 pub mod error;
 pub mod messages;

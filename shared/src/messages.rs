@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::source::{ShardBounds, SourceColumn};
 use crate::{Error, Result};
 
-pub const WIRE_VERSION: u32 = 1;
+/// 2: shard tasks name the timestamp column; results carry a checksum, schema and maximum.
+pub const WIRE_VERSION: u32 = 2;
 
 /// One unit of extraction work: a key range, ctid range or the whole table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,6 +28,8 @@ pub struct ShardTask {
     pub snapshot: Option<String>,
     /// Rows per Arrow batch (`ETL_BATCH_SIZE`).
     pub batch_rows: usize,
+    /// The job's timestamp column, whose largest value the result reports.
+    pub timestamp_column: Option<String>,
 }
 
 impl ShardTask {
@@ -62,6 +65,12 @@ pub enum ShardOutcome {
         bytes: u64,
         files: Vec<StagedFile>,
         seconds: f64,
+        /// Order-independent checksum of the rows' content (see `digest`).
+        checksum: String,
+        /// The Arrow schema of the staged parts.
+        schema: arrow_schema::Schema,
+        /// The largest value of the task's timestamp column, ISO 8601 for dates and times.
+        max_value: Option<String>,
     },
     Failed {
         error: String,
@@ -135,7 +144,7 @@ mod tests {
         let err = decode::<ShardResult>("shard result", future.as_bytes()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "message: shard result has wire version 99, this build speaks 1"
+            "message: shard result has wire version 99, this build speaks 2"
         );
         let err = decode::<ShardResult>("shard result", b"{").unwrap_err();
         assert!(

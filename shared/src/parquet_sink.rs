@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use futures::StreamExt;
 use object_store::ObjectStore;
 use object_store::buffered::BufWriter;
@@ -53,7 +54,8 @@ struct OpenPart {
 }
 
 /// Writes every batch; always at least one part, so an empty shard still carries its schema.
-/// `on_batch` hears each batch's row count (for progress).
+/// `on_batch` sees each batch before it is written (progress, the content digest); its error
+/// stops the shard.
 pub async fn write_parts(
     store: &Arc<dyn ObjectStore>,
     run_id: &str,
@@ -61,7 +63,7 @@ pub async fn write_parts(
     schema: SchemaRef,
     mut batches: BatchStream,
     opts: &PartOptions,
-    mut on_batch: impl FnMut(usize),
+    mut on_batch: impl FnMut(&RecordBatch) -> Result<()>,
 ) -> Result<Vec<StagedFile>> {
     let props = properties(opts)?;
     let open = |n: usize| -> Result<OpenPart> {
@@ -78,7 +80,7 @@ pub async fn write_parts(
     let mut part = open(0)?;
     while let Some(batch) = batches.next().await {
         let batch = batch?;
-        on_batch(batch.num_rows());
+        on_batch(&batch)?;
         part.writer.write(&batch).await?;
         part.rows += batch.num_rows() as u64;
         if part.writer.in_progress_size() >= opts.row_group_bytes {
@@ -109,7 +111,6 @@ mod tests {
     use super::*;
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
-    use arrow::record_batch::RecordBatch;
     use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
 
@@ -182,7 +183,10 @@ mod tests {
             schema.clone(),
             batches(schema.clone(), 40, 5_000),
             &opts,
-            |n| seen += n,
+            |b| {
+                seen += b.num_rows();
+                Ok(())
+            },
         )
         .await
         .unwrap();
@@ -213,7 +217,7 @@ mod tests {
             schema.clone(),
             batches(schema, 0, 0),
             &opts,
-            |_| {},
+            |_| Ok(()),
         )
         .await
         .unwrap();

@@ -18,6 +18,8 @@ use hyper::{Request, Response};
 use serde_json::{Value, json};
 use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
 use shardflow::queue::{Message, Queue};
+use shardflow::retry::RetryPolicy;
+use shardflow_dispatcher::{PlanOptions, RunOptions, RunReport, run_job};
 
 const PROJECT: &str = "test-proj";
 
@@ -154,7 +156,8 @@ struct Fleet {
     django: Django,
     env: Vec<(String, String)>,
     dataset: String,
-    children: Vec<Child>,
+    /// The processes, with the binary each runs.
+    children: Vec<(&'static str, Child)>,
     queue: PubSubQueue,
 }
 
@@ -259,7 +262,7 @@ impl Fleet {
             .unwrap_or_default()
     }
 
-    fn spawn(&mut self, binary: &str) -> usize {
+    fn spawn(&mut self, binary: &'static str) -> usize {
         let log = std::fs::File::create(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
             format!(
                 "../target/e2e-{}-{binary}-{}.log",
@@ -275,7 +278,7 @@ impl Fleet {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.children.push(child);
+        self.children.push((binary, child));
         self.children.len() - 1
     }
 
@@ -288,8 +291,32 @@ impl Fleet {
     }
 
     fn kill(&mut self, index: usize) {
-        let _ = self.children[index].kill();
-        let _ = self.children[index].wait();
+        let _ = self.children[index].1.kill();
+        let _ = self.children[index].1.wait();
+    }
+
+    /// A connection to this fleet's state database.
+    async fn state(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 user=postgres dbname=state_{}", self.id),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Publishes `{"data_source_id"}` alone, as a Cloud Scheduler job does.
+    async fn publish_scheduled(&self, data_source_id: i64) {
+        let body = json!({ "data_source_id": data_source_id });
+        self.queue
+            .publish(
+                &self.env("SHARDFLOW_JOBS_TOPIC"),
+                Message::new(body.to_string()),
+            )
+            .await
+            .unwrap();
     }
 
     /// Publishes a job message the way Django does.
@@ -342,7 +369,7 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for (_, c) in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -445,10 +472,14 @@ fn assert_completed(status: &Value, rows: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_from_django_load_bigquery_exactly_and_report_back() {
+    // Two dispatcher replicas share the job and result subscriptions and the state store.
     let mut fleet = Fleet::start("main", 2, &[]).await;
+    fleet.spawn_dispatcher();
     source_table("fleet_a", 30_000).await;
     source_table("fleet_b", 12_000).await;
-    fleet.serve_config(101, config("fleet_a", "table_a"));
+    let mut with_watermark = config("fleet_a", "table_a");
+    with_watermark["timestamp_column"] = json!("seen");
+    fleet.serve_config(101, with_watermark);
     fleet.serve_config(102, config("fleet_b", "table_b"));
 
     // Two jobs at once, and the first one published twice.
@@ -468,6 +499,27 @@ async fn jobs_from_django_load_bigquery_exactly_and_report_back() {
     assert_completed(&b, 12_000);
     assert_loaded_exactly(&fleet, "fleet_a", "table_a").await;
     assert_loaded_exactly(&fleet, "fleet_b", "table_b").await;
+    // The high-water mark of `seen` went to Django with `completed`: row 30000's minute.
+    assert_eq!(a["watermark"], "2024-01-21T20:00:00Z", "{a}");
+    assert_eq!(b.get("watermark"), None, "{b}");
+
+    // The workers' content checksum, combined over the fleet's shards, is the one an
+    // embedded run of the same table computes with another cut: same rows, same content.
+    let fleet_checksum = fleet
+        .state()
+        .await
+        .query_one(
+            "SELECT checksum FROM shardflow_runs WHERE etl_run_id = 5001 AND status = 'completed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    let embedded = embedded_run("fleet_a", json!({"timestamp_column": "seen"}), 1_000_000).await;
+    assert_eq!(embedded.status, "completed", "{embedded:?}");
+    assert_eq!(embedded.shards, 1);
+    assert_eq!(embedded.checksum.as_deref(), Some(fleet_checksum.as_str()));
+    assert_eq!(embedded.watermark.as_deref(), a["watermark"].as_str());
 
     // Django heard running (with progress) before completed, and the duplicate job message
     // did not run the job again: one load job for the run.
@@ -490,15 +542,91 @@ async fn jobs_from_django_load_bigquery_exactly_and_report_back() {
         .count();
     assert_eq!(started, 1, "the job started once");
 
+    // Both replicas are still up.
+    for (binary, child) in fleet.children.iter_mut() {
+        assert_eq!(child.try_wait().unwrap(), None, "a {binary} exited");
+    }
+
     // SIGTERM: workers stop pulling, drain, and exit cleanly.
     fleet.kill_all_workers_gracefully().await;
+}
+
+/// The table `schema.t` run through the embedded pipeline into a scratch Parquet table.
+async fn embedded_run(schema: &str, extra: Value, shard_rows: u64) -> RunReport {
+    let dir = common::scratch(&format!("fleet-embedded-{schema}"));
+    let options = RunOptions {
+        plan: PlanOptions {
+            shard_rows,
+            workers: None,
+            exact_count: true,
+            retry: RetryPolicy::none(),
+        },
+        workers: 2,
+        dest: dir.join("warehouse").display().to_string(),
+        state_url: format!("sqlite://{}", dir.join("state.db").display()),
+        ..Default::default()
+    };
+    run_job(common::job(schema, "t", "t", extra), options).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scheduled_message_without_a_run_id_runs_and_sends_no_patch() {
+    let fleet = Fleet::start("sched", 1, &[]).await;
+    source_table("fleet_sched", 15_000).await;
+    fleet.serve_config(601, config("fleet_sched", "table_s"));
+    fleet.publish_scheduled(601).await;
+
+    // The run gets its own key from the message, and ends in the state store.
+    let state = fleet.state().await;
+    let start = Instant::now();
+    let (job_key, status, rows, etl_run_id) = loop {
+        let row = state
+            .query_opt(
+                "SELECT job_key, status, rows_loaded, etl_run_id FROM shardflow_runs
+                 WHERE data_source_id = 601 AND status <> 'running'",
+                &[],
+            )
+            .await
+            .unwrap_or(None);
+        if let Some(r) = row {
+            break (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, Option<i64>>(2),
+                r.get::<_, Option<i64>>(3),
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the scheduled run never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(job_key.starts_with("sched-601-"), "{job_key}");
+    assert_eq!(
+        (status.as_str(), rows, etl_run_id),
+        ("completed", Some(15_000), None)
+    );
+    assert_loaded_exactly(&fleet, "fleet_sched", "table_s").await;
+    // Django was asked for the config and told nothing.
+    let calls = fleet.django.calls.lock().unwrap().clone();
+    assert!(
+        calls
+            .iter()
+            .any(|(method, path, _)| method == "GET" && path.ends_with("/job-config/601/")),
+        "{calls:?}"
+    );
+    assert!(
+        calls.iter().all(|(method, _, _)| method == "GET"),
+        "no PATCH for a run Django did not create: {calls:?}"
+    );
 }
 
 impl Fleet {
     /// SIGTERM to every worker: each drains and exits 0.
     async fn kill_all_workers_gracefully(&mut self) -> Vec<i32> {
         let mut codes = Vec::new();
-        for c in self.children.iter_mut().skip(1) {
+        for (_, c) in self.children.iter_mut().filter(|(b, _)| *b == "worker") {
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(c.id().to_string())
@@ -626,17 +754,10 @@ async fn every_shard_delivered_twice_loads_each_row_once() {
     fleet.publish_job(401, 8001).await;
 
     // As soon as the run has published its shards, publish every one of them again.
-    let state = tokio_postgres::connect(
-        &format!("host=127.0.0.1 user=postgres dbname=state_{}", fleet.id),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(state.1);
+    let state = fleet.state().await;
     let start = Instant::now();
     let tasks = loop {
         let rows = state
-            .0
             .query("SELECT task_json FROM shardflow_shards", &[])
             .await
             .map(|rows| {

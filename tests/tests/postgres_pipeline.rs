@@ -150,7 +150,12 @@ async fn a_table_without_a_key_is_cut_into_ctid_ranges() {
     let pg = pg().await;
     let schema = fresh_schema(&pg, "e2e_keyless").await;
     create_wide_table(&pg, &schema, "events", 200_000, "i::bigint", false).await;
-    let spec = job(&schema, "events", "events", json!({}));
+    let spec = job(
+        &schema,
+        "events",
+        "events",
+        json!({"timestamp_column": "created"}),
+    );
     let dir = scratch("keyless");
     let plan = plan_job(&spec, &exact(&dir, 40_000).plan).await.unwrap();
     assert_eq!(
@@ -169,6 +174,44 @@ async fn a_table_without_a_key_is_cut_into_ctid_ranges() {
         report.shard_rows
     );
     assert_same_content(&pg, &schema, "events", &dir.join("warehouse/events"), "id").await;
+
+    // The run's checksum is that of the rows in the destination, and the watermark is the
+    // source's largest `created`.
+    let loaded = read_table(&dir.join("warehouse/events"));
+    assert_eq!(
+        report.checksum.as_deref(),
+        Some(content_checksum(&loaded).as_str())
+    );
+    let newest: String = pg
+        .query_one(
+            &format!(
+                "SELECT to_char(max(created), 'YYYY-MM-DD\"T\"HH24:MI:SS.US') FROM {schema}.events"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(report.watermark.as_deref(), Some(newest.as_str()));
+
+    // One shard instead of six: the same checksum and watermark.
+    let single_dir = scratch("keyless-single");
+    let single = run_job(
+        job(
+            &schema,
+            "events",
+            "events",
+            json!({"timestamp_column": "created"}),
+        ),
+        exact(&single_dir, 1_000_000),
+    )
+    .await;
+    assert_eq!(single.status, "completed", "{single:?}");
+    assert_eq!(single.shards, 1);
+    assert_eq!(
+        (single.checksum, single.watermark),
+        (report.checksum, report.watermark)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

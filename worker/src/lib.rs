@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use shardflow::digest::{ContentDigest, Digest};
 use shardflow::django::DjangoClient;
 use shardflow::messages::{self, ShardOutcome, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
 use shardflow::metrics::Metrics;
@@ -103,6 +104,14 @@ impl JobResolver for DjangoJobResolver {
         cache.insert(id, (Instant::now(), spec.clone()));
         Ok(spec)
     }
+}
+
+/// A shard's staged parts and what the worker says of their rows.
+#[derive(Debug)]
+pub struct Extracted {
+    pub files: Vec<StagedFile>,
+    pub digest: Digest,
+    pub schema: arrow_schema::Schema,
 }
 
 #[derive(Clone, Debug)]
@@ -245,7 +254,11 @@ impl Worker {
             };
             self.metrics.shards_in_flight.dec();
             let outcome = match outcome {
-                Ok(files) => {
+                Ok(Extracted {
+                    files,
+                    digest,
+                    schema,
+                }) => {
                     let rows = files.iter().map(|f| f.rows).sum();
                     let bytes = files.iter().map(|f| f.bytes).sum();
                     let seconds = started.elapsed().as_secs_f64();
@@ -258,6 +271,9 @@ impl Worker {
                         bytes,
                         files,
                         seconds,
+                        checksum: digest.checksum,
+                        schema,
+                        max_value: digest.max_value,
                     }
                 }
                 Err(e) => {
@@ -306,7 +322,7 @@ impl Worker {
     }
 
     /// Extracts one shard to staged Parquet parts.
-    pub async fn process(&self, task: &ShardTask) -> Result<Vec<StagedFile>> {
+    pub async fn process(&self, task: &ShardTask) -> Result<Extracted> {
         let job = self.jobs.job_for(task).await?;
         let stream = match job.source_type {
             SourceType::Postgresql => {
@@ -321,18 +337,25 @@ impl Worker {
             }
         };
         let schema = pg_binary::arrow_schema(&task.columns);
+        let mut digest = ContentDigest::new(&schema, task.timestamp_column.as_deref())?;
         let rows = self.rows.clone();
-        write_parts(
+        let files = write_parts(
             self.staging.store(),
             &task.run_id,
             &task.shard_id,
-            schema,
+            schema.clone(),
             stream,
             &self.settings.parts,
-            |n| {
-                rows.fetch_add(n as u64, Ordering::Relaxed);
+            |batch| {
+                rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                digest.update(batch)
             },
         )
-        .await
+        .await?;
+        Ok(Extracted {
+            files,
+            digest: digest.finish()?,
+            schema: schema.as_ref().clone(),
+        })
     }
 }

@@ -195,8 +195,14 @@ async fn run(command: Command) -> shardflow::Result<()> {
                 settings,
                 Arc::new(AtomicU64::new(0)),
             );
-            let files = worker.process(&task).await?;
-            println!("{}", serde_json::to_string(&files)?);
+            let extracted = worker.process(&task).await?;
+            let out = serde_json::json!({
+                "files": extracted.files,
+                "checksum": extracted.digest.checksum,
+                "max_value": extracted.digest.max_value,
+                "schema": extracted.schema,
+            });
+            println!("{out}");
             Ok(())
         }
     }

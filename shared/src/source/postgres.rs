@@ -626,6 +626,7 @@ mod tests {
             bounds,
             snapshot: None,
             batch_rows: 10,
+            timestamp_column: None,
         }
     }
 

@@ -62,6 +62,10 @@ pub struct ShardRecord {
     pub status: String,
     pub rows: Option<u64>,
     pub files: Vec<StagedFile>,
+    /// From the success: the content checksum, the parts' schema, the timestamp maximum.
+    pub checksum: Option<String>,
+    pub schema: Option<arrow_schema::Schema>,
+    pub max_value: Option<String>,
     pub attempts: u32,
     pub error: Option<String>,
     pub task_json: String,
@@ -77,7 +81,35 @@ pub struct RunRecord {
     pub status: String,
     pub rows_extracted: Option<u64>,
     pub rows_loaded: Option<u64>,
+    pub checksum: Option<String>,
+    pub watermark: Option<String>,
     pub error_message: Option<String>,
+}
+
+/// How a run ended, as recorded by `finish_run`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunEnd {
+    pub status: RunStatus,
+    pub rows_extracted: u64,
+    pub rows_loaded: u64,
+    /// The combined content checksum of the loaded rows.
+    pub checksum: Option<String>,
+    /// The largest timestamp-column value loaded; recorded only with the committed load.
+    pub watermark: Option<String>,
+    pub error_message: Option<String>,
+}
+
+impl RunEnd {
+    pub fn failed(error_message: impl Into<String>) -> Self {
+        RunEnd {
+            status: RunStatus::Failed,
+            rows_extracted: 0,
+            rows_loaded: 0,
+            checksum: None,
+            watermark: None,
+            error_message: Some(error_message.into()),
+        }
+    }
 }
 
 /// What recording a shard result did.
@@ -105,25 +137,40 @@ pub trait StateStore: Send + Sync {
     /// Marks a shard failed for good (dead-lettered); false when it had already succeeded.
     async fn fail_shard(&self, run_id: &str, shard_id: &str, error: &str) -> Result<bool>;
     async fn shards(&self, run_id: &str) -> Result<Vec<ShardRecord>>;
-    async fn finish_run(
-        &self,
-        run_id: &str,
-        status: RunStatus,
-        rows_extracted: u64,
-        rows_loaded: u64,
-        error_message: Option<&str>,
-    ) -> Result<()>;
+    async fn finish_run(&self, run_id: &str, end: &RunEnd) -> Result<()>;
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>>;
     /// The newest run of a job key.
     async fn latest_run(&self, job_key: &str) -> Result<Option<RunRecord>>;
 }
 
-/// The rows and files of a success, for storing.
-pub(crate) fn success_parts(result: &ShardResult) -> Option<(u64, u64, &[StagedFile])> {
+/// What a success stores.
+pub(crate) struct Success<'a> {
+    pub rows: u64,
+    pub bytes: u64,
+    pub files: &'a [StagedFile],
+    pub checksum: &'a str,
+    pub schema: &'a arrow_schema::Schema,
+    pub max_value: Option<&'a str>,
+}
+
+pub(crate) fn success(result: &ShardResult) -> Option<Success<'_>> {
     match &result.outcome {
         ShardOutcome::Succeeded {
-            rows, bytes, files, ..
-        } => Some((*rows, *bytes, files.as_slice())),
+            rows,
+            bytes,
+            files,
+            checksum,
+            schema,
+            max_value,
+            ..
+        } => Some(Success {
+            rows: *rows,
+            bytes: *bytes,
+            files,
+            checksum,
+            schema,
+            max_value: max_value.as_deref(),
+        }),
         ShardOutcome::Failed { .. } => None,
     }
 }
@@ -145,6 +192,18 @@ pub(crate) mod conformance {
         }
     }
 
+    fn schema() -> arrow_schema::Schema {
+        use arrow_schema::{DataType, Field, TimeUnit};
+        arrow_schema::Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new(
+                "at",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+        ])
+    }
+
     pub fn success(rows: u64) -> ShardOutcome {
         ShardOutcome::Succeeded {
             rows,
@@ -155,6 +214,9 @@ pub(crate) mod conformance {
                 bytes: 10,
             }],
             seconds: 0.5,
+            checksum: format!("{rows:016x}"),
+            schema: schema(),
+            max_value: Some(format!("2024-01-0{}T00:00:00+00:00", rows % 9 + 1)),
         }
     }
 
@@ -217,6 +279,16 @@ pub(crate) mod conformance {
         assert_eq!(records[0].rows, Some(5), "the first success wins");
         assert_eq!(records[0].attempts, 2);
         assert_eq!(records[0].files.len(), 1);
+        assert_eq!(records[0].checksum.as_deref(), Some("0000000000000005"));
+        assert_eq!(records[0].schema, Some(schema()));
+        assert_eq!(
+            records[0].max_value.as_deref(),
+            Some("2024-01-06T00:00:00+00:00")
+        );
+        assert_eq!(
+            (records[1].checksum.as_ref(), records[1].schema.as_ref()),
+            (None, None)
+        );
         assert_eq!(records[1].status, "pending");
         assert_eq!(records[1].task_json, "{\"shard\":1}");
 
@@ -236,12 +308,13 @@ pub(crate) mod conformance {
         );
 
         store
-            .finish_run("run-1", RunStatus::Failed, 5, 0, Some("shard s1 failed"))
+            .finish_run("run-1", &RunEnd::failed("shard s1 failed"))
             .await
             .unwrap();
         let r = store.run("run-1").await.unwrap().unwrap();
         assert_eq!(r.status, "failed");
         assert_eq!(r.error_message.as_deref(), Some("shard s1 failed"));
+        assert_eq!((r.checksum, r.watermark), (None, None));
         assert_eq!((r.data_source_id, r.etl_run_id), (Some(7), None));
         assert_eq!(store.run("nope").await.unwrap(), None);
     }
@@ -277,10 +350,20 @@ pub(crate) mod conformance {
         );
         assert!(!store.heartbeat("run-2", "a").await.unwrap(), "a lost it");
         assert_eq!(store.run("run-2").await.unwrap().unwrap().owner, "b");
-        store
-            .finish_run("run-2", RunStatus::Completed, 0, 0, None)
-            .await
-            .unwrap();
+        let end = RunEnd {
+            status: RunStatus::Completed,
+            rows_extracted: 3,
+            rows_loaded: 3,
+            checksum: Some("00000000000000ff".into()),
+            watermark: Some("2024-05-01T00:00:00+00:00".into()),
+            error_message: None,
+        };
+        store.finish_run("run-2", &end).await.unwrap();
+        let r = store.run("run-2").await.unwrap().unwrap();
+        assert_eq!(
+            (r.status.as_str(), r.rows_loaded, r.checksum, r.watermark),
+            ("completed", Some(3), end.checksum, end.watermark)
+        );
         assert!(!store.claim_run("run-2", "b", long).await.unwrap(), "ended");
         assert!(!store.heartbeat("run-2", "b").await.unwrap());
 

@@ -18,6 +18,8 @@ CREATE TABLE IF NOT EXISTS shardflow_runs (
     finished_at     TEXT,
     rows_extracted  BIGINT,
     rows_loaded     BIGINT,
+    checksum        TEXT,                     -- combined content checksum of the loaded rows
+    watermark       TEXT,                     -- largest timestamp-column value loaded
     error_message   TEXT
 );
 
@@ -32,6 +34,9 @@ CREATE TABLE IF NOT EXISTS shardflow_shards (
     rows            BIGINT,
     bytes           BIGINT,
     files_json      TEXT,
+    checksum        TEXT,                     -- the worker's content checksum
+    schema_json     TEXT,                     -- the Arrow schema of the staged parts
+    max_value       TEXT,                     -- the shard's largest timestamp-column value
     attempts        BIGINT NOT NULL DEFAULT 0,
     error           TEXT,
     PRIMARY KEY (run_id, shard_id)

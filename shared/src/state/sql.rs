@@ -8,9 +8,7 @@ use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor as _, Row};
 
-use super::{
-    NewRun, NewShard, Recorded, RunRecord, RunStatus, ShardRecord, StateStore, success_parts,
-};
+use super::{NewRun, NewShard, Recorded, RunEnd, RunRecord, ShardRecord, StateStore, success};
 use crate::messages::{ShardOutcome, ShardResult};
 use crate::{Error, Result};
 
@@ -98,7 +96,7 @@ macro_rules! select_runs {
     ($tail:literal) => {
         concat!(
             "SELECT run_id, job_key, data_source_id, etl_run_id, owner, status, rows_extracted,
-                    rows_loaded, error_message FROM shardflow_runs ",
+                    rows_loaded, checksum, watermark, error_message FROM shardflow_runs ",
             $tail
         )
     };
@@ -197,15 +195,19 @@ impl StateStore for SqlStateStore {
     }
 
     async fn record_result(&self, result: &ShardResult) -> Result<Recorded> {
-        let changed = match success_parts(result) {
-            Some((rows, bytes, files)) => sqlx::query(
+        let changed = match success(result) {
+            Some(ok) => sqlx::query(
                 "UPDATE shardflow_shards SET status = 'succeeded', rows = $1, bytes = $2,
-                        files_json = $3, attempts = attempts + 1, error = NULL
-                 WHERE run_id = $4 AND shard_id = $5 AND status = 'pending'",
+                        files_json = $3, checksum = $4, schema_json = $5, max_value = $6,
+                        attempts = attempts + 1, error = NULL
+                 WHERE run_id = $7 AND shard_id = $8 AND status = 'pending'",
             )
-            .bind(rows as i64)
-            .bind(bytes as i64)
-            .bind(serde_json::to_string(files)?)
+            .bind(ok.rows as i64)
+            .bind(ok.bytes as i64)
+            .bind(serde_json::to_string(ok.files)?)
+            .bind(ok.checksum)
+            .bind(serde_json::to_string(ok.schema)?)
+            .bind(ok.max_value)
             .bind(&result.run_id)
             .bind(&result.shard_id)
             .execute(&self.pool)
@@ -228,7 +230,7 @@ impl StateStore for SqlStateStore {
                 .rows_affected()
             }
         };
-        Ok(match (changed, success_parts(result).is_some()) {
+        Ok(match (changed, success(result).is_some()) {
             (0, _) => Recorded::Duplicate,
             (_, true) => Recorded::Succeeded,
             (_, false) => Recorded::FailedAttempt,
@@ -251,8 +253,8 @@ impl StateStore for SqlStateStore {
 
     async fn shards(&self, run_id: &str) -> Result<Vec<ShardRecord>> {
         let rows = sqlx::query(
-            "SELECT shard_id, shard_index, estimated_rows, status, rows, files_json, attempts,
-                    error, task_json
+            "SELECT shard_id, shard_index, estimated_rows, status, rows, files_json, checksum,
+                    schema_json, max_value, attempts, error, task_json
              FROM shardflow_shards WHERE run_id = $1 ORDER BY shard_index",
         )
         .bind(run_id)
@@ -261,6 +263,7 @@ impl StateStore for SqlStateStore {
         rows.iter()
             .map(|r| {
                 let files: Option<String> = r.try_get("files_json")?;
+                let schema: Option<String> = r.try_get("schema_json")?;
                 Ok(ShardRecord {
                     shard_id: r.try_get("shard_id")?,
                     shard_index: r.try_get::<i64, _>("shard_index")? as u32,
@@ -271,6 +274,9 @@ impl StateStore for SqlStateStore {
                         Some(f) => serde_json::from_str(&f)?,
                         None => Vec::new(),
                     },
+                    checksum: r.try_get("checksum")?,
+                    schema: schema.map(|s| serde_json::from_str(&s)).transpose()?,
+                    max_value: r.try_get("max_value")?,
                     attempts: r.try_get::<i64, _>("attempts")? as u32,
                     error: r.try_get("error")?,
                     task_json: r.try_get("task_json")?,
@@ -279,24 +285,19 @@ impl StateStore for SqlStateStore {
             .collect()
     }
 
-    async fn finish_run(
-        &self,
-        run_id: &str,
-        status: RunStatus,
-        rows_extracted: u64,
-        rows_loaded: u64,
-        error_message: Option<&str>,
-    ) -> Result<()> {
+    async fn finish_run(&self, run_id: &str, end: &RunEnd) -> Result<()> {
         sqlx::query(
             "UPDATE shardflow_runs SET status = $1, finished_at = $2, rows_extracted = $3,
-                    rows_loaded = $4, error_message = $5
-             WHERE run_id = $6",
+                    rows_loaded = $4, checksum = $5, watermark = $6, error_message = $7
+             WHERE run_id = $8",
         )
-        .bind(status.as_str())
+        .bind(end.status.as_str())
         .bind(now())
-        .bind(rows_extracted as i64)
-        .bind(rows_loaded as i64)
-        .bind(error_message)
+        .bind(end.rows_extracted as i64)
+        .bind(end.rows_loaded as i64)
+        .bind(end.checksum.as_deref())
+        .bind(end.watermark.as_deref())
+        .bind(end.error_message.as_deref())
         .bind(run_id)
         .execute(&self.pool)
         .await?;
@@ -332,6 +333,8 @@ fn run_record(r: &AnyRow) -> Result<RunRecord> {
         status: r.try_get("status")?,
         rows_extracted: opt_u64(r, "rows_extracted")?,
         rows_loaded: opt_u64(r, "rows_loaded")?,
+        checksum: r.try_get("checksum")?,
+        watermark: r.try_get("watermark")?,
         error_message: r.try_get("error_message")?,
     })
 }

@@ -16,6 +16,8 @@ CREATE TABLE IF NOT EXISTS shardflow_runs (
     finished_at     TEXT,
     rows_extracted  INTEGER,
     rows_loaded     INTEGER,
+    checksum        TEXT,                     -- combined content checksum of the loaded rows
+    watermark       TEXT,                     -- largest timestamp-column value loaded
     error_message   TEXT
 );
 
@@ -30,6 +32,9 @@ CREATE TABLE IF NOT EXISTS shardflow_shards (
     rows            INTEGER,
     bytes           INTEGER,
     files_json      TEXT,
+    checksum        TEXT,                     -- the worker's content checksum
+    schema_json     TEXT,                     -- the Arrow schema of the staged parts
+    max_value       TEXT,                     -- the shard's largest timestamp-column value
     attempts        INTEGER NOT NULL DEFAULT 0,
     error           TEXT,
     PRIMARY KEY (run_id, shard_id)

@@ -1579,7 +1579,7 @@ mod tests {
                     env.schema.clone(),
                     batches,
                     &PartOptions::default(),
-                    |_| {},
+                    |_| Ok(()),
                 )
                 .await
                 .unwrap();

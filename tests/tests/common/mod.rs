@@ -97,6 +97,18 @@ pub fn read_table(dir: &Path) -> Vec<RecordBatch> {
     out
 }
 
+/// The order-independent content checksum of these batches, as the workers compute it.
+pub fn content_checksum(batches: &[RecordBatch]) -> String {
+    let Some(first) = batches.first() else {
+        return shardflow::digest::EMPTY_CHECKSUM.to_string();
+    };
+    let mut digest = shardflow::digest::ContentDigest::new(&first.schema(), None).expect("digest");
+    for b in batches {
+        digest.update(b).expect("digest update");
+    }
+    digest.finish().expect("digest").checksum
+}
+
 /// The files of a table and their sizes, to show a table did not change.
 pub fn table_listing(dir: &Path) -> Vec<(String, u64)> {
     shardflow::warehouse::parquet_dir::table_files(dir)
