@@ -18,6 +18,7 @@ use shardflow::digest;
 use shardflow::messages::{self, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
 use shardflow::metrics::Metrics;
 use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
+use shardflow::seal::{SEAL_KEY_ENV, SealKey};
 use shardflow::source::pg_binary;
 use shardflow::source::postgres::{self, PgConnector};
 use shardflow::spec::JobSpec;
@@ -43,6 +44,8 @@ pub struct EngineSettings {
     pub stale_after: Duration,
     /// How often the owner rereads its shards when no result came through this process.
     pub poll: Duration,
+    /// Seals configs that workers cannot fetch from Django (`SHARDFLOW_SEAL_KEY`).
+    pub seal_key: Option<SealKey>,
 }
 
 impl Default for EngineSettings {
@@ -53,6 +56,7 @@ impl Default for EngineSettings {
             heartbeat: Duration::from_secs(5),
             stale_after: Duration::from_secs(30),
             poll: Duration::from_secs(2),
+            seal_key: None,
         }
     }
 }
@@ -138,6 +142,9 @@ pub struct RunJob {
     pub job_key: String,
     pub spec: Arc<JobSpec>,
     pub etl_run_id: Option<i64>,
+    /// The config's JSON when it did not come from Django (inline in the job message, or a
+    /// job file run on the fleet): remote workers can only get it sealed.
+    pub own_config: Option<Arc<String>>,
 }
 
 pub enum RunOutcome {
@@ -406,6 +413,11 @@ impl Engine {
             .timestamp_column
             .clone()
             .filter(|c| plan.source_columns.iter().any(|s| &s.name == c));
+        let sealed_config = config_for_workers(
+            job.own_config.as_deref(),
+            self.settings.seal_key.as_ref(),
+            run_id,
+        )?;
         let tasks: Vec<ShardTask> = plan
             .shards
             .iter()
@@ -424,6 +436,7 @@ impl Engine {
                 snapshot: snapshot.as_ref().map(|s| s.id.clone()),
                 batch_rows: self.settings.batch_rows,
                 timestamp_column: timestamp_column.clone(),
+                sealed_config: sealed_config.clone(),
             })
             .collect();
         let mut new_shards = Vec::with_capacity(tasks.len());
@@ -545,6 +558,25 @@ impl Engine {
             }
             let _ = tokio::time::timeout(self.settings.poll, wake.notified()).await;
         }
+    }
+}
+
+/// The sealed config for the run's shards: none when the workers fetch it from Django (or
+/// share this process's registry); refused when it cannot reach them without its secrets in
+/// clear text.
+fn config_for_workers(
+    own_config: Option<&String>,
+    key: Option<&SealKey>,
+    run_id: &str,
+) -> Result<Option<String>> {
+    match (own_config, key) {
+        (None, _) => Ok(None),
+        (Some(config), Some(key)) => Ok(Some(key.seal(config.as_bytes(), run_id)?)),
+        (Some(_), None) => Err(Error::Message(format!(
+            "this job's config did not come from Django, so the workers can only receive it \
+             sealed: set {SEAL_KEY_ENV} (64 hex digits, the same on the dispatcher and the \
+             workers), or publish the job with data_source_id alone"
+        ))),
     }
 }
 
@@ -677,6 +709,26 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "shard s1 reported no checksum or schema"
+        );
+    }
+
+    #[test]
+    fn own_configs_travel_sealed_or_not_at_all() {
+        let config = r#"{"connection_params": {"password": "pw"}}"#.to_string();
+        let key = SealKey::from_hex(&"ab".repeat(32)).unwrap();
+        assert_eq!(config_for_workers(None, None, "r.1").unwrap(), None);
+        assert_eq!(config_for_workers(None, Some(&key), "r.1").unwrap(), None);
+        let sealed = config_for_workers(Some(&config), Some(&key), "r.1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(key.open(&sealed, "r.1").unwrap(), config.as_bytes());
+        assert_eq!(
+            config_for_workers(Some(&config), None, "r.1")
+                .unwrap_err()
+                .to_string(),
+            "message: this job's config did not come from Django, so the workers can only \
+             receive it sealed: set SHARDFLOW_SEAL_KEY (64 hex digits, the same on the \
+             dispatcher and the workers), or publish the job with data_source_id alone"
         );
     }
 

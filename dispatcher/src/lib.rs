@@ -14,6 +14,7 @@ use shardflow::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
 use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
 use shardflow::queue::{DeadLetterPolicy, Queue, SubscriptionConfig, Topology};
 use shardflow::retry::RetryPolicy;
+use shardflow::seal::SealKey;
 use shardflow::source::pg_binary;
 use shardflow::source::postgres::{self, PgConnector};
 use shardflow::source::{ShardBounds, SourceColumn};
@@ -208,6 +209,8 @@ pub struct RunOptions {
     pub max_delivery_attempts: u32,
     pub queue: QueueChoice,
     pub topology: Topology,
+    /// The job config's JSON as read; on the fleet it travels sealed (`SHARDFLOW_SEAL_KEY`).
+    pub config_json: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -225,6 +228,7 @@ impl Default for RunOptions {
             max_delivery_attempts: 5,
             queue: QueueChoice::Embedded(EmbeddedOptions::default()),
             topology: Topology::default(),
+            config_json: None,
         }
     }
 }
@@ -284,6 +288,11 @@ pub async fn run_job(spec: JobSpec, opts: RunOptions) -> RunReport {
             .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7())),
         spec: Arc::new(spec.clone()),
         etl_run_id: opts.etl_run_id,
+        // In-process workers share the registry; remote ones need the config sealed.
+        own_config: match opts.queue {
+            QueueChoice::Embedded(_) => None,
+            QueueChoice::PubSub { .. } => opts.config_json.clone().map(Arc::new),
+        },
     };
     let observer = ProgressObserver {
         show: opts.show_progress,
@@ -407,6 +416,10 @@ impl Fleet {
                     ..opts.plan.clone()
                 },
                 batch_rows: opts.batch_rows,
+                seal_key: match opts.queue {
+                    QueueChoice::Embedded(_) => None,
+                    QueueChoice::PubSub { .. } => SealKey::from_env()?,
+                },
                 ..Default::default()
             },
         });

@@ -17,6 +17,7 @@ use shardflow::queue::embedded::EmbeddedOptions;
 use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
 use shardflow::queue::{DeadLetterPolicy, SubscriptionConfig, Topology};
 use shardflow::retry::RetryPolicy;
+use shardflow::seal::SealKey;
 use shardflow::spec::{JobConfig, JobSpec};
 use shardflow::telemetry::{self, LogFormat};
 use shardflow_dispatcher::serve::{ServeSettings, serve};
@@ -315,7 +316,8 @@ async fn pubsub_setup(args: SetupArgs) -> shardflow::Result<()> {
 }
 
 /// The job file, as a job config or as a job message with the config inline.
-fn read_job(path: &Path) -> Result<(JobSpec, Option<i64>), String> {
+/// Also returns the config's JSON, for sealing when the run goes to the fleet.
+fn read_job(path: &Path) -> Result<(JobSpec, Option<i64>, String), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read job file {}: {e}", path.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)
@@ -330,13 +332,14 @@ fn read_job(path: &Path) -> Result<(JobSpec, Option<i64>), String> {
         ),
         None => (value, None, None),
     };
+    let config_json = config_value.to_string();
     let mut config: JobConfig = serde_json::from_value(config_value)
         .map_err(|e| format!("invalid job config: not a job config: {e}"))?;
     if config.data_source_id.is_none() {
         config.data_source_id = data_source_id;
     }
     let spec = JobSpec::validate(config).map_err(|e| e.to_string())?;
-    Ok((spec, etl_run_id))
+    Ok((spec, etl_run_id, config_json))
 }
 
 #[tokio::main]
@@ -372,7 +375,7 @@ async fn main() -> ExitCode {
     };
     match cli.command {
         Command::Plan(args) => {
-            let (spec, _) = match read_job(&args.job) {
+            let (spec, _, _) = match read_job(&args.job) {
                 Ok(j) => j,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -427,6 +430,13 @@ async fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let seal_key = match SealKey::from_env() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let settings = ServeSettings {
                 dest: args
                     .dest
@@ -448,6 +458,7 @@ async fn main() -> ExitCode {
                     batch_rows: args.batch_size,
                     heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
                     stale_after: Duration::from_secs(args.stale_after_secs.max(2)),
+                    seal_key,
                     ..Default::default()
                 },
                 drain: Duration::from_secs(args.drain_secs),
@@ -496,7 +507,7 @@ async fn main() -> ExitCode {
                     error_message: Some(e),
                     ..Default::default()
                 },
-                Ok((spec, message_run_id)) => {
+                Ok((spec, message_run_id, config_json)) => {
                     let opts = RunOptions {
                         plan: PlanOptions {
                             shard_rows: plan.shard_rows,
@@ -521,6 +532,7 @@ async fn main() -> ExitCode {
                             })
                         },
                         topology: topology.topology(),
+                        config_json: Some(config_json),
                     };
                     run_job(spec, opts).await
                 }

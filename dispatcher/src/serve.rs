@@ -233,6 +233,7 @@ async fn run_message(
         job_key: key.clone(),
         spec: Arc::new(spec),
         etl_run_id: message.etl_run_id,
+        own_config: message.config.as_ref().map(|c| Arc::new(c.to_string())),
     };
     let observer = DjangoObserver {
         django,

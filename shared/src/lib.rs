@@ -11,6 +11,7 @@ pub mod parquet_sink;
 pub mod plan;
 pub mod queue;
 pub mod retry;
+pub mod seal;
 pub mod source;
 pub mod spec;
 pub mod staging;

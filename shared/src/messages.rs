@@ -1,6 +1,7 @@
 //! Wire messages between dispatcher and workers. Versioned JSON: a reader refuses a version it
-//! does not know rather than guessing. No message carries a secret: workers get connection
-//! details from the job config, by `data_source_id` or from the run registry.
+//! does not know rather than guessing. No message carries a secret in clear text: workers get
+//! connection details from Django by `data_source_id`, from the run registry, or from a
+//! config sealed for the run (`seal`).
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,9 @@ pub struct ShardTask {
     pub batch_rows: usize,
     /// The job's timestamp column, whose largest value the result reports.
     pub timestamp_column: Option<String>,
+    /// The job config, sealed for this run (see `seal`), when it did not come from Django.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_config: Option<String>,
 }
 
 impl ShardTask {

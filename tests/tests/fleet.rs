@@ -198,6 +198,10 @@ impl Fleet {
             ("SHARDFLOW_RETRY_MAX_BACKOFF_SECS", "2"),
             ("SHARDFLOW_SHARD_ROWS", "10000"),
             ("SHARDFLOW_MAX_OUTSTANDING", "2"),
+            (
+                "SHARDFLOW_SEAL_KEY",
+                "5ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea15ea1",
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -570,11 +574,45 @@ async fn embedded_run(schema: &str, extra: Value, shard_rows: u64) -> RunReport 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_scheduled_message_without_a_run_id_runs_and_sends_no_patch() {
+async fn scheduled_and_inline_jobs_run_without_django_run_ids_or_configs() {
     let fleet = Fleet::start("sched", 1, &[]).await;
     source_table("fleet_sched", 15_000).await;
+    source_table("fleet_inline", 20_000).await;
     fleet.serve_config(601, config("fleet_sched", "table_s"));
     fleet.publish_scheduled(601).await;
+    // A job whose config exists only in the message (Django does not know its data source):
+    // the workers get it sealed for the run, and its password never rests in clear text.
+    let inline = json!({"etl_run_id": 9001, "config": config("fleet_inline", "table_i")});
+    fleet
+        .queue
+        .publish(
+            &fleet.env("SHARDFLOW_JOBS_TOPIC"),
+            Message::new(inline.to_string()),
+        )
+        .await
+        .unwrap();
+    let status = fleet
+        .django
+        .final_status(9001, Duration::from_secs(180))
+        .await;
+    assert_completed(&status, 20_000);
+    assert_loaded_exactly(&fleet, "fleet_inline", "table_i").await;
+    let tasks = fleet
+        .state()
+        .await
+        .query(
+            "SELECT s.task_json FROM shardflow_shards s JOIN shardflow_runs r USING (run_id)
+             WHERE r.etl_run_id = 9001",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(tasks.len() > 1, "{} shards", tasks.len());
+    for t in &tasks {
+        let task: String = t.get(0);
+        assert!(task.contains("\"sealed_config\""), "{task}");
+        assert!(!task.contains("pw-never-shown"), "{task}");
+    }
 
     // The run gets its own key from the message, and ends in the state store.
     let state = fleet.state().await;
@@ -608,7 +646,8 @@ async fn a_scheduled_message_without_a_run_id_runs_and_sends_no_patch() {
         ("completed", Some(15_000), None)
     );
     assert_loaded_exactly(&fleet, "fleet_sched", "table_s").await;
-    // Django was asked for the config and told nothing.
+    // Django was asked for the scheduled job's config and told nothing of its run; the
+    // inline job's config was never fetched.
     let calls = fleet.django.calls.lock().unwrap().clone();
     assert!(
         calls
@@ -617,8 +656,16 @@ async fn a_scheduled_message_without_a_run_id_runs_and_sends_no_patch() {
         "{calls:?}"
     );
     assert!(
-        calls.iter().all(|(method, _, _)| method == "GET"),
+        calls
+            .iter()
+            .all(|(method, path, _)| method == "GET" || path.contains("/runs/9001/")),
         "no PATCH for a run Django did not create: {calls:?}"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|(_, path, _)| path.contains("/job-config/42/")),
+        "{calls:?}"
     );
 }
 

@@ -16,6 +16,7 @@ use shardflow::metrics::Metrics;
 use shardflow::parquet_sink::{PartOptions, write_parts};
 use shardflow::queue::{Delivery, Message, Queue, Topology};
 use shardflow::retry::RetryPolicy;
+use shardflow::seal::{SEAL_KEY_ENV, SealKey};
 use shardflow::source::{pg_binary, postgres};
 use shardflow::spec::{JobSpec, SourceType};
 use shardflow::staging::Staging;
@@ -112,6 +113,32 @@ pub struct Extracted {
     pub files: Vec<StagedFile>,
     pub digest: Digest,
     pub schema: arrow_schema::Schema,
+}
+
+/// A shard that carries its run's sealed config is opened with the shared key; any other
+/// goes to `otherwise`.
+pub struct SealedConfigResolver {
+    pub key: Option<SealKey>,
+    pub otherwise: Arc<dyn JobResolver>,
+}
+
+#[async_trait]
+impl JobResolver for SealedConfigResolver {
+    async fn job_for(&self, task: &ShardTask) -> Result<Arc<JobSpec>> {
+        let Some(sealed) = &task.sealed_config else {
+            return self.otherwise.job_for(task).await;
+        };
+        let Some(key) = &self.key else {
+            return Err(Error::Message(format!(
+                "shard {} of run {} carries a sealed job config and this worker has no {SEAL_KEY_ENV}",
+                task.shard_id, task.run_id
+            )));
+        };
+        let json = key.open(sealed, &task.run_id)?;
+        let text = String::from_utf8(json)
+            .map_err(|_| Error::Message("the sealed job config is not UTF-8".into()))?;
+        Ok(Arc::new(JobSpec::from_json(&text)?))
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -15,10 +15,13 @@ use shardflow::queue::Topology;
 use shardflow::queue::embedded::EmbeddedQueue;
 use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
 use shardflow::retry::RetryPolicy;
+use shardflow::seal::SealKey;
 use shardflow::spec::JobSpec;
 use shardflow::staging::Staging;
 use shardflow::telemetry::{self, LogFormat};
-use shardflow_worker::{DjangoJobResolver, RunRegistry, Worker, WorkerSettings};
+use shardflow_worker::{
+    DjangoJobResolver, RunRegistry, SealedConfigResolver, Worker, WorkerSettings,
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -138,10 +141,13 @@ async fn serve(args: ServeArgs) -> shardflow::Result<()> {
     tracing::info!(%bound, max_outstanding, worker_id = %settings.worker_id, "worker serving");
     let worker = Worker::new(
         Arc::new(queue),
-        Arc::new(DjangoJobResolver::new(
-            django,
-            Duration::from_secs(args.config_cache_secs),
-        )),
+        Arc::new(SealedConfigResolver {
+            key: SealKey::from_env()?,
+            otherwise: Arc::new(DjangoJobResolver::new(
+                django,
+                Duration::from_secs(args.config_cache_secs),
+            )),
+        }),
         Staging::from_url(&args.staging)?,
         settings,
         Arc::new(AtomicU64::new(0)),

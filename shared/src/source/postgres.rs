@@ -627,6 +627,7 @@ mod tests {
             snapshot: None,
             batch_rows: 10,
             timestamp_column: None,
+            sealed_config: None,
         }
     }
 
