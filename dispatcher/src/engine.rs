@@ -21,7 +21,7 @@ use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
 use shardflow::source::pg_binary;
 use shardflow::source::postgres::{self, PgConnector};
-use shardflow::spec::JobSpec;
+use shardflow::spec::{JobSpec, LoadType};
 use shardflow::staging::Staging;
 use shardflow::state::{
     NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, StateStore,
@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{PlanOptions, RunReport, plan_job};
+use crate::{PlanOptions, RunReport, plan_job, sync_value_text};
 
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
@@ -436,6 +436,7 @@ impl Engine {
                 snapshot: snapshot.as_ref().map(|s| s.id.clone()),
                 batch_rows: self.settings.batch_rows,
                 timestamp_column: timestamp_column.clone(),
+                window: plan.window.clone(),
                 sealed_config: sealed_config.clone(),
             })
             .collect();
@@ -488,6 +489,14 @@ impl Engine {
         }
         drop(snapshot);
 
+        if tasks.is_empty() {
+            // An empty incremental window: nothing to load, the destination stays as it is,
+            // and the watermark stays where it was.
+            report.watermark = spec.last_sync_value.as_ref().and_then(sync_value_text);
+            report.checksum = Some(digest::EMPTY_CHECKSUM.into());
+            return Ok(true);
+        }
+
         // Every shard is in: gather the parts in plan order and load them once.
         let records = self.state.shards(run_id).await?;
         let mut parts: Vec<StagedFile> = Vec::new();
@@ -498,22 +507,35 @@ impl Engine {
         report.rows_extracted = report.shard_rows.iter().sum();
         let schema = pg_binary::arrow_schema(&plan.source_columns);
         let summary = summarize_shards(&records, &schema, timestamp_column.as_deref())?;
+        let mode = match spec.load_type {
+            LoadType::Catalog => WriteMode::Replace,
+            LoadType::Transactional => WriteMode::Append,
+        };
         let outcome = self
             .warehouse
             .load(LoadRequest {
                 table: &spec.dest_table_name,
                 schema: &schema,
                 run_id,
+                load_key: match mode {
+                    WriteMode::Replace => run_id,
+                    // No attempt of the job may append twice.
+                    WriteMode::Append => &job.job_key,
+                },
                 parts: &parts,
                 staging: &self.staging,
-                mode: WriteMode::Replace,
+                mode,
                 expected_rows: report.rows_extracted,
             })
             .await?;
         report.rows_loaded = outcome.rows_loaded;
         report.destination = Some(outcome.location);
         report.checksum = Some(summary.checksum);
-        report.watermark = summary.watermark;
+        // The largest value loaded; the planned high-water mark when the column is not
+        // extracted (it bounds what was read, in the same snapshot).
+        report.watermark = summary
+            .watermark
+            .or_else(|| plan.window.as_ref().map(|w| w.through.clone()));
         Ok(true)
     }
 

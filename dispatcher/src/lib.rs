@@ -17,7 +17,7 @@ use shardflow::retry::RetryPolicy;
 use shardflow::seal::SealKey;
 use shardflow::source::pg_binary;
 use shardflow::source::postgres::{self, PgConnector};
-use shardflow::source::{ShardBounds, SourceColumn};
+use shardflow::source::{ShardBounds, SourceColumn, Window};
 use shardflow::spec::{JobSpec, LoadType, ProcessingMode, SourceType};
 use shardflow::staging::Staging;
 use shardflow::state::sql::SqlStateStore;
@@ -94,6 +94,10 @@ pub struct Plan {
     pub shards: Vec<PlannedShard>,
     #[serde(skip)]
     pub source_columns: Vec<SourceColumn>,
+    /// For a transactional load: the rows this run reads. `None` with no shard at all when
+    /// the window is empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
 }
 
 fn shard_id(index: usize) -> String {
@@ -106,11 +110,6 @@ pub(crate) fn check_supported(spec: &JobSpec) -> Result<()> {
             "source_type {:?} is not supported by this build yet (PostgreSQL is)",
             spec.source_type
         )));
-    }
-    if spec.load_type != LoadType::Catalog {
-        return Err(Error::Source(
-            "load_type \"transactional\" is not supported by this build yet (catalog is)".into(),
-        ));
     }
     Ok(())
 }
@@ -129,20 +128,49 @@ pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
             spec.qualified_table()
         )));
     }
-    let estimate = postgres::estimate(&client, &info, opts.exact_count).await?;
+    let wanted =
+        |rows: u64| match plan::choose_mode(spec.processing_mode, rows, spec.row_count_threshold).0
+        {
+            Mode::Standard => 1,
+            Mode::Sharded => plan::fit_to_workers(
+                plan::shard_count(rows, opts.shard_rows),
+                opts.workers.unwrap_or(1),
+            ),
+        };
+    let (estimate, split, window) = match (spec.load_type, &spec.timestamp_column) {
+        (LoadType::Transactional, Some(column)) => {
+            let after = spec.last_sync_value.as_ref().and_then(sync_value_text);
+            let from = spec.historical_start_date.clone();
+            let (window, rows, shards) =
+                postgres::plan_window(&client, &info, column, after, from, wanted).await?;
+            let method = match (&window, shards.len()) {
+                (None, _) => "none (the window is empty)",
+                (Some(_), 1) => "none",
+                (Some(_), _) => "window quantiles",
+            };
+            let split = postgres::Split {
+                method: method.into(),
+                column: (shards.len() > 1).then(|| column.clone()),
+                shards,
+            };
+            let estimate = postgres::Estimate {
+                rows,
+                source: "count(*) over the window".into(),
+            };
+            (estimate, split, window)
+        }
+        _ => {
+            let estimate = postgres::estimate(&client, &info, opts.exact_count).await?;
+            let split =
+                postgres::split(&client, &info, estimate.rows, wanted(estimate.rows)).await?;
+            (estimate, split, None)
+        }
+    };
     let (mode, mode_reason) = plan::choose_mode(
         spec.processing_mode,
         estimate.rows,
         spec.row_count_threshold,
     );
-    let wanted = match mode {
-        Mode::Standard => 1,
-        Mode::Sharded => plan::fit_to_workers(
-            plan::shard_count(estimate.rows, opts.shard_rows),
-            opts.workers.unwrap_or(1),
-        ),
-    };
-    let split = postgres::split(&client, &info, estimate.rows, wanted).await?;
     Ok(Plan {
         data_source_id: spec.data_source_id,
         source: spec.qualified_table(),
@@ -177,7 +205,18 @@ pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
             })
             .collect(),
         source_columns: columns,
+        window,
     })
+}
+
+/// `last_sync_value` as the text PostgreSQL casts back: a JSON string as is, a number as
+/// written; null or an empty string mean no watermark yet.
+pub(crate) fn sync_value_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// Which queue carries the shards.

@@ -31,6 +31,9 @@ pub struct ShardTask {
     pub batch_rows: usize,
     /// The job's timestamp column, whose largest value the result reports.
     pub timestamp_column: Option<String>,
+    /// For an incremental load, the window every shard is limited to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::source::Window>,
     /// The job config, sealed for this run (see `seal`), when it did not come from Django.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_config: Option<String>,

@@ -874,3 +874,45 @@ async fn dispatcher_run_with_the_pubsub_queue_uses_the_fleet_and_waits() {
     assert!(report["shards"].as_u64() > Some(1), "{report}");
     assert_loaded_exactly(&fleet, "fleet_cli", "table_cli").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transactional_jobs_append_each_window_to_bigquery_once() {
+    let fleet = Fleet::start("inc", 2, &[]).await;
+    source_table("fleet_inc", 25_000).await;
+    let mut config = config("fleet_inc", "table_inc");
+    config["load_type"] = json!("transactional");
+    config["timestamp_column"] = json!("seen");
+    config["historical_start_date"] = json!("2024-01-01");
+    fleet.serve_config(701, config.clone());
+    fleet.publish_job(701, 11001).await;
+    let first = fleet
+        .django
+        .final_status(11001, Duration::from_secs(180))
+        .await;
+    assert_completed(&first, 25_000);
+    // Row 25000's minute after 2024-01-01.
+    assert_eq!(first["watermark"], "2024-01-18T08:40:00Z", "{first}");
+
+    // The table grows; Django stores the watermark as last_sync_value for the next run.
+    pg().await
+        .batch_execute(
+            "INSERT INTO fleet_inc.t SELECT i, 'name-' || i, (i * 1.25)::numeric(12,2),
+                    timestamptz '2024-01-01 00:00:00+00' + i * interval '1 minute'
+             FROM generate_series(25001, 31000) i",
+        )
+        .await
+        .unwrap();
+    config["last_sync_value"] = first["watermark"].clone();
+    fleet.serve_config(701, config);
+    fleet.publish_job(701, 11002).await;
+    fleet.publish_job(701, 11002).await;
+    let second = fleet
+        .django
+        .final_status(11002, Duration::from_secs(180))
+        .await;
+    assert_completed(&second, 6_000);
+    assert_eq!(second["watermark"], "2024-01-22T12:40:00Z", "{second}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Both windows appended once, the duplicate job message changed nothing.
+    assert_loaded_exactly(&fleet, "fleet_inc", "table_inc").await;
+}

@@ -47,6 +47,21 @@ pub enum ShardBounds {
     },
 }
 
+/// The rows of an incremental load: `column` after the value loaded last (or from the
+/// historical start), through the high-water mark captured when the run was planned. Values
+/// are the column's text form, cast back in SQL to the column's type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub column: String,
+    pub column_type: String,
+    /// Exclusive lower bound: the watermark of the last load.
+    pub after: Option<String>,
+    /// Inclusive lower bound (`historical_start_date`), used when there is no watermark.
+    pub from: Option<String>,
+    /// Inclusive upper bound: the high-water mark.
+    pub through: String,
+}
+
 /// A stream of Arrow batches from one shard.
 pub type BatchStream = Pin<Box<dyn Stream<Item = Result<RecordBatch>> + Send>>;
 

@@ -11,9 +11,9 @@ use futures::StreamExt;
 use tokio_postgres::{Client, NoTls};
 
 use super::pg_binary::{CopyDecoder, select_item};
-use super::{BatchStream, ShardBounds, SourceColumn, quote_ident};
+use super::{BatchStream, ShardBounds, SourceColumn, Window, quote_ident};
 use crate::messages::ShardTask;
-use crate::plan;
+use crate::plan::{self, Cut};
 use crate::retry::RetryPolicy;
 use crate::spec::JobSpec;
 use crate::{Error, Result};
@@ -459,8 +459,12 @@ pub async fn export_snapshot(connector: &PgConnector) -> Result<SnapshotHold> {
     })
 }
 
+/// The settings a shard's COPY reads its bound values from (`current_setting`): COPY takes no
+/// parameters, and values must never be pasted into SQL.
+pub type BoundSettings = Vec<(&'static str, String)>;
+
 /// The COPY statement for a shard and the bound values it reads through `current_setting`.
-pub fn copy_statement(task: &ShardTask) -> Result<(String, Option<String>, Option<String>)> {
+pub fn copy_statement(task: &ShardTask) -> Result<(String, BoundSettings)> {
     let columns: Vec<String> = task.columns.iter().map(select_item).collect();
     let mut sql = format!(
         "COPY (SELECT {} FROM {}.{}",
@@ -468,6 +472,8 @@ pub fn copy_statement(task: &ShardTask) -> Result<(String, Option<String>, Optio
         quote_ident(&task.schema_name),
         quote_ident(&task.table_name)
     );
+    let mut conditions: Vec<String> = Vec::new();
+    let mut settings: BoundSettings = Vec::new();
     let (lower, upper) = match &task.bounds {
         ShardBounds::Whole => (None, None),
         ShardBounds::KeyRange {
@@ -497,9 +503,9 @@ pub fn copy_statement(task: &ShardTask) -> Result<(String, Option<String>, Optio
             if !conds.is_empty() {
                 let range = conds.join(" AND ");
                 if *include_nulls {
-                    sql.push_str(&format!(" WHERE ({range}) OR {k} IS NULL"));
+                    conditions.push(format!("({range}) OR {k} IS NULL"));
                 } else {
-                    sql.push_str(&format!(" WHERE {range}"));
+                    conditions.push(range);
                 }
             }
             (lower.clone(), upper.clone())
@@ -508,9 +514,9 @@ pub fn copy_statement(task: &ShardTask) -> Result<(String, Option<String>, Optio
             first_block,
             end_block,
         } => {
-            sql.push_str(" WHERE ctid >= current_setting('shardflow.lower')::tid");
+            conditions.push("ctid >= current_setting('shardflow.lower')::tid".into());
             if end_block.is_some() {
-                sql.push_str(" AND ctid < current_setting('shardflow.upper')::tid");
+                conditions.push("ctid < current_setting('shardflow.upper')::tid".into());
             }
             (
                 Some(format!("({first_block},0)")),
@@ -518,8 +524,152 @@ pub fn copy_statement(task: &ShardTask) -> Result<(String, Option<String>, Optio
             )
         }
     };
+    settings.extend(lower.map(|v| ("shardflow.lower", v)));
+    settings.extend(upper.map(|v| ("shardflow.upper", v)));
+    if let Some(w) = &task.window {
+        let t = window_type(&w.column, &w.column_type)?;
+        let c = quote_ident(&w.column);
+        if let Some(after) = &w.after {
+            conditions.push(format!("{c} > current_setting('shardflow.after')::{t}"));
+            settings.push(("shardflow.after", after.clone()));
+        } else if let Some(from) = &w.from {
+            conditions.push(format!("{c} >= current_setting('shardflow.from')::{t}"));
+            settings.push(("shardflow.from", from.clone()));
+        }
+        conditions.push(format!("{c} <= current_setting('shardflow.through')::{t}"));
+        settings.push(("shardflow.through", w.through.clone()));
+    }
+    if !conditions.is_empty() {
+        let all: Vec<String> = conditions.iter().map(|c| format!("({c})")).collect();
+        sql.push_str(" WHERE ");
+        sql.push_str(&all.join(" AND "));
+    }
     sql.push_str(") TO STDOUT (FORMAT binary)");
-    Ok((sql, lower, upper))
+    Ok((sql, settings))
+}
+
+/// The types an incremental window can be drawn on, cast as `cast_type` casts keys.
+fn window_type(column: &str, column_type: &str) -> Result<&'static str> {
+    match column_type {
+        "smallint"
+        | "integer"
+        | "bigint"
+        | "numeric"
+        | "date"
+        | "timestamp without time zone"
+        | "timestamp with time zone" => cast_type(column_type).ok_or_else(|| {
+            Error::Message(format!("no cast for timestamp_column type {column_type}"))
+        }),
+        other => Err(Error::Spec(crate::spec::SpecError::single(
+            "timestamp_column",
+            format!(
+                "{column:?} is {other}; an incremental load needs a date, timestamp or number column"
+            ),
+        ))),
+    }
+}
+
+/// The window of an incremental load, its exact row count, and its cut into `shards` ranges
+/// of the window column with about equal rows. `None` when the window holds no row.
+pub async fn plan_window(
+    client: &Client,
+    info: &TableInfo,
+    column: &str,
+    after: Option<String>,
+    from: Option<String>,
+    shards: impl Fn(u64) -> usize,
+) -> Result<(Option<Window>, u64, Vec<(ShardBounds, u64)>)> {
+    let col = info
+        .columns
+        .iter()
+        .find(|c| c.name == column)
+        .ok_or_else(|| {
+            Error::Spec(crate::spec::SpecError::single(
+                "timestamp_column",
+                format!("{column:?} is not a column of {}", info.qualified()),
+            ))
+        })?;
+    let t = window_type(column, &col.type_name)?;
+    let c = quote_ident(column);
+    let table = info.qualified();
+    let (lower_sql, lower) = match (&after, &from) {
+        (Some(v), _) => (format!("{c} > $1::text::{t}"), Some(v.clone())),
+        (None, Some(v)) => (format!("{c} >= $1::text::{t}"), Some(v.clone())),
+        (None, None) => (format!("($1::text IS NULL AND {c} IS NOT NULL)"), None),
+    };
+    let bad_bound = |e: tokio_postgres::Error| {
+        Error::Spec(crate::spec::SpecError::single(
+            "last_sync_value",
+            format!(
+                "{:?} is not a value of {column:?} ({}): {}",
+                lower.clone().unwrap_or_default(),
+                col.type_name,
+                pg_text(&e)
+            ),
+        ))
+    };
+    let through: Option<String> = client
+        .query_one(
+            &format!("SELECT max({c})::text FROM {table} WHERE {lower_sql}"),
+            &[&lower],
+        )
+        .await
+        .map_err(bad_bound)?
+        .get(0);
+    let Some(through) = through else {
+        return Ok((None, 0, Vec::new()));
+    };
+    let window_sql = format!("{lower_sql} AND {c} <= $2::text::{t}");
+    let rows: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE {window_sql}"),
+            &[&lower, &through],
+        )
+        .await?
+        .get(0);
+    let rows = rows.max(0) as u64;
+    let wanted = shards(rows);
+    let window = Window {
+        column: column.to_string(),
+        column_type: col.type_name.clone(),
+        after,
+        from,
+        through: through.clone(),
+    };
+    if wanted <= 1 {
+        return Ok((Some(window), rows, vec![(ShardBounds::Whole, rows)]));
+    }
+    // Exact quantiles of the window column over the window's rows: equal-row ranges.
+    let fractions: Vec<f64> = (1..wanted).map(|i| i as f64 / wanted as f64).collect();
+    let cuts: Vec<String> = client
+        .query_one(
+            &format!(
+                "SELECT (percentile_disc($3::float8[]) WITHIN GROUP (ORDER BY {c}))::text[] \
+                 FROM {table} WHERE {window_sql}"
+            ),
+            &[&lower, &through, &fractions],
+        )
+        .await?
+        .get(0);
+    let mut points: Vec<Cut> = Vec::new();
+    for (i, value) in cuts.into_iter().enumerate() {
+        if points.last().is_some_and(|p| p.value == value) {
+            continue;
+        }
+        points.push(Cut {
+            value,
+            rank: fractions[i],
+        });
+    }
+    let key = SourceColumn {
+        nullable: false,
+        ..col.clone()
+    };
+    Ok((
+        Some(window),
+        rows,
+        crate::plan::key_ranges(&key, &points, rows),
+    ))
 }
 
 fn valid_snapshot_id(id: &str) -> bool {
@@ -534,7 +684,7 @@ pub async fn extract(
     task: &ShardTask,
     in_flight: usize,
 ) -> Result<BatchStream> {
-    let (sql, lower, upper) = copy_statement(task)?;
+    let (sql, settings) = copy_statement(task)?;
     let client = connector.connect().await?;
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -555,12 +705,11 @@ pub async fn extract(
                 ))
             })?;
     }
-    client
-        .query_one(
-            "SELECT set_config('shardflow.lower', $1, true), set_config('shardflow.upper', $2, true)",
-            &[&lower.unwrap_or_default(), &upper.unwrap_or_default()],
-        )
-        .await?;
+    for (name, value) in &settings {
+        client
+            .query_one("SELECT set_config($1, $2, true)", &[name, value])
+            .await?;
+    }
     let mut decoder = CopyDecoder::new(&task.columns, task.batch_rows)?;
     let copy = client.copy_out(sql.as_str()).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(in_flight.max(1));
@@ -627,13 +776,14 @@ mod tests {
             snapshot: None,
             batch_rows: 10,
             timestamp_column: None,
+            window: None,
             sealed_config: None,
         }
     }
 
     #[test]
     fn copy_statement_quotes_names_and_binds_bounds() {
-        let (sql, lo, hi) = copy_statement(&task(ShardBounds::KeyRange {
+        let (sql, settings) = copy_statement(&task(ShardBounds::KeyRange {
             column: "id".into(),
             key_type: "bigint".into(),
             lower: Some("10".into()),
@@ -643,26 +793,76 @@ mod tests {
         .unwrap();
         assert_eq!(
             sql,
-            "COPY (SELECT \"id\", \"span\"::text FROM \"pub\"\"lic\".\"t\" WHERE (\"id\" >= current_setting('shardflow.lower')::bigint AND \"id\" < current_setting('shardflow.upper')::bigint) OR \"id\" IS NULL) TO STDOUT (FORMAT binary)"
+            "COPY (SELECT \"id\", \"span\"::text FROM \"pub\"\"lic\".\"t\" WHERE ((\"id\" >= current_setting('shardflow.lower')::bigint AND \"id\" < current_setting('shardflow.upper')::bigint) OR \"id\" IS NULL)) TO STDOUT (FORMAT binary)"
         );
-        assert_eq!(lo.as_deref(), Some("10"));
-        assert_eq!(hi.as_deref(), Some("20'; DROP TABLE t; --"));
+        assert_eq!(
+            settings,
+            vec![
+                ("shardflow.lower", "10".to_string()),
+                ("shardflow.upper", "20'; DROP TABLE t; --".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn an_incremental_window_bounds_every_shard() {
+        let mut t = task(ShardBounds::KeyRange {
+            column: "at".into(),
+            key_type: "timestamp with time zone".into(),
+            lower: Some("2024-01-02 00:00:00+00".into()),
+            upper: None,
+            include_nulls: false,
+        });
+        t.window = Some(Window {
+            column: "at".into(),
+            column_type: "timestamp with time zone".into(),
+            after: Some("2024-01-01T00:00:00Z".into()),
+            from: Some("2023-01-01".into()),
+            through: "2024-02-01 00:00:00+00".into(),
+        });
+        let (sql, settings) = copy_statement(&t).unwrap();
+        assert!(
+            sql.ends_with(
+                "WHERE (\"at\" >= current_setting('shardflow.lower')::timestamp with time zone) \
+                 AND (\"at\" > current_setting('shardflow.after')::timestamp with time zone) \
+                 AND (\"at\" <= current_setting('shardflow.through')::timestamp with time zone)) \
+                 TO STDOUT (FORMAT binary)"
+            ),
+            "{sql}"
+        );
+        let names: Vec<&str> = settings.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            ["shardflow.lower", "shardflow.after", "shardflow.through"]
+        );
+        // The historical start applies only without a watermark.
+        t.window.as_mut().unwrap().after = None;
+        let (sql, _) = copy_statement(&t).unwrap();
+        assert!(
+            sql.contains("\"at\" >= current_setting('shardflow.from')"),
+            "{sql}"
+        );
+        t.window.as_mut().unwrap().column_type = "text".into();
+        assert_eq!(
+            copy_statement(&t).unwrap_err().to_string(),
+            "invalid job config: timestamp_column: \"at\" is text; an incremental load needs a date, timestamp or number column"
+        );
     }
 
     #[test]
     fn copy_statement_for_ctid_and_whole() {
-        let (sql, lo, hi) = copy_statement(&task(ShardBounds::CtidRange {
+        let (sql, settings) = copy_statement(&task(ShardBounds::CtidRange {
             first_block: 5,
             end_block: None,
         }))
         .unwrap();
         assert!(
             sql.ends_with(
-                "WHERE ctid >= current_setting('shardflow.lower')::tid) TO STDOUT (FORMAT binary)"
+                "WHERE (ctid >= current_setting('shardflow.lower')::tid)) TO STDOUT (FORMAT binary)"
             ),
             "{sql}"
         );
-        assert_eq!((lo.as_deref(), hi), (Some("(5,0)"), None));
+        assert_eq!(settings, vec![("shardflow.lower", "(5,0)".to_string())]);
         let (sql, ..) = copy_statement(&task(ShardBounds::Whole)).unwrap();
         assert!(!sql.contains("WHERE"));
     }

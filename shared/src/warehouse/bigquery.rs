@@ -926,7 +926,7 @@ impl BigQueryWarehouse {
         uris: &[String],
         location: Option<&str>,
     ) -> Result<u64> {
-        let base = job_id(&self.dataset, req.run_id, req.table, "load");
+        let base = job_id(&self.dataset, req.load_key, req.table, "load");
         let what = format!(
             "load of {} parts into {}",
             uris.len(),
@@ -947,7 +947,7 @@ impl BigQueryWarehouse {
         location: Option<&str>,
     ) -> Result<u64> {
         let staging = staging_table_name(req.table, req.run_id);
-        let copy_base = job_id(&self.dataset, req.run_id, req.table, "copy");
+        let copy_base = job_id(&self.dataset, req.load_key, req.table, "copy");
         // A retried run whose copy already started must not look for its staging table, which
         // is dropped once the copy is done.
         let copied = matches!(
@@ -1625,6 +1625,7 @@ mod tests {
                 table,
                 schema: &env.schema,
                 run_id,
+                load_key: run_id,
                 parts,
                 staging: &env.staging,
                 mode,

@@ -25,6 +25,9 @@ pub struct LoadRequest<'a> {
     /// source type was), from which a missing table is created.
     pub schema: &'a arrow::datatypes::Schema,
     pub run_id: &'a str,
+    /// What makes the load idempotent: the run id for a replace; for an append, the job key,
+    /// so that no attempt of a job appends its rows twice.
+    pub load_key: &'a str,
     /// Every staged part, in shard order.
     pub parts: &'a [StagedFile],
     pub staging: &'a Staging,

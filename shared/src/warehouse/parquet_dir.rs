@@ -125,6 +125,13 @@ impl ParquetDirWarehouse {
     ) -> Result<LoadOutcome> {
         let mut rows = 0u64;
         let mut files = 0usize;
+        if req.mode == WriteMode::Append
+            && let Some(done) = appended_before(live, req.load_key)?
+        {
+            // An earlier attempt of this job appended and died before saying so: its rows
+            // are in the table; appending again would double them.
+            return Ok(done);
+        }
         if req.mode == WriteMode::Append && live.exists() {
             for f in table_files(live)? {
                 let name = f.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -140,8 +147,12 @@ impl ParquetDirWarehouse {
                     "the Parquet directory warehouse loads from local staging only".into(),
                 )
             })?;
-            // run/shard/part-00000.parquet -> <run>-<shard>-part-00000.parquet: unique per run.
-            let name = part.path.replace('/', "-");
+            // run/shard/part-00000.parquet -> <run>-<shard>-part-00000.parquet: unique per run,
+            // and for an append prefixed by the job key, so a later attempt can tell.
+            let name = match req.mode {
+                WriteMode::Replace => part.path.replace('/', "-"),
+                WriteMode::Append => format!("{}@{}", req.load_key, part.path.replace('/', "-")),
+            };
             let to = build.join(&name);
             link_or_copy(&from, &to)?;
             rows += parquet_rows(&to)?;
@@ -172,6 +183,28 @@ impl ParquetDirWarehouse {
             location: live.display().to_string(),
         })
     }
+}
+
+/// What an earlier append under `load_key` put in the table, if one committed.
+fn appended_before(live: &Path, load_key: &str) -> Result<Option<LoadOutcome>> {
+    if !live.exists() {
+        return Ok(None);
+    }
+    let prefix = format!("{load_key}@");
+    let mut rows = 0;
+    let mut files = 0;
+    for f in table_files(live)? {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with(&prefix) {
+            rows += parquet_rows(&f)?;
+            files += 1;
+        }
+    }
+    Ok((files > 0).then(|| LoadOutcome {
+        rows_loaded: rows,
+        files,
+        location: live.display().to_string(),
+    }))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
