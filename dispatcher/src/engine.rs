@@ -618,20 +618,31 @@ fn summarize_shards(
 ) -> Result<ShardSummary> {
     let mut checksums = Vec::with_capacity(records.len());
     let mut maxima = Vec::new();
+    // Shards almost always report the same JSON: decode and compare each distinct text once.
+    let mut checked: Option<&str> = None;
     for r in records {
-        let (Some(checksum), Some(schema)) = (&r.checksum, &r.schema) else {
+        let (Some(checksum), Some(schema_json)) = (&r.checksum, &r.schema_json) else {
             return Err(Error::Other(format!(
                 "shard {} reported no checksum or schema",
                 r.shard_id
             )));
         };
-        if schema.fields() != expected.fields() {
-            return Err(Error::Other(format!(
-                "shard {} staged columns [{}], the plan expects [{}]",
-                r.shard_id,
-                describe_fields(schema),
-                describe_fields(expected)
-            )));
+        if checked != Some(schema_json.as_str()) {
+            let schema: Schema = serde_json::from_str(schema_json).map_err(|e| {
+                Error::Other(format!(
+                    "shard {} reported an unreadable schema: {e}",
+                    r.shard_id
+                ))
+            })?;
+            if schema.fields() != expected.fields() {
+                return Err(Error::Other(format!(
+                    "shard {} staged columns [{}], the plan expects [{}]",
+                    r.shard_id,
+                    describe_fields(&schema),
+                    describe_fields(expected)
+                )));
+            }
+            checked = Some(schema_json);
         }
         checksums.push(checksum.as_str());
         maxima.extend(r.max_value.clone());
@@ -681,7 +692,7 @@ mod tests {
             rows: Some(1),
             files: Vec::new(),
             checksum: Some(checksum.into()),
-            schema: Some(schema.clone()),
+            schema_json: Some(serde_json::to_string(schema).unwrap()),
             max_value: max.map(str::to_string),
             attempts: 1,
             error: None,

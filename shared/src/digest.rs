@@ -82,12 +82,11 @@ impl ContentDigest {
             self.sum = self.sum.wrapping_add(XxHash64::oneshot(0, row.as_ref()));
         }
         if let Some(index) = self.watermark_column {
-            let column = batch.column(index);
-            let candidates = match &self.max {
-                Some(max) => concat(&[max.as_ref(), column.as_ref()])?,
-                None => column.clone(),
+            // The batch's largest, then against the running one: no copy of the column.
+            self.max = match (self.max.take(), largest(batch.column(index))?) {
+                (Some(max), Some(top)) => largest(&concat(&[max.as_ref(), top.as_ref()])?)?,
+                (max, top) => max.or(top),
             };
-            self.max = largest(&candidates)?;
         }
         Ok(())
     }

@@ -314,25 +314,23 @@ impl Fleet {
     /// Publishes `{"data_source_id"}` alone, as a Cloud Scheduler job does.
     async fn publish_scheduled(&self, data_source_id: i64) {
         let body = json!({ "data_source_id": data_source_id });
-        self.queue
-            .publish(
-                &self.env("SHARDFLOW_JOBS_TOPIC"),
-                Message::new(body.to_string()),
-            )
-            .await
-            .unwrap();
+        self.publish("SHARDFLOW_JOBS_TOPIC", Message::new(body.to_string()))
+            .await;
     }
 
     /// Publishes a job message the way Django does.
     async fn publish_job(&self, data_source_id: i64, etl_run_id: i64) {
         let body = json!({"data_source_id": data_source_id, "etl_run_id": etl_run_id});
+        let message = Message::new(body.to_string())
+            .with_attribute("data_source_id", data_source_id.to_string())
+            .with_attribute("etl_run_id", etl_run_id.to_string());
+        self.publish("SHARDFLOW_JOBS_TOPIC", message).await;
+    }
+
+    /// Publishes to this fleet's topic named by the variable `topic_var`.
+    async fn publish(&self, topic_var: &str, message: Message) {
         self.queue
-            .publish(
-                &self.env("SHARDFLOW_JOBS_TOPIC"),
-                Message::new(body.to_string())
-                    .with_attribute("data_source_id", data_source_id.to_string())
-                    .with_attribute("etl_run_id", etl_run_id.to_string()),
-            )
+            .publish(&self.env(topic_var), message)
             .await
             .unwrap();
     }
@@ -584,13 +582,8 @@ async fn scheduled_and_inline_jobs_run_without_django_run_ids_or_configs() {
     // the workers get it sealed for the run, and its password never rests in clear text.
     let inline = json!({"etl_run_id": 9001, "config": config("fleet_inline", "table_i")});
     fleet
-        .queue
-        .publish(
-            &fleet.env("SHARDFLOW_JOBS_TOPIC"),
-            Message::new(inline.to_string()),
-        )
-        .await
-        .unwrap();
+        .publish("SHARDFLOW_JOBS_TOPIC", Message::new(inline.to_string()))
+        .await;
     let status = fleet
         .django
         .final_status(9001, Duration::from_secs(180))
@@ -825,13 +818,8 @@ async fn every_shard_delivered_twice_loads_each_row_once() {
     assert!(tasks.len() >= 6, "{} shards", tasks.len());
     for task in &tasks {
         fleet
-            .queue
-            .publish(
-                &fleet.env("SHARDFLOW_SHARDS_TOPIC"),
-                Message::new(task.clone()),
-            )
-            .await
-            .unwrap();
+            .publish("SHARDFLOW_SHARDS_TOPIC", Message::new(task.clone()))
+            .await;
     }
     let status = fleet
         .django

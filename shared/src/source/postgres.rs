@@ -705,11 +705,15 @@ pub async fn extract(
                 ))
             })?;
     }
-    for (name, value) in &settings {
-        client
-            .query_one("SELECT set_config($1, $2, true)", &[name, value])
-            .await?;
-    }
+    // Every bound value in one round trip.
+    let (names, values): (Vec<&str>, Vec<&str>) =
+        settings.iter().map(|(n, v)| (*n, v.as_str())).unzip();
+    client
+        .query(
+            "SELECT set_config(name, value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)",
+            &[&names, &values],
+        )
+        .await?;
     let mut decoder = CopyDecoder::new(&task.columns, task.batch_rows)?;
     let copy = client.copy_out(sql.as_str()).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(in_flight.max(1));

@@ -263,7 +263,6 @@ impl StateStore for SqlStateStore {
         rows.iter()
             .map(|r| {
                 let files: Option<String> = r.try_get("files_json")?;
-                let schema: Option<String> = r.try_get("schema_json")?;
                 Ok(ShardRecord {
                     shard_id: r.try_get("shard_id")?,
                     shard_index: r.try_get::<i64, _>("shard_index")? as u32,
@@ -275,7 +274,7 @@ impl StateStore for SqlStateStore {
                         None => Vec::new(),
                     },
                     checksum: r.try_get("checksum")?,
-                    schema: schema.map(|s| serde_json::from_str(&s)).transpose()?,
+                    schema_json: r.try_get("schema_json")?,
                     max_value: r.try_get("max_value")?,
                     attempts: r.try_get::<i64, _>("attempts")? as u32,
                     error: r.try_get("error")?,
