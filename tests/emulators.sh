@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Installs (once) and starts the emulators the fleet tests talk to: Google's Pub/Sub emulator,
-# gcp-storage-emulator (GCS; it speaks the XML API object_store uploads with, which
-# fake-gcs-server refuses) and bqemulator, which reads the staged gs:// files from the GCS
-# emulator's directory. Idempotent: an emulator already answering on its port is kept.
+# gcp-storage-emulator (GCS over its JSON API, which shardflow's staging speaks) and bqemulator,
+# which reads gs:// URIs from the GCS emulator's storage directory. Idempotent: an emulator already answering on its port is kept.
 #   bash tests/emulators.sh start   # start what is missing, then print the env to export
 #   bash tests/emulators.sh env     # print the env only
 #   bash tests/emulators.sh stop    # stop what this script started
@@ -27,7 +26,6 @@ export PUBSUB_EMULATOR_HOST=127.0.0.1:$PUBSUB_PORT
 export STORAGE_EMULATOR_HOST=http://127.0.0.1:$GCS_PORT
 export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$BQ_PORT
 export GCP_PROJECT_ID=$BQ_PROJECT
-export SHARDFLOW_GCS_ROOT=$GCS_ROOT
 EOF
 }
 

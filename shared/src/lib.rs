@@ -5,6 +5,7 @@
 pub mod digest;
 pub mod django;
 pub mod error;
+pub mod gcs;
 pub mod messages;
 pub mod metrics;
 pub mod parquet_sink;

@@ -1,16 +1,17 @@
 //! Staging: where workers leave Parquet parts for the dispatcher's one load per run.
 //! An `object_store` behind it: a local directory (the embedded default) or a GCS bucket and
-//! prefix (`gs://bucket/prefix`; `STORAGE_EMULATOR_HOST` points it at an emulator).
+//! prefix (`gs://bucket/prefix`, over the GCS JSON API; `STORAGE_EMULATOR_HOST` points it at an
+//! emulator).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::StreamExt as _;
 use object_store::ObjectStore;
-use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::prefix::PrefixStore;
 
+use crate::gcs::GcsStore;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug)]
@@ -59,28 +60,7 @@ impl Staging {
         } else {
             format!("gs://{bucket}/{prefix}")
         };
-        if storage_emulator_url().is_some() {
-            let root = emulator_directory().ok_or_else(|| {
-                Error::Staging(
-                    "STORAGE_EMULATOR_HOST is set but SHARDFLOW_GCS_ROOT is not: name the GCS \
-                     emulator's backing directory (tests/emulators.sh prints it)"
-                        .into(),
-                )
-            })?;
-            // Neither GCS emulator accepts the XML API object_store speaks (fake-gcs-server
-            // routes `PUT /bucket/object` to signed-URL uploads and has no XML list or
-            // delete; gcp-storage-emulator refuses percent-encoded paths and multipart
-            // uploads). Against an emulator the parts go straight into its backing directory,
-            // which is where bqemulator reads `gs://` URIs from.
-            let mut staging = Self::local(&root.join(bucket).join(prefix))?;
-            staging.url = url;
-            return Ok(staging);
-        }
-        let store: Arc<dyn ObjectStore> = Arc::new(
-            GoogleCloudStorageBuilder::from_env()
-                .with_bucket_name(bucket)
-                .build()?,
-        );
+        let store: Arc<dyn ObjectStore> = Arc::new(GcsStore::from_env(bucket)?);
         let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
             store
         } else {
@@ -141,13 +121,6 @@ impl Staging {
     }
 }
 
-/// The GCS emulator's backing directory (`SHARDFLOW_GCS_ROOT`, holding `bucket/object`).
-fn emulator_directory() -> Option<PathBuf> {
-    std::env::var_os("SHARDFLOW_GCS_ROOT")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
 /// The GCS emulator's base URL from `STORAGE_EMULATOR_HOST` (with or without a scheme).
 pub fn storage_emulator_url() -> Option<String> {
     let host = std::env::var("STORAGE_EMULATOR_HOST").ok()?;
@@ -165,30 +138,12 @@ pub fn storage_emulator_url() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gcs::tests::{emulator_bucket, read_raw};
     use object_store::path::Path as ObjectPath;
     use object_store::{ObjectStoreExt as _, PutPayload};
 
-    /// A bucket on the GCS emulator; fails (never skips) when the emulator is not set up.
-    pub async fn emulator_bucket() -> String {
-        let Some(base) = storage_emulator_url() else {
-            panic!(
-                "STORAGE_EMULATOR_HOST is not set: start the emulators with \
-                 eval \"$(bash tests/emulators.sh start)\""
-            );
-        };
-        let bucket = format!("staging-{}", uuid::Uuid::new_v4().simple());
-        let status = reqwest::Client::new()
-            .post(format!("{base}/storage/v1/b?project=test-proj"))
-            .json(&serde_json::json!({ "name": bucket }))
-            .send()
-            .await
-            .expect("GCS emulator answers")
-            .status();
-        assert!(status.is_success(), "creating bucket {bucket}: {status}");
-        bucket
-    }
-
-    /// Against the emulators, `gs://` staging lands in the directory bqemulator loads from.
+    /// `gs://` staging goes to the emulator over the JSON API: what it writes, the emulator
+    /// serves to anyone (bqemulator's loads included), and a run's removal leaves the others.
     #[tokio::test]
     async fn gcs_staging_writes_lists_reads_and_removes_a_run() {
         let bucket = emulator_bucket().await;
@@ -197,8 +152,11 @@ mod tests {
             staging.uri("r1/s00000/part-00000.parquet"),
             format!("gs://{bucket}/stage/r1/s00000/part-00000.parquet")
         );
-        // A part above object_store's multipart threshold, and a small one.
-        let big: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        assert!(staging.local_path("r1").is_none(), "no local shortcut");
+        // A part above BufWriter's multipart threshold, and two small ones.
+        let big: Vec<u8> = (0..12 * 1024 * 1024 + 7u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let mut writer = object_store::buffered::BufWriter::new(
             staging.store().clone(),
             ObjectPath::from("r1/s00000/part-00000.parquet"),
@@ -206,30 +164,33 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         writer.write_all(&big).await.unwrap();
         writer.shutdown().await.unwrap();
-        staging
-            .store()
-            .put(
-                &ObjectPath::from("r1/s00001/part-00000.parquet"),
-                PutPayload::from_static(b"small"),
-            )
+        for (path, body) in [
+            ("r1/s00001/part-00000.parquet", "small"),
+            ("r2/s00000/part-00000.parquet", "other run"),
+        ] {
+            staging
+                .store()
+                .put(
+                    &ObjectPath::from(path),
+                    PutPayload::from_static(body.as_bytes()),
+                )
+                .await
+                .unwrap();
+        }
+        // The emulator holds the objects under the prefix, as any GCS client sees them.
+        let raw = read_raw(&bucket, "stage/r1/s00000/part-00000.parquet")
             .await
-            .unwrap();
-        staging
-            .store()
-            .put(
-                &ObjectPath::from("r2/s00000/part-00000.parquet"),
-                PutPayload::from_static(b"other run"),
-            )
-            .await
-            .unwrap();
-        let root = std::env::var("SHARDFLOW_GCS_ROOT").expect(
-            "SHARDFLOW_GCS_ROOT (printed by tests/emulators.sh) names the emulator's directory",
-        );
+            .expect("the big part is in the bucket");
         assert!(
-            PathBuf::from(&root)
-                .join(&bucket)
-                .join("stage/r1/s00001/part-00000.parquet")
-                .is_file()
+            raw == big,
+            "the big part is stored intact ({} bytes)",
+            raw.len()
+        );
+        assert_eq!(
+            read_raw(&bucket, "stage/r1/s00001/part-00000.parquet")
+                .await
+                .as_deref(),
+            Some(b"small".as_slice())
         );
         let read = staging
             .store()
@@ -239,7 +200,6 @@ mod tests {
             .bytes()
             .await
             .unwrap();
-        assert_eq!(read.len(), big.len());
         assert!(
             read.as_ref() == big.as_slice(),
             "the big part reads back intact"
@@ -255,7 +215,31 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, vec!["r2/s00000/part-00000.parquet".to_string()]);
+        assert_eq!(
+            read_raw(&bucket, "stage/r1/s00001/part-00000.parquet").await,
+            None
+        );
         // Removing again is fine.
         staging.remove_run("r1").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_missing_staging_bucket_is_named() {
+        // Only the emulator's address is needed: the bucket is never created.
+        let _ = emulator_bucket().await;
+        let staging = Staging::from_url("gs://no-such-staging-bucket/runs").unwrap();
+        let err = staging
+            .store()
+            .put(
+                &ObjectPath::from("r/s/part.parquet"),
+                PutPayload::from_static(b"x"),
+            )
+            .await
+            .unwrap_err();
+        let text = Error::from(err).to_string();
+        assert!(
+            text.contains("runs/r/s/part.parquet") && text.contains("404"),
+            "{text}"
+        );
     }
 }

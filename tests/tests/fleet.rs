@@ -162,11 +162,28 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// The objects left in the fleet's staging bucket, as the GCS emulator lists them.
+    async fn staged_objects(&self) -> Vec<String> {
+        let gcs = env_or_fail("STORAGE_EMULATOR_HOST");
+        let response = reqwest::get(format!("{gcs}/storage/v1/b/stage-{}/o", self.id))
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "listing: {}",
+            response.status()
+        );
+        let listing: Value = response.json().await.unwrap();
+        listing["items"]
+            .as_array()
+            .map(|items| items.iter().map(|i| i["name"].to_string()).collect())
+            .unwrap_or_default()
+    }
+
     async fn start(name: &str, workers: usize, extra_env: &[(&str, &str)]) -> Fleet {
         let pubsub = env_or_fail("PUBSUB_EMULATOR_HOST");
         let gcs = env_or_fail("STORAGE_EMULATOR_HOST");
         let bq = env_or_fail("BIGQUERY_EMULATOR_HOST");
-        let gcs_root = env_or_fail("SHARDFLOW_GCS_ROOT");
         let id = format!("{name}{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let django = Django::default();
         let django_url = django.start().await;
@@ -181,7 +198,6 @@ impl Fleet {
             ("PUBSUB_EMULATOR_HOST", pubsub.as_str()),
             ("STORAGE_EMULATOR_HOST", gcs.as_str()),
             ("BIGQUERY_EMULATOR_HOST", bq.as_str()),
-            ("SHARDFLOW_GCS_ROOT", gcs_root.as_str()),
             ("GCP_PROJECT_ID", PROJECT),
             ("DJANGO_API_URL", django_url.as_str()),
             ("ETL_API_TOKEN", "test-token"),
@@ -206,6 +222,19 @@ impl Fleet {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+        // The staging bucket exists beforehand, as in production; workers write to it over
+        // the GCS JSON API and bqemulator loads from what the emulator stored.
+        let created = reqwest::Client::new()
+            .post(format!("{gcs}/storage/v1/b?project={PROJECT}"))
+            .json(&json!({ "name": format!("stage-{id}") }))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            created.status().is_success(),
+            "bucket: {}",
+            created.status()
+        );
         env.push(("SHARDFLOW_STAGING".into(), format!("gs://stage-{id}/runs")));
         env.push((
             "SHARDFLOW_STATE".into(),
@@ -543,6 +572,9 @@ async fn jobs_from_django_load_bigquery_exactly_and_report_back() {
         .filter(|p| p["status"] == "running" && p["shards_completed"] == 0)
         .count();
     assert_eq!(started, 1, "the job started once");
+
+    // The runs' staged parts were removed once their loads committed.
+    assert_eq!(fleet.staged_objects().await, Vec::<String>::new());
 
     // Both replicas are still up.
     for (binary, child) in fleet.children.iter_mut() {
