@@ -19,12 +19,13 @@ use shardflow::messages::{self, ShardResult, ShardTask, StagedFile, WIRE_VERSION
 use shardflow::metrics::Metrics;
 use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
+use shardflow::source::Window;
 use shardflow::source::pg_binary;
 use shardflow::source::postgres::{self, PgConnector};
 use shardflow::spec::{JobSpec, LoadType};
 use shardflow::staging::Staging;
 use shardflow::state::{
-    NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, StateStore,
+    Created, NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, StateStore,
 };
 use shardflow::warehouse::{LoadRequest, Warehouse, WriteMode};
 use shardflow::{Error, Result};
@@ -32,7 +33,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{PlanOptions, RunReport, plan_job, sync_value_text};
+use crate::{Plan, PlanOptions, RunReport, StreamState, plan_job_in_stream};
 
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
@@ -152,8 +153,55 @@ pub enum RunOutcome {
     Finished(RunReport),
     /// The job had already finished (a redelivered or duplicated job message).
     AlreadyFinished(RunReport),
-    /// Another dispatcher is alive and driving this job.
+    /// Another dispatcher is alive and driving this job, or (for an incremental load)
+    /// another run of the same stream is running: try again later.
     OwnedElsewhere { run_id: String, owner: String },
+}
+
+/// A run recorded with its shards, ready to publish.
+struct RecordedRun {
+    plan: Plan,
+    /// The snapshot its shards read, held until the last one has.
+    snapshot: Option<postgres::SnapshotHold>,
+    tasks: Vec<ShardTask>,
+    /// The column whose maximum the shards report.
+    timestamp_column: Option<String>,
+}
+
+/// What planning and recording a run came to.
+enum Planned {
+    Created(Box<RecordedRun>),
+    Exists,
+    Busy(String),
+    Moved(Option<String>),
+}
+
+/// How `drive` left a run.
+enum Drove {
+    /// Ran to its end (the report says how).
+    Ended,
+    /// Another dispatcher took the run over, or created it a moment before us.
+    TakenOver,
+    /// Another run of the stream is running; this one was not created.
+    StreamBusy { run_id: String },
+}
+
+/// The stream an incremental load belongs to: its source and destination. Its runs go one at
+/// a time and each starts after the watermark the one before recorded.
+pub fn stream_key(spec: &JobSpec) -> Option<String> {
+    (spec.load_type == LoadType::Transactional).then(|| {
+        let source = match spec.data_source_id {
+            Some(id) => format!("ds{id}"),
+            None => spec.qualified_table(),
+        };
+        format!("{source}->{}", spec.dest_table_name)
+    })
+}
+
+/// The window recorded in a run's plan, if it had one.
+fn window_of(plan_json: &str) -> Option<Window> {
+    let plan: serde_json::Value = serde_json::from_str(plan_json).ok()?;
+    serde_json::from_value(plan.get("window")?.clone()).ok()
 }
 
 pub struct Engine {
@@ -270,7 +318,14 @@ impl Engine {
 
     /// Runs a job to its end, unless it already ended or another live dispatcher drives it.
     pub async fn run(&self, job: &RunJob, observer: &dyn RunObserver) -> Result<RunOutcome> {
+        let mut stream = StreamState::default();
         let attempt = match self.state.latest_run(&job.job_key).await? {
+            Some(r) if r.status == RunStatus::Superseded.as_str() => {
+                // Taken over earlier, but its successor could not start (its stream was
+                // busy): start it now, on the superseded run's window.
+                stream.inherited_window = window_of(&r.plan_json);
+                attempt_of(&r.run_id) + 1
+            }
             Some(r) if r.status != RunStatus::Running.as_str() => {
                 return Ok(RunOutcome::AlreadyFinished(report_of(
                     &r,
@@ -296,11 +351,14 @@ impl Engine {
                 );
                 tracing::warn!(run_id = %r.run_id, "{why}");
                 self.state
-                    .finish_run(&r.run_id, &RunEnd::failed(why))
+                    .finish_run(&r.run_id, &RunEnd::superseded(why))
                     .await?;
                 if let Err(e) = self.staging.remove_run(&r.run_id).await {
                     tracing::warn!(error = %e, "could not clean the superseded run's staging");
                 }
+                // Its append may have committed before it died: read exactly its window
+                // again, so the watermark reported is that of the rows it appended.
+                stream.inherited_window = window_of(&r.plan_json);
                 attempt_of(&r.run_id) + 1
             }
             None => 1,
@@ -322,7 +380,7 @@ impl Engine {
             ..Default::default()
         };
         let outcome = self
-            .drive(job, &run_id, observer, &mut report)
+            .drive(job, &run_id, stream, observer, &mut report)
             .instrument(span.clone())
             .await;
         report.duplicate_results_ignored = self.events.duplicates(&run_id);
@@ -330,12 +388,19 @@ impl Engine {
         let _g = span.enter();
         report.duration_seconds = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
         match outcome {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Drove::Ended) => {}
+            Ok(Drove::TakenOver) => {
                 // Lost the run to another dispatcher mid-way; it finishes the job.
                 return Ok(RunOutcome::OwnedElsewhere {
                     run_id,
                     owner: "another dispatcher".into(),
+                });
+            }
+            Ok(Drove::StreamBusy { run_id: other }) => {
+                tracing::info!(running = %other, "another run of this incremental stream is running; waiting for it");
+                return Ok(RunOutcome::OwnedElsewhere {
+                    run_id: other,
+                    owner: "another job of the same incremental stream".into(),
                 });
             }
             Err(e) => {
@@ -379,21 +444,97 @@ impl Engine {
         Ok(RunOutcome::Finished(report))
     }
 
-    /// Plans, records, publishes, waits for every shard, loads. Ok(false) when the run was
-    /// taken over by another dispatcher.
+    /// Plans (again while a load of its stream commits meanwhile), records, publishes, waits
+    /// for every shard, loads.
     async fn drive(
         &self,
         job: &RunJob,
         run_id: &str,
+        mut stream: StreamState,
         observer: &dyn RunObserver,
         report: &mut RunReport,
-    ) -> Result<bool> {
+    ) -> Result<Drove> {
         let spec = &job.spec;
         self.warehouse.check_table_name(&spec.dest_table_name)?;
-        let plan = plan_job(spec, &self.settings.plan).await?;
+        let stream_key = stream_key(spec);
+        if let Some(key) = &stream_key {
+            stream.recorded_watermark = self.state.stream_watermark(key).await?;
+        }
+        let mut replans = 0;
+        let RecordedRun {
+            plan,
+            snapshot,
+            tasks,
+            timestamp_column,
+        } = loop {
+            let planned = self
+                .plan_and_record(job, run_id, &stream, &stream_key)
+                .await?;
+            match planned {
+                Planned::Created(run) => break *run,
+                Planned::Exists => return Ok(Drove::TakenOver),
+                Planned::Busy(run_id) => return Ok(Drove::StreamBusy { run_id }),
+                Planned::Moved(watermark) if replans < 3 => {
+                    // A load of the stream committed while this run was planned: the
+                    // window starts after it now (an inherited window it covered is done).
+                    replans += 1;
+                    tracing::info!(
+                        ?watermark,
+                        "the stream's last load committed meanwhile; planning again"
+                    );
+                    stream.inherited_window = None;
+                    stream.recorded_watermark = watermark;
+                }
+                Planned::Moved(_) => {
+                    return Err(Error::Other(
+                        "the incremental stream kept moving while this run was planned".into(),
+                    ));
+                }
+            }
+        };
         report.mode = Some(plan.mode);
         report.estimated_rows = Some(plan.estimated_rows);
         report.shards = plan.shards.len();
+        let wake = self.events.watch(run_id);
+        observer
+            .planned(run_id, plan.estimated_rows, tasks.len())
+            .await;
+        for task in &tasks {
+            self.queue
+                .publish(
+                    &self.topology.shards_topic,
+                    Message::new(messages::encode(task)?).with_attribute("run_id", run_id),
+                )
+                .await?;
+        }
+
+        if !self.wait_for_shards(run_id, &wake, observer).await? {
+            return Ok(Drove::TakenOver);
+        }
+        drop(snapshot);
+
+        if tasks.is_empty() {
+            // An empty incremental window: nothing to load, the destination stays as it is,
+            // and the watermark stays where it was.
+            report.watermark = plan.resumes_after.clone();
+            report.checksum = Some(digest::EMPTY_CHECKSUM.into());
+            return Ok(Drove::Ended);
+        }
+        self.load(job, run_id, &plan, timestamp_column.as_deref(), report)
+            .await?;
+        Ok(Drove::Ended)
+    }
+
+    /// Plans the run and records it with its shards, unless its stream says otherwise.
+    async fn plan_and_record(
+        &self,
+        job: &RunJob,
+        run_id: &str,
+        stream: &StreamState,
+        stream_key: &Option<String>,
+    ) -> Result<Planned> {
+        let spec = &job.spec;
+        let plan = plan_job_in_stream(spec, &self.settings.plan, stream).await?;
         tracing::info!(
             estimated_rows = plan.estimated_rows,
             shards = plan.shards.len(),
@@ -463,41 +604,35 @@ impl Engine {
                     mode: format!("{:?}", plan.mode).to_lowercase(),
                     plan_json: serde_json::to_string(&plan)?,
                     owner: self.owner.clone(),
+                    stream_key: stream_key.clone(),
+                    stream_watermark: stream.recorded_watermark.clone(),
                 },
                 &new_shards,
             )
             .await?;
-        if !created {
-            // Another dispatcher created the same run a moment ago.
-            return Ok(false);
-        }
-        let wake = self.events.watch(run_id);
-        observer
-            .planned(run_id, plan.estimated_rows, tasks.len())
-            .await;
-        for task in &tasks {
-            self.queue
-                .publish(
-                    &self.topology.shards_topic,
-                    Message::new(messages::encode(task)?).with_attribute("run_id", run_id),
-                )
-                .await?;
-        }
+        Ok(match created {
+            Created::Created => Planned::Created(Box::new(RecordedRun {
+                plan,
+                snapshot,
+                tasks,
+                timestamp_column,
+            })),
+            Created::RunExists => Planned::Exists,
+            Created::StreamBusy { run_id } => Planned::Busy(run_id),
+            Created::StreamMoved { watermark } => Planned::Moved(watermark),
+        })
+    }
 
-        if !self.wait_for_shards(run_id, &wake, observer).await? {
-            return Ok(false);
-        }
-        drop(snapshot);
-
-        if tasks.is_empty() {
-            // An empty incremental window: nothing to load, the destination stays as it is,
-            // and the watermark stays where it was.
-            report.watermark = spec.last_sync_value.as_ref().and_then(sync_value_text);
-            report.checksum = Some(digest::EMPTY_CHECKSUM.into());
-            return Ok(true);
-        }
-
-        // Every shard is in: gather the parts in plan order and load them once.
+    /// Every shard is in: gathers the parts in plan order and loads them once.
+    async fn load(
+        &self,
+        job: &RunJob,
+        run_id: &str,
+        plan: &Plan,
+        timestamp_column: Option<&str>,
+        report: &mut RunReport,
+    ) -> Result<()> {
+        let spec = &job.spec;
         let records = self.state.shards(run_id).await?;
         let mut parts: Vec<StagedFile> = Vec::new();
         for r in &records {
@@ -506,7 +641,7 @@ impl Engine {
         }
         report.rows_extracted = report.shard_rows.iter().sum();
         let schema = pg_binary::arrow_schema(&plan.source_columns);
-        let summary = summarize_shards(&records, &schema, timestamp_column.as_deref())?;
+        let summary = summarize_shards(&records, &schema, timestamp_column)?;
         let mode = match spec.load_type {
             LoadType::Catalog => WriteMode::Replace,
             LoadType::Transactional => WriteMode::Append,
@@ -536,7 +671,7 @@ impl Engine {
         report.watermark = summary
             .watermark
             .or_else(|| plan.window.as_ref().map(|w| w.through.clone()));
-        Ok(true)
+        Ok(())
     }
 
     /// Until every shard succeeded (Ok(true)), one failed for good (Err), or the run was

@@ -98,6 +98,22 @@ pub struct Plan {
     /// the window is empty.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<Window>,
+    /// For a transactional load: the watermark of the load before, which the window starts
+    /// after (the greater of `last_sync_value` and the one the state store recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumes_after: Option<String>,
+}
+
+/// What the state store knows about an incremental stream, beyond the job config.
+#[derive(Clone, Debug, Default)]
+pub struct StreamState {
+    /// The window of a run this one takes over: it is read again exactly, so a load that
+    /// committed before its dispatcher died is not followed by a wider window.
+    pub inherited_window: Option<Window>,
+    /// The watermark recorded with the stream's last committed load: a `last_sync_value`
+    /// older than it (Django missed the final report, or a scheduled job has no run to
+    /// report to) must not read those rows again.
+    pub recorded_watermark: Option<String>,
 }
 
 fn shard_id(index: usize) -> String {
@@ -117,6 +133,15 @@ pub(crate) fn check_supported(spec: &JobSpec) -> Result<()> {
 /// Plans a job: checks the table and columns exist, estimates without scanning, picks the
 /// mode, and cuts equal-row shards. Moves no data.
 pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
+    plan_job_in_stream(spec, opts, &StreamState::default()).await
+}
+
+/// `plan_job` for a run whose incremental stream the state store knows.
+pub async fn plan_job_in_stream(
+    spec: &JobSpec,
+    opts: &PlanOptions,
+    stream: &StreamState,
+) -> Result<Plan> {
     check_supported(spec)?;
     let connector = PgConnector::from_spec(spec, opts.retry.clone())?;
     let client = connector.connect().await?;
@@ -137,12 +162,24 @@ pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
                 opts.workers.unwrap_or(1),
             ),
         };
-    let (estimate, split, window) = match (spec.load_type, &spec.timestamp_column) {
+    let (estimate, split, window, resumes_after) = match (spec.load_type, &spec.timestamp_column) {
         (LoadType::Transactional, Some(column)) => {
-            let after = spec.last_sync_value.as_ref().and_then(sync_value_text);
-            let from = spec.historical_start_date.clone();
-            let (window, rows, shards) =
-                postgres::plan_window(&client, &info, column, after, from, wanted).await?;
+            let bounds = window_bounds(spec, stream);
+            let told = spec.last_sync_value.as_ref().and_then(sync_value_text);
+            let postgres::PlannedWindow {
+                window,
+                after,
+                rows,
+                shards,
+            } = postgres::plan_window(&client, &info, column, bounds, wanted).await?;
+            if stream.inherited_window.is_none() && after != told {
+                tracing::warn!(
+                    last_sync_value = ?told,
+                    recorded = ?after,
+                    "last_sync_value is older than the watermark of this stream's last committed \
+                     load; the window starts after the recorded one"
+                );
+            }
             let method = match (&window, shards.len()) {
                 (None, _) => "none (the window is empty)",
                 (Some(_), 1) => "none",
@@ -157,13 +194,13 @@ pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
                 rows,
                 source: "count(*) over the window".into(),
             };
-            (estimate, split, window)
+            (estimate, split, window, after)
         }
         _ => {
             let estimate = postgres::estimate(&client, &info, opts.exact_count).await?;
             let split =
                 postgres::split(&client, &info, estimate.rows, wanted(estimate.rows)).await?;
-            (estimate, split, None)
+            (estimate, split, None, None)
         }
     };
     let (mode, mode_reason) = plan::choose_mode(
@@ -206,7 +243,29 @@ pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
             .collect(),
         source_columns: columns,
         window,
+        resumes_after,
     })
+}
+
+/// The bounds of a transactional run's window: a taken-over run's own, or after the greater
+/// of `last_sync_value` and the recorded watermark (else from `historical_start_date`).
+fn window_bounds(spec: &JobSpec, stream: &StreamState) -> postgres::WindowBounds {
+    if let Some(w) = &stream.inherited_window {
+        return postgres::WindowBounds {
+            after: w.after.iter().cloned().collect(),
+            from: w.from.clone(),
+            through: Some(w.through.clone()),
+        };
+    }
+    let told = spec.last_sync_value.as_ref().and_then(sync_value_text);
+    postgres::WindowBounds {
+        after: told
+            .into_iter()
+            .chain(stream.recorded_watermark.clone())
+            .collect(),
+        from: spec.historical_start_date.clone(),
+        through: None,
+    }
 }
 
 /// `last_sync_value` as the text PostgreSQL casts back: a JSON string as is, a number as

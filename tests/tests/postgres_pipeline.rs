@@ -863,6 +863,14 @@ fn incremental_job(schema: &str, last_sync_value: Option<&str>) -> shardflow::sp
     )
 }
 
+/// The ISO watermark of event `n` (`add_events` puts it `n` minutes after the start).
+fn event_time(n: i64) -> String {
+    let at = chrono::DateTime::parse_from_rfc3339("2024-01-01T00:00:00.000001Z").unwrap()
+        + chrono::Duration::minutes(n);
+    at.to_utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
 async fn add_events(pg: &tokio_postgres::Client, schema: &str, from: i64, to: i64) {
     pg.batch_execute(&format!(
         "INSERT INTO {schema}.events
@@ -895,12 +903,7 @@ async fn incremental_runs_load_every_row_exactly_once() {
         let spec = incremental_job(&schema, last.as_deref());
         run_job(spec, opts)
     };
-    let newest = |n: i64| {
-        let at = chrono::DateTime::parse_from_rfc3339("2024-01-01T00:00:00.000001Z").unwrap()
-            + chrono::Duration::minutes(n);
-        at.to_utc()
-            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-    };
+    let newest = event_time;
 
     // 1: from the historical start, cut into shards of the window.
     let first = run(None, 1).await;
@@ -981,4 +984,128 @@ async fn incremental_runs_load_every_row_exactly_once() {
             .contains("last_sync_value: \"yesterday-ish\" is not a value of \"at\""),
         "{bad:?}"
     );
+}
+
+/// A dispatcher that died after its append committed, and before it recorded the run, leaves
+/// a running run behind. The job's next attempt takes it over and reads exactly its window
+/// again: the append is not repeated, and the watermark reported is that window's, not that
+/// of a wider window planned now. A `last_sync_value` that Django never saw advance (a missed
+/// report, or a scheduled job with no run to report to) starts after the recorded watermark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_taken_over_incremental_run_rereads_its_window_and_stale_sync_values_read_nothing_twice()
+{
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_takeover").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.events (id bigint PRIMARY KEY, at timestamptz, note text)"
+    ))
+    .await
+    .unwrap();
+    add_events(&pg, &schema, 1, 10_000).await;
+    // The state store on PostgreSQL, so the test can play the dead dispatcher's part.
+    let state_db = format!("state_{}", schema.replace('.', "_"));
+    for statement in [
+        format!("DROP DATABASE IF EXISTS {state_db} WITH (FORCE)"),
+        format!("CREATE DATABASE {state_db}"),
+    ] {
+        pg.batch_execute(&statement).await.unwrap();
+    }
+    let (state, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 user=postgres dbname={state_db}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let dir = scratch("takeover");
+    let table = dir.join("warehouse/events");
+    let run = |last: Option<String>, etl_run_id: i64| {
+        let mut opts = exact(&dir, 1_000);
+        opts.state_url = format!("postgres://postgres@127.0.0.1:5432/{state_db}");
+        opts.etl_run_id = Some(etl_run_id);
+        run_job(incremental_job(&schema, last.as_deref()), opts)
+    };
+    let newest = event_time;
+
+    let first = run(None, 1).await;
+    assert_eq!(
+        (first.status.as_str(), first.rows_loaded),
+        ("completed", 10_000)
+    );
+    let w1 = first.watermark.clone();
+
+    add_events(&pg, &schema, 10_001, 12_000).await;
+    let second = run(w1.clone(), 2).await;
+    assert_eq!(
+        (second.status.as_str(), second.rows_loaded),
+        ("completed", 2_000)
+    );
+    assert_eq!(second.watermark.as_deref(), Some(newest(12_000).as_str()));
+    // Its dispatcher "died" after the append committed: the run is still running, quiet.
+    state
+        .batch_execute(
+            "UPDATE shardflow_runs SET status = 'running', finished_at = NULL, watermark = NULL,
+                    heartbeat_at = '2000-01-01T00:00:00.000000Z', owner = 'dead-dispatcher'
+             WHERE run_id = 'etl-2.1'",
+        )
+        .await
+        .unwrap();
+    let files_before = table_listing(&table);
+
+    // More rows arrive; the job message is redelivered with the same last_sync_value.
+    add_events(&pg, &schema, 12_001, 15_000).await;
+    let again = run(w1.clone(), 2).await;
+    assert_eq!(again.status, "completed", "{again:?}");
+    assert_eq!(again.run_id, "etl-2.2");
+    assert_eq!(
+        again.rows_loaded, 2_000,
+        "the earlier append, not a second one"
+    );
+    assert_eq!(
+        again.watermark.as_deref(),
+        Some(newest(12_000).as_str()),
+        "the taken-over window's watermark, so rows 12001.. are not skipped"
+    );
+    assert_eq!(
+        table_listing(&table),
+        files_before,
+        "nothing appended twice"
+    );
+    let statuses: Vec<(String, String)> = state
+        .query(
+            "SELECT run_id, status FROM shardflow_runs WHERE job_key = 'etl-2' ORDER BY run_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("etl-2.1".to_string(), "superseded".to_string()),
+            ("etl-2.2".to_string(), "completed".to_string())
+        ]
+    );
+
+    // Django never heard of run 2: it sends run 1's watermark again. The window starts after
+    // the watermark run 2 recorded.
+    let third = run(w1.clone(), 3).await;
+    assert_eq!(
+        (third.status.as_str(), third.rows_loaded),
+        ("completed", 3_000),
+        "{third:?}"
+    );
+    assert_eq!(third.watermark.as_deref(), Some(newest(15_000).as_str()));
+    // A scheduled job has no last_sync_value at all: nothing is read twice either.
+    let fourth = run(None, 4).await;
+    assert_eq!(
+        (fourth.status.as_str(), fourth.rows_loaded),
+        ("completed", 0),
+        "{fourth:?}"
+    );
+    assert_eq!(fourth.watermark, third.watermark);
+
+    assert_same_content(&pg, &schema, "events", &table, "id").await;
 }

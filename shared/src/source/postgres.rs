@@ -569,16 +569,29 @@ fn window_type(column: &str, column_type: &str) -> Result<&'static str> {
     }
 }
 
+/// Where an incremental window starts and ends, before planning resolves it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WindowBounds {
+    /// Exclusive lower bounds: the greatest one wins (Django's `last_sync_value` and the
+    /// watermark the state store recorded with the stream's last load).
+    pub after: Vec<String>,
+    /// Inclusive lower bound (`historical_start_date`) when there is no `after`.
+    pub from: Option<String>,
+    /// A high-water mark fixed beforehand (a taken-over run reads its window again); else
+    /// `max(column)` now.
+    pub through: Option<String>,
+}
+
 /// The window of an incremental load, its exact row count, and its cut into `shards` ranges
-/// of the window column with about equal rows. `None` when the window holds no row.
+/// of the window column with about equal rows. `None` when the window holds no row (and no
+/// high-water mark was fixed). The resolved exclusive lower bound comes back either way.
 pub async fn plan_window(
     client: &Client,
     info: &TableInfo,
     column: &str,
-    after: Option<String>,
-    from: Option<String>,
+    bounds: WindowBounds,
     shards: impl Fn(u64) -> usize,
-) -> Result<(Option<Window>, u64, Vec<(ShardBounds, u64)>)> {
+) -> Result<PlannedWindow> {
     let col = info
         .columns
         .iter()
@@ -592,32 +605,70 @@ pub async fn plan_window(
     let t = window_type(column, &col.type_name)?;
     let c = quote_ident(column);
     let table = info.qualified();
-    let (lower_sql, lower) = match (&after, &from) {
-        (Some(v), _) => (format!("{c} > $1::text::{t}"), Some(v.clone())),
-        (None, Some(v)) => (format!("{c} >= $1::text::{t}"), Some(v.clone())),
-        (None, None) => (format!("($1::text IS NULL AND {c} IS NOT NULL)"), None),
-    };
-    let bad_bound = |e: tokio_postgres::Error| {
+    let bad_value = |value: String, field: &str, e: tokio_postgres::Error| {
         Error::Spec(crate::spec::SpecError::single(
-            "last_sync_value",
+            field,
             format!(
-                "{:?} is not a value of {column:?} ({}): {}",
-                lower.clone().unwrap_or_default(),
+                "{value:?} is not a value of {column:?} ({}): {}",
                 col.type_name,
                 pg_text(&e)
             ),
         ))
     };
-    let through: Option<String> = client
-        .query_one(
-            &format!("SELECT max({c})::text FROM {table} WHERE {lower_sql}"),
-            &[&lower],
-        )
-        .await
-        .map_err(bad_bound)?
-        .get(0);
+    // Each candidate must be a value of the column (named alone when it is not)...
+    for value in &bounds.after {
+        client
+            .query_one(&format!("SELECT $1::text::{t}"), &[value])
+            .await
+            .map_err(|e| bad_value(value.clone(), "last_sync_value", e))?;
+    }
+    // ...and the greatest, compared in the column's type, bounds the window.
+    let after: Option<String> = match bounds.after.len() {
+        0 => None,
+        1 => bounds.after.first().cloned(),
+        _ => client
+            .query_one(
+                // The candidate itself, not PostgreSQL's text of it: the watermark keeps
+                // the ISO form it was reported in.
+                &format!("SELECT v FROM unnest($1::text[]) v ORDER BY v::{t} DESC LIMIT 1"),
+                &[&bounds.after],
+            )
+            .await
+            .map_err(|e| bad_value(bounds.after.join(", "), "last_sync_value", e))?
+            .get(0),
+    };
+    let from = bounds.from;
+    let (lower_sql, lower) = match (&after, &from) {
+        (Some(v), _) => (format!("{c} > $1::text::{t}"), Some(v.clone())),
+        (None, Some(v)) => (format!("{c} >= $1::text::{t}"), Some(v.clone())),
+        (None, None) => (format!("($1::text IS NULL AND {c} IS NOT NULL)"), None),
+    };
+    let bad_bound = |e| {
+        let field = if after.is_some() {
+            "last_sync_value"
+        } else {
+            "historical_start_date"
+        };
+        bad_value(lower.clone().unwrap_or_default(), field, e)
+    };
+    let through: Option<String> = match bounds.through {
+        Some(fixed) => Some(fixed),
+        None => client
+            .query_one(
+                &format!("SELECT max({c})::text FROM {table} WHERE {lower_sql}"),
+                &[&lower],
+            )
+            .await
+            .map_err(bad_bound)?
+            .get(0),
+    };
     let Some(through) = through else {
-        return Ok((None, 0, Vec::new()));
+        return Ok(PlannedWindow {
+            window: None,
+            after,
+            rows: 0,
+            shards: Vec::new(),
+        });
     };
     let window_sql = format!("{lower_sql} AND {c} <= $2::text::{t}");
     let rows: i64 = client
@@ -625,19 +676,26 @@ pub async fn plan_window(
             &format!("SELECT count(*) FROM {table} WHERE {window_sql}"),
             &[&lower, &through],
         )
-        .await?
+        .await
+        .map_err(bad_bound)?
         .get(0);
     let rows = rows.max(0) as u64;
     let wanted = shards(rows);
     let window = Window {
         column: column.to_string(),
         column_type: col.type_name.clone(),
-        after,
+        after: after.clone(),
         from,
         through: through.clone(),
     };
+    let planned = |shards| PlannedWindow {
+        window: Some(window.clone()),
+        after: after.clone(),
+        rows,
+        shards,
+    };
     if wanted <= 1 {
-        return Ok((Some(window), rows, vec![(ShardBounds::Whole, rows)]));
+        return Ok(planned(vec![(ShardBounds::Whole, rows)]));
     }
     // Exact quantiles of the window column over the window's rows: equal-row ranges.
     let fractions: Vec<f64> = (1..wanted).map(|i| i as f64 / wanted as f64).collect();
@@ -665,11 +723,18 @@ pub async fn plan_window(
         nullable: false,
         ..col.clone()
     };
-    Ok((
-        Some(window),
-        rows,
-        crate::plan::key_ranges(&key, &points, rows),
-    ))
+    Ok(planned(crate::plan::key_ranges(&key, &points, rows)))
+}
+
+/// What `plan_window` decided.
+#[derive(Clone, Debug)]
+pub struct PlannedWindow {
+    /// None when the window is empty.
+    pub window: Option<Window>,
+    /// The exclusive lower bound it resolved to (the watermark loaded last).
+    pub after: Option<String>,
+    pub rows: u64,
+    pub shards: Vec<(ShardBounds, u64)>,
 }
 
 fn valid_snapshot_id(id: &str) -> bool {

@@ -20,6 +20,9 @@ pub enum RunStatus {
     Running,
     Completed,
     Failed,
+    /// Its dispatcher went quiet and another took the job over as a new run: not the job's
+    /// outcome, which is that of the run after it.
+    Superseded,
 }
 
 impl RunStatus {
@@ -28,6 +31,7 @@ impl RunStatus {
             RunStatus::Running => "running",
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
+            RunStatus::Superseded => "superseded",
         }
     }
 }
@@ -42,6 +46,28 @@ pub struct NewRun {
     pub mode: String,
     pub plan_json: String,
     pub owner: String,
+    /// For an incremental load, its stream (source -> destination): while one run of a
+    /// stream is running, no other may start.
+    pub stream_key: Option<String>,
+    /// The stream's recorded watermark that planning started from: the run is not created
+    /// when a load of the stream committed since (its window would overlap that load).
+    pub stream_watermark: Option<String>,
+}
+
+/// What `create_run` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Created {
+    Created,
+    /// The run exists already (another dispatcher created it a moment ago).
+    RunExists,
+    /// Another run of the same incremental stream is running.
+    StreamBusy {
+        run_id: String,
+    },
+    /// A load of the stream committed after the run was planned: plan again.
+    StreamMoved {
+        watermark: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +112,8 @@ pub struct RunRecord {
     pub checksum: Option<String>,
     pub watermark: Option<String>,
     pub error_message: Option<String>,
+    /// The plan as recorded (a taken-over run's window is read from it).
+    pub plan_json: String,
 }
 
 /// How a run ended, as recorded by `finish_run`.
@@ -103,8 +131,16 @@ pub struct RunEnd {
 
 impl RunEnd {
     pub fn failed(error_message: impl Into<String>) -> Self {
+        Self::ended(RunStatus::Failed, error_message)
+    }
+
+    pub fn superseded(why: impl Into<String>) -> Self {
+        Self::ended(RunStatus::Superseded, why)
+    }
+
+    fn ended(status: RunStatus, error_message: impl Into<String>) -> Self {
         RunEnd {
-            status: RunStatus::Failed,
+            status,
             rows_extracted: 0,
             rows_loaded: 0,
             checksum: None,
@@ -127,8 +163,9 @@ pub enum Recorded {
 
 #[async_trait]
 pub trait StateStore: Send + Sync {
-    /// Records a new run and its shards; false (and nothing changed) when the run exists.
-    async fn create_run(&self, run: &NewRun, shards: &[NewShard]) -> Result<bool>;
+    /// Records a new run and its shards, unless the run exists or another run of its stream
+    /// is running (then nothing changes).
+    async fn create_run(&self, run: &NewRun, shards: &[NewShard]) -> Result<Created>;
     /// Makes `owner` the owner of a running run whose owner (another dispatcher) has not
     /// beaten for `stale_after`. False when its owner is alive, is `owner` itself (a
     /// duplicate job inside one dispatcher), or the run ended.
@@ -143,6 +180,8 @@ pub trait StateStore: Send + Sync {
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>>;
     /// The newest run of a job key.
     async fn latest_run(&self, job_key: &str) -> Result<Option<RunRecord>>;
+    /// The watermark recorded with the newest completed load of an incremental stream.
+    async fn stream_watermark(&self, stream_key: &str) -> Result<Option<String>>;
 }
 
 /// What a success stores.
@@ -241,10 +280,18 @@ pub(crate) mod conformance {
             mode: "sharded".into(),
             plan_json: "{}".into(),
             owner: "dispatcher-a".into(),
+            stream_key: None,
+            stream_watermark: None,
         };
-        assert!(store.create_run(&run, &shards).await.unwrap());
+        assert_eq!(
+            store.create_run(&run, &shards).await.unwrap(),
+            Created::Created
+        );
         // Creating the same run again (a redelivered job) changes nothing and says so.
-        assert!(!store.create_run(&run, &[]).await.unwrap());
+        assert_eq!(
+            store.create_run(&run, &[]).await.unwrap(),
+            Created::RunExists
+        );
 
         let failed = result(
             "s0",
@@ -336,8 +383,10 @@ pub(crate) mod conformance {
             mode: "standard".into(),
             plan_json: "{}".into(),
             owner: "a".into(),
+            stream_key: None,
+            stream_watermark: None,
         };
-        assert!(store.create_run(&run, &[]).await.unwrap());
+        assert_eq!(store.create_run(&run, &[]).await.unwrap(), Created::Created);
         let long = Duration::from_secs(3600);
         assert!(store.heartbeat("run-2", "a").await.unwrap());
         assert!(
@@ -380,7 +429,10 @@ pub(crate) mod conformance {
             run_id: "run-3".into(),
             ..run
         };
-        assert!(store.create_run(&again, &[]).await.unwrap());
+        assert_eq!(
+            store.create_run(&again, &[]).await.unwrap(),
+            Created::Created
+        );
         let latest = store.latest_run("job-2").await.unwrap().unwrap();
         assert_eq!(
             (latest.run_id.as_str(), latest.status.as_str()),
@@ -389,8 +441,115 @@ pub(crate) mod conformance {
         assert_eq!(store.latest_run("job-x").await.unwrap(), None);
     }
 
+    /// One run of an incremental stream at a time; its watermark is that of its newest
+    /// completed load.
+    pub async fn incremental_streams_run_one_at_a_time(store: &dyn StateStore) {
+        let stream = Some("ds9:events".to_string());
+        let run = |id: &str, job: &str, seen: Option<&str>| NewRun {
+            run_id: id.into(),
+            job_key: job.into(),
+            data_source_id: Some(9),
+            etl_run_id: None,
+            dest_table: "events".into(),
+            mode: "standard".into(),
+            plan_json: "{}".into(),
+            owner: "a".into(),
+            stream_key: stream.clone(),
+            stream_watermark: seen.map(str::to_string),
+        };
+        let key = stream.as_deref().unwrap();
+        assert_eq!(store.stream_watermark(key).await.unwrap(), None);
+        assert_eq!(
+            store
+                .create_run(&run("inc-1.1", "inc-1", None), &[])
+                .await
+                .unwrap(),
+            Created::Created
+        );
+        // Another job of the same stream waits for it; a job of another stream does not.
+        assert_eq!(
+            store
+                .create_run(&run("inc-2.1", "inc-2", None), &[])
+                .await
+                .unwrap(),
+            Created::StreamBusy {
+                run_id: "inc-1.1".into()
+            }
+        );
+        assert_eq!(
+            store.run("inc-2.1").await.unwrap(),
+            None,
+            "nothing recorded"
+        );
+        let other = NewRun {
+            stream_key: Some("ds10:events".into()),
+            ..run("inc-3.1", "inc-3", None)
+        };
+        assert_eq!(
+            store.create_run(&other, &[]).await.unwrap(),
+            Created::Created
+        );
+        let done = |watermark: Option<&str>| RunEnd {
+            status: RunStatus::Completed,
+            rows_extracted: 1,
+            rows_loaded: 1,
+            checksum: None,
+            watermark: watermark.map(str::to_string),
+            error_message: None,
+        };
+        store
+            .finish_run("inc-1.1", &done(Some("2024-05-01T00:00:00Z")))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.stream_watermark(key).await.unwrap().as_deref(),
+            Some("2024-05-01T00:00:00Z")
+        );
+        // The stream is free again, but a run planned before that load committed would read
+        // its rows again: it is refused, and created once planned from the new watermark.
+        assert_eq!(
+            store
+                .create_run(&run("inc-2.1", "inc-2", None), &[])
+                .await
+                .unwrap(),
+            Created::StreamMoved {
+                watermark: Some("2024-05-01T00:00:00Z".into())
+            }
+        );
+        assert_eq!(
+            store
+                .create_run(&run("inc-2.1", "inc-2", Some("2024-05-01T00:00:00Z")), &[])
+                .await
+                .unwrap(),
+            Created::Created
+        );
+        // A failed run records no watermark.
+        store
+            .finish_run("inc-2.1", &RunEnd::failed("boom"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store
+                .create_run(&run("inc-4.1", "inc-4", Some("2024-05-01T00:00:00Z")), &[])
+                .await
+                .unwrap(),
+            Created::Created
+        );
+        store
+            .finish_run("inc-4.1", &done(Some("2024-06-01T00:00:00Z")))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.stream_watermark(key).await.unwrap().as_deref(),
+            Some("2024-06-01T00:00:00Z")
+        );
+        assert_eq!(store.stream_watermark("ds10:events").await.unwrap(), None);
+    }
+
     pub async fn run_all(store: &dyn StateStore) {
         results_are_idempotent_by_shard(store).await;
         only_a_quiet_owner_loses_its_run(store).await;
+        incremental_streams_run_one_at_a_time(store).await;
     }
 }

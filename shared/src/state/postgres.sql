@@ -9,7 +9,7 @@ CREATE TABLE IF NOT EXISTS shardflow_runs (
     data_source_id  BIGINT,
     etl_run_id      BIGINT,
     dest_table      TEXT NOT NULL,
-    status          TEXT NOT NULL,            -- running | completed | failed
+    status          TEXT NOT NULL,            -- running | completed | failed | superseded
     mode            TEXT NOT NULL,
     plan_json       TEXT NOT NULL,            -- the plan, with no secret in it
     owner           TEXT NOT NULL,            -- the dispatcher driving the run
@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS shardflow_runs (
     rows_loaded     BIGINT,
     checksum        TEXT,                     -- combined content checksum of the loaded rows
     watermark       TEXT,                     -- largest timestamp-column value loaded
+    stream_key      TEXT,                     -- an incremental load's source -> destination; one runs at a time
     error_message   TEXT
 );
 
@@ -42,5 +43,17 @@ CREATE TABLE IF NOT EXISTS shardflow_shards (
     PRIMARY KEY (run_id, shard_id)
 );
 
+-- Columns added after the first release of this schema.
+ALTER TABLE shardflow_runs ADD COLUMN IF NOT EXISTS checksum TEXT;
+ALTER TABLE shardflow_runs ADD COLUMN IF NOT EXISTS watermark TEXT;
+ALTER TABLE shardflow_runs ADD COLUMN IF NOT EXISTS stream_key TEXT;
+ALTER TABLE shardflow_shards ADD COLUMN IF NOT EXISTS checksum TEXT;
+ALTER TABLE shardflow_shards ADD COLUMN IF NOT EXISTS schema_json TEXT;
+ALTER TABLE shardflow_shards ADD COLUMN IF NOT EXISTS max_value TEXT;
+
 CREATE INDEX IF NOT EXISTS shardflow_runs_by_job ON shardflow_runs (job_key, started_at);
+-- Two runs of one incremental stream at once would read the same window twice.
+CREATE UNIQUE INDEX IF NOT EXISTS shardflow_one_running_stream ON shardflow_runs (stream_key)
+    WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS shardflow_runs_by_stream ON shardflow_runs (stream_key, finished_at);
 COMMIT;

@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor as _, Row};
 
-use super::{NewRun, NewShard, Recorded, RunEnd, RunRecord, ShardRecord, StateStore, success};
+use super::{
+    Created, NewRun, NewShard, Recorded, RunEnd, RunRecord, ShardRecord, StateStore, success,
+};
 use crate::messages::{ShardOutcome, ShardResult};
 use crate::{Error, Result};
 
@@ -96,7 +98,8 @@ macro_rules! select_runs {
     ($tail:literal) => {
         concat!(
             "SELECT run_id, job_key, data_source_id, etl_run_id, owner, status, rows_extracted,
-                    rows_loaded, checksum, watermark, error_message FROM shardflow_runs ",
+                    rows_loaded, checksum, watermark, error_message, plan_json
+             FROM shardflow_runs ",
             $tail
         )
     };
@@ -117,13 +120,17 @@ fn opt_u64(row: &AnyRow, column: &str) -> Result<Option<u64>> {
 
 #[async_trait]
 impl StateStore for SqlStateStore {
-    async fn create_run(&self, run: &NewRun, shards: &[NewShard]) -> Result<bool> {
+    async fn create_run(&self, run: &NewRun, shards: &[NewShard]) -> Result<Created> {
+        if let Some(conflict) = self.stream_conflict(run).await? {
+            return Ok(conflict);
+        }
         let mut tx = self.pool.begin().await?;
         let now = now();
         let inserted = sqlx::query(
             "INSERT INTO shardflow_runs (run_id, job_key, data_source_id, etl_run_id, dest_table,
-                                         status, mode, plan_json, owner, heartbeat_at, started_at)
-             VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, $9)
+                                         status, mode, plan_json, owner, heartbeat_at, started_at,
+                                         stream_key)
+             VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, $9, $10)
              ON CONFLICT (run_id) DO NOTHING",
         )
         .bind(&run.run_id)
@@ -135,13 +142,24 @@ impl StateStore for SqlStateStore {
         .bind(&run.plan_json)
         .bind(&run.owner)
         .bind(&now)
+        .bind(&run.stream_key)
         .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
+        .await;
+        let inserted = match inserted {
+            Ok(done) => done.rows_affected() > 0,
+            // Another run of the stream was created between the check and the insert.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                tx.rollback().await?;
+                return match self.stream_conflict(run).await? {
+                    Some(conflict) => Ok(conflict),
+                    None => Err(Error::State(format!("creating run {}: {e}", run.run_id))),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        };
         if !inserted {
             tx.rollback().await?;
-            return Ok(false);
+            return Ok(Created::RunExists);
         }
         for s in shards {
             sqlx::query(
@@ -159,7 +177,7 @@ impl StateStore for SqlStateStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(Created::Created)
     }
 
     async fn claim_run(&self, run_id: &str, owner: &str, stale_after: Duration) -> Result<bool> {
@@ -320,6 +338,45 @@ impl StateStore for SqlStateStore {
         .await?;
         row.as_ref().map(run_record).transpose()
     }
+
+    async fn stream_watermark(&self, stream_key: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT watermark FROM shardflow_runs
+             WHERE stream_key = $1 AND status = 'completed' AND watermark IS NOT NULL
+             ORDER BY finished_at DESC, run_id DESC LIMIT 1",
+        )
+        .bind(stream_key)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}
+
+impl SqlStateStore {
+    /// Why `run` may not start in its stream now: another of its runs is running, or a load
+    /// committed since it was planned. Checked in this order, so a run that was running a
+    /// moment ago and just committed is seen by the second check.
+    async fn stream_conflict(&self, run: &NewRun) -> Result<Option<Created>> {
+        let Some(stream) = &run.stream_key else {
+            return Ok(None);
+        };
+        let other: Option<String> = sqlx::query_scalar(
+            "SELECT run_id FROM shardflow_runs
+             WHERE stream_key = $1 AND status = 'running' AND run_id <> $2 LIMIT 1",
+        )
+        .bind(stream)
+        .bind(&run.run_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(run_id) = other {
+            return Ok(Some(Created::StreamBusy { run_id }));
+        }
+        let recorded = self.stream_watermark(stream).await?;
+        Ok(
+            (recorded != run.stream_watermark).then_some(Created::StreamMoved {
+                watermark: recorded,
+            }),
+        )
+    }
 }
 
 fn run_record(r: &AnyRow) -> Result<RunRecord> {
@@ -335,6 +392,7 @@ fn run_record(r: &AnyRow) -> Result<RunRecord> {
         checksum: r.try_get("checksum")?,
         watermark: r.try_get("watermark")?,
         error_message: r.try_get("error_message")?,
+        plan_json: r.try_get("plan_json")?,
     })
 }
 

@@ -7,7 +7,7 @@ CREATE TABLE IF NOT EXISTS shardflow_runs (
     data_source_id  INTEGER,
     etl_run_id      INTEGER,
     dest_table      TEXT NOT NULL,
-    status          TEXT NOT NULL,            -- running | completed | failed
+    status          TEXT NOT NULL,            -- running | completed | failed | superseded
     mode            TEXT NOT NULL,
     plan_json       TEXT NOT NULL,            -- the plan, with no secret in it
     owner           TEXT NOT NULL,            -- the dispatcher driving the run
@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS shardflow_runs (
     rows_loaded     INTEGER,
     checksum        TEXT,                     -- combined content checksum of the loaded rows
     watermark       TEXT,                     -- largest timestamp-column value loaded
+    stream_key      TEXT,                     -- an incremental load's source -> destination; one runs at a time
     error_message   TEXT
 );
 
@@ -41,3 +42,7 @@ CREATE TABLE IF NOT EXISTS shardflow_shards (
 );
 
 CREATE INDEX IF NOT EXISTS shardflow_runs_by_job ON shardflow_runs (job_key, started_at);
+-- Two runs of one incremental stream at once would read the same window twice.
+CREATE UNIQUE INDEX IF NOT EXISTS shardflow_one_running_stream ON shardflow_runs (stream_key)
+    WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS shardflow_runs_by_stream ON shardflow_runs (stream_key, finished_at);
