@@ -62,11 +62,22 @@ impl From<tokio_postgres::Error> for Error {
                 if let Some(detail) = db.detail() {
                     text.push_str(&format!(" ({detail})"));
                 }
-                Error::Database(text)
+                if refuses_the_job(db.code().code()) {
+                    Error::Source(format!("the source database refused the job: {text}"))
+                } else {
+                    Error::Database(text)
+                }
             }
             None => Error::Database(e.to_string()),
         }
     }
+}
+
+/// SQLSTATEs that say the credentials or the database named in the job are wrong: trying
+/// again gives the same answer, so they are not retried (a password failure, a missing role
+/// or database, a missing privilege).
+pub(crate) fn refuses_the_job(sqlstate: &str) -> bool {
+    sqlstate.starts_with("28") || sqlstate == "3D000" || sqlstate == "42501"
 }
 
 impl From<sqlx::Error> for Error {
@@ -102,5 +113,21 @@ impl From<serde_json::Error> for Error {
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         Error::Other(format!("I/O: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_credentials_and_databases_are_not_transient() {
+        for code in ["28000", "28P01", "3D000", "42501"] {
+            assert!(refuses_the_job(code), "{code}");
+        }
+        // A server shutting down, too many connections, a serialization failure: retried.
+        for code in ["57P01", "53300", "40001", "08006"] {
+            assert!(!refuses_the_job(code), "{code}");
+        }
     }
 }

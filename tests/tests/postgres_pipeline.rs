@@ -1109,3 +1109,47 @@ async fn a_taken_over_incremental_run_rereads_its_window_and_stale_sync_values_r
 
     assert_same_content(&pg, &schema, "events", &table, "id").await;
 }
+
+/// A role or database that does not exist is the job's mistake: the run fails at once with
+/// the server's reason, without the retries a dead database gets.
+#[tokio::test]
+async fn wrong_credentials_fail_at_once_with_the_servers_reason() {
+    let dir = scratch("credentials");
+    for (field, value, reason) in [
+        (
+            "username",
+            "no_such_role_sf",
+            "role \"no_such_role_sf\" does not exist",
+        ),
+        (
+            "database",
+            "no_such_db_sf",
+            "database \"no_such_db_sf\" does not exist",
+        ),
+    ] {
+        let mut config = job_json("public", "t", "t", json!({}));
+        config["connection_params"][field] = json!(value);
+        let spec = shardflow::spec::JobSpec::from_json(&config.to_string()).unwrap();
+        let mut opts = options(&dir, 10_000);
+        // Retries that would take 20 s if the refusal were retried.
+        opts.plan.retry = RetryPolicy {
+            max_retries: 2,
+            initial_delay: Duration::from_secs(10),
+        };
+        let started = Instant::now();
+        let report = run_job(spec, opts).await;
+        assert_eq!(report.status, "failed");
+        let error = report.error_message.unwrap_or_default();
+        assert!(
+            error.starts_with(
+                "the source database refused the job: cannot connect to PostgreSQL at 127.0.0.1:5432/"
+            ) && error.ends_with(reason),
+            "{error}"
+        );
+        assert!(!error.contains("pw-never-shown"), "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "retried: {error}"
+        );
+    }
+}

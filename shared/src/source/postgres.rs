@@ -98,10 +98,14 @@ impl PgConnector {
         self.retry
             .run("connect to PostgreSQL", || async {
                 let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
-                    Error::Database(format!(
-                        "cannot connect to PostgreSQL at {target}: {}",
-                        pg_text(&e)
-                    ))
+                    let text = format!("cannot connect to PostgreSQL at {target}: {}", pg_text(&e));
+                    match e.as_db_error() {
+                        // Wrong credentials or database: the same answer every time.
+                        Some(db) if crate::error::refuses_the_job(db.code().code()) => {
+                            Error::Source(format!("the source database refused the job: {text}"))
+                        }
+                        _ => Error::Database(text),
+                    }
                 })?;
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
