@@ -474,15 +474,25 @@ impl Engine {
                 Planned::Created(run) => break *run,
                 Planned::Exists => return Ok(Drove::TakenOver),
                 Planned::Busy(run_id) => return Ok(Drove::StreamBusy { run_id }),
+                Planned::Moved(_) if stream.inherited_window.is_some() => {
+                    // Another job of the stream loaded after this job's earlier attempt. A new
+                    // window under this job's key could meet that attempt's committed append
+                    // and be skipped as already appended: fail, and advance nothing.
+                    return Err(Error::Other(
+                        "another load of this incremental stream committed after this job's \
+                         earlier attempt died; the job is not run again under a new window \
+                         (the next job of the stream starts after the recorded watermark)"
+                            .into(),
+                    ));
+                }
                 Planned::Moved(watermark) if replans < 3 => {
                     // A load of the stream committed while this run was planned: the
-                    // window starts after it now (an inherited window it covered is done).
+                    // window starts after it now.
                     replans += 1;
                     tracing::info!(
                         ?watermark,
                         "the stream's last load committed meanwhile; planning again"
                     );
-                    stream.inherited_window = None;
                     stream.recorded_watermark = watermark;
                 }
                 Planned::Moved(_) => {
