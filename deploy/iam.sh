@@ -57,13 +57,8 @@ BUCKET=${BUCKET%%/*}
 DATASET=${BIGQUERY_DATASET:-raw_data}
 NAMESPACE=${K8S_NAMESPACE:-shardflow}
 
-JOBS_TOPIC=${SHARDFLOW_JOBS_TOPIC:-etl-jobs}
-JOBS_SUB=${SHARDFLOW_JOBS_SUBSCRIPTION:-etl-jobs-dispatcher}
-SHARDS_TOPIC=${SHARDFLOW_SHARDS_TOPIC:-etl-shards}
-SHARDS_SUB=${SHARDFLOW_SHARDS_SUBSCRIPTION:-etl-shards-workers}
-RESULTS_TOPIC=${SHARDFLOW_RESULTS_TOPIC:-etl-shard-results}
-RESULTS_SUB=${SHARDFLOW_RESULTS_SUBSCRIPTION:-etl-shard-results-dispatcher}
-DEAD_SUB=${SHARDFLOW_DEAD_LETTER_SUBSCRIPTION:-etl-shards-dead-letter-dispatcher}
+# shellcheck source=deploy/names.sh
+. "$(dirname "$0")/names.sh"
 
 DISPATCHER_SA="shardflow-dispatcher@${PROJECT_ID}.iam.gserviceaccount.com"
 WORKER_SA="shardflow-worker@${PROJECT_ID}.iam.gserviceaccount.com"

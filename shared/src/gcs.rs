@@ -952,8 +952,9 @@ pub(crate) mod tests {
             panic!("STORAGE_EMULATOR_HOST is not set: {START}");
         };
         let bucket = format!("sf-{}", uuid::Uuid::new_v4().simple());
+        let project = std::env::var("GCP_PROJECT_ID").unwrap_or_else(|_| "test-proj".into());
         let response = reqwest::Client::new()
-            .post(format!("{base}/storage/v1/b?project=test-proj"))
+            .post(format!("{base}/storage/v1/b?project={project}"))
             .json(&serde_json::json!({ "name": bucket }))
             .send()
             .await

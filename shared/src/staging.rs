@@ -238,7 +238,10 @@ mod tests {
             .unwrap_err();
         let text = Error::from(err).to_string();
         assert!(
-            text.contains("runs/r/s/part.parquet") && text.contains("404"),
+            text.starts_with(
+                "staging: Generic GCS error: bucket gs://no-such-staging-bucket does not exist"
+            ) && text.contains("runs/r/s/part.parquet")
+                && text.contains("404"),
             "{text}"
         );
     }

@@ -1417,14 +1417,14 @@ mod tests {
         };
         use arrow::datatypes::SchemaRef;
         use arrow::record_batch::RecordBatch;
-        use object_store::memory::InMemory;
-        use object_store::{ObjectStore, ObjectStoreExt};
+        use object_store::ObjectStoreExt;
         use serde_json::Value;
 
         use super::*;
+        use crate::gcs::tests::emulator_bucket;
         use crate::messages::StagedFile;
         use crate::parquet_sink::{PartOptions, write_parts};
-        use crate::staging::{Staging, storage_emulator_url};
+        use crate::staging::Staging;
 
         const START: &str = "start the emulators: eval \"$(bash tests/emulators.sh start)\"";
 
@@ -1441,9 +1441,6 @@ mod tests {
         struct Env {
             wh: BigQueryWarehouse,
             staging: Staging,
-            /// `STORAGE_EMULATOR_HOST` as a URL, and the bucket behind `staging`.
-            gcs: String,
-            bucket: String,
             schema: SchemaRef,
         }
 
@@ -1451,19 +1448,7 @@ mod tests {
         async fn setup() -> Env {
             let project = require_emulators();
             let id = uuid::Uuid::new_v4().simple().to_string();
-            let bucket = format!("sf-bq-{id}");
-            let gcs = storage_emulator_url().unwrap();
-            let response = reqwest::Client::new()
-                .post(format!("{gcs}/storage/v1/b?project={project}"))
-                .json(&serde_json::json!({ "name": bucket }))
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("GCS emulator at {gcs}: {e}; {START}"));
-            assert!(
-                response.status().is_success(),
-                "creating bucket {bucket}: {}",
-                response.text().await.unwrap_or_default()
-            );
+            let bucket = emulator_bucket().await;
             let staging = Staging::from_url(&format!("gs://{bucket}/stage")).unwrap();
             let wh = BigQueryWarehouse::connect(&project, &format!("sf_test_{id}"))
                 .await
@@ -1471,8 +1456,6 @@ mod tests {
             Env {
                 wh,
                 staging,
-                gcs,
-                bucket,
                 schema: test_schema(),
             }
         }
@@ -1558,13 +1541,9 @@ mod tests {
             RecordBatch::try_new(schema.clone(), columns).unwrap()
         }
 
-        /// Stages one real Parquet part per shard at the workers' paths, under the
-        /// `staging` prefix in the emulator's bucket. The parts are written by the workers'
-        /// writer and uploaded with the JSON API: fake-gcs-server 1.54 takes object_store's
-        /// XML-API `PUT /{bucket}/{object}` only as a signed-URL upload, so `Staging`'s own
-        /// store cannot write to it.
+        /// Stages one real Parquet part per shard at the workers' paths, written as the
+        /// workers write them: through `Staging`'s store, over the GCS JSON API.
         async fn stage(env: &Env, run: &str, shards: &[Range<i64>]) -> Vec<StagedFile> {
-            let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
             let mut parts = Vec::new();
             for (n, ids) in shards.iter().enumerate() {
                 let batches: crate::source::BatchStream =
@@ -1573,7 +1552,7 @@ mod tests {
                         ids.clone(),
                     ))]));
                 let written = write_parts(
-                    &memory,
+                    env.staging.store(),
                     run,
                     &format!("shard-{n}"),
                     env.schema.clone(),
@@ -1583,34 +1562,9 @@ mod tests {
                 )
                 .await
                 .unwrap();
-                for part in &written {
-                    let bytes = memory
-                        .get(&object_store::path::Path::from(part.path.as_str()))
-                        .await
-                        .unwrap()
-                        .bytes()
-                        .await
-                        .unwrap();
-                    upload(env, &part.path, bytes.to_vec()).await;
-                }
                 parts.extend(written);
             }
             parts
-        }
-
-        /// Puts `bytes` at `path` under the staging prefix.
-        async fn upload(env: &Env, path: &str, bytes: Vec<u8>) {
-            let name = format!("stage/{path}").replace('/', "%2F");
-            let response = reqwest::Client::new()
-                .post(format!(
-                    "{}/upload/storage/v1/b/{}/o?uploadType=media&name={name}",
-                    env.gcs, env.bucket
-                ))
-                .body(bytes)
-                .send()
-                .await
-                .unwrap();
-            assert!(response.status().is_success(), "uploading {name}");
         }
 
         fn request<'a>(
@@ -2051,7 +2005,14 @@ mod tests {
             let parts = stage(&env, "r1", &[0..2, 2..5]).await;
             // The second part is damaged after the workers reported it.
             let damaged = parts[1].path.clone();
-            upload(&env, &damaged, b"not parquet".to_vec()).await;
+            env.staging
+                .store()
+                .put(
+                    &object_store::path::Path::from(damaged.as_str()),
+                    object_store::PutPayload::from_static(b"not parquet"),
+                )
+                .await
+                .unwrap();
             let err = env
                 .wh
                 .load(request(&env, "people", "r1", &parts, WriteMode::Replace, 5))
