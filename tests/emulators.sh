@@ -18,7 +18,8 @@ VENV=$EMU/venv
 GCS_DIR=$EMU/gcs
 # gcp-storage-emulator keeps bucket/object at $GCS_DIR/.cloudstorage/bucket/object.
 GCS_ROOT=$GCS_DIR/.cloudstorage
-PUBSUB_BIN=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
+PUBSUB_HOME=/usr/lib/google-cloud-sdk/platform/pubsub-emulator
+PUBSUB_PATCH=$EMU/pubsub-patch
 
 print_env() {
     cat <<EOF
@@ -61,14 +62,37 @@ install() {
     fi
 }
 
-start() {
-    install
-    if [ ! -x "$PUBSUB_BIN" ]; then
-        echo "emulators.sh: the Pub/Sub emulator is missing ($PUBSUB_BIN); install the Google Cloud CLI with its pubsub-emulator component" >&2
+# The emulator's jar bundles a grpc-core that calls InternalStatus.asRuntimeException(Status,
+# Metadata, boolean), missing from its bundled grpc-api: every closed client stream throws, the
+# emulator never learns the stream is gone and keeps delivering to it (tests/emulator-patches/
+# says more). When the jar lacks the method, the class with it goes ahead of the jar.
+pubsub_classpath() {
+    local jar
+    jar=$(ls "$PUBSUB_HOME"/lib/cloud-pubsub-emulator-*-all.jar 2>/dev/null | head -1)
+    if [ -z "$jar" ]; then
+        echo "emulators.sh: the Pub/Sub emulator is missing ($PUBSUB_HOME/lib); install the Google Cloud CLI with its pubsub-emulator component" >&2
         exit 1
     fi
+    if javap -cp "$jar" io.grpc.InternalStatus | grep -q " asRuntimeException("; then
+        echo "$jar"
+        return
+    fi
+    local source=$ROOT/tests/emulator-patches/io/grpc/InternalStatus.java
+    if [ ! -f "$PUBSUB_PATCH/io/grpc/InternalStatus.class" ] ||
+        [ "$source" -nt "$PUBSUB_PATCH/io/grpc/InternalStatus.class" ]; then
+        mkdir -p "$PUBSUB_PATCH"
+        javac -nowarn -d "$PUBSUB_PATCH" -cp "$jar" "$source" >&2
+    fi
+    echo "$PUBSUB_PATCH:$jar"
+}
+
+start() {
+    install
     if ! answers "http://127.0.0.1:$PUBSUB_PORT/"; then
-        setsid "$PUBSUB_BIN" --host=127.0.0.1 --port="$PUBSUB_PORT" >"$EMU/pubsub.log" 2>&1 &
+        local classpath
+        classpath=$(pubsub_classpath)
+        setsid java -cp "$classpath" com.google.cloud.pubsub.testing.v1.Main \
+            --host=127.0.0.1 --port="$PUBSUB_PORT" >"$EMU/pubsub.log" 2>&1 &
         echo $! >"$EMU/pubsub.pid"
     fi
     if ! answers "http://127.0.0.1:$GCS_PORT/storage/v1/b"; then

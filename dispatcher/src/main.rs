@@ -233,6 +233,10 @@ struct ServeArgs {
     /// Seconds before handing back a job that another live dispatcher is running.
     #[arg(long, env = "SHARDFLOW_BUSY_BACKOFF_SECS", default_value_t = 10)]
     busy_backoff_secs: u64,
+    /// Seconds each lease extension of a job message lasts (10 to 600): a dispatcher that
+    /// dies has its jobs redelivered to another within about this long.
+    #[arg(long, env = "SHARDFLOW_LEASE_SECS", default_value_t = 60)]
+    lease_secs: u64,
     #[command(flatten)]
     topology: TopologyArgs,
 }
@@ -463,6 +467,7 @@ async fn main() -> ExitCode {
                 },
                 drain: Duration::from_secs(args.drain_secs),
                 busy_backoff: Duration::from_secs(args.busy_backoff_secs),
+                lease: Duration::from_secs(args.lease_secs.clamp(10, 600)),
                 owner: format!(
                     "{}-{}",
                     std::env::var("HOSTNAME").unwrap_or_else(|_| "dispatcher".into()),

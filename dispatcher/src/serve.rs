@@ -45,6 +45,8 @@ pub struct ServeSettings {
     pub drain: Duration,
     /// Pause before handing back a job that another live dispatcher is running.
     pub busy_backoff: Duration,
+    /// Each lease extension of a job message: how soon a dead dispatcher's job comes back.
+    pub lease: Duration,
     pub owner: String,
 }
 
@@ -88,7 +90,9 @@ pub async fn serve(
     let bound = metrics::serve(settings.metrics_addr, metrics.clone(), stop_http.clone()).await?;
     tracing::info!(%bound, "serving /metrics and /healthz");
 
-    let queue = PubSubQueue::connect(PubSubOptions::from_env(&settings.project)).await?;
+    let mut options = PubSubOptions::from_env(&settings.project);
+    options.lease_extension = settings.lease;
+    let queue = PubSubQueue::connect(options).await?;
     let engine = Arc::new(Engine {
         queue: Arc::new(queue.clone()),
         state: Arc::new(SqlStateStore::open(&settings.state_url).await?),

@@ -727,21 +727,32 @@ async fn killed_workers_and_a_restarted_dispatcher_still_load_exactly_once() {
     fleet.serve_config(201, config("fleet_kill", "table_k"));
     fleet.publish_job(201, 6001).await;
 
-    // Wait until the run is going, then SIGKILL a worker and the dispatcher mid-run.
+    // As soon as the first shard result is recorded (the others are still being extracted),
+    // SIGKILL a worker and the dispatcher.
+    let state = fleet.state().await;
     let start = Instant::now();
-    while !fleet
-        .django
-        .patches(6001)
-        .iter()
-        .any(|p| p["status"] == "running")
-    {
+    loop {
+        let counts = state
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FROM shardflow_shards",
+                &[],
+            )
+            .await
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .unwrap_or((0, 0));
+        if counts.0 > 0 {
+            assert!(
+                counts.0 < counts.1,
+                "every shard finished before the kill: {counts:?}"
+            );
+            break;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(120),
-            "the run never started"
+            "no shard finished"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     fleet.kill(1);
     fleet.kill(0);
     fleet.spawn_worker();
@@ -750,7 +761,7 @@ async fn killed_workers_and_a_restarted_dispatcher_still_load_exactly_once() {
 
     let status = fleet
         .django
-        .final_status(6001, Duration::from_secs(400))
+        .final_status(6001, Duration::from_secs(240))
         .await;
     assert_completed(&status, 200_000);
     assert_loaded_exactly(&fleet, "fleet_kill", "table_k").await;

@@ -459,6 +459,67 @@ pub(crate) mod tests {
         q.delete_subscription(&sub).await.unwrap();
     }
 
+    /// A consumer that went away must not keep receiving: messages published after it left
+    /// reach the live consumer at once, not one ack deadline (or several) later. Against the
+    /// Google Cloud CLI's emulator jar this needs the class tests/emulators.sh patches in.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_consumer_that_left_holds_no_messages() {
+        let q = emulator_queue().await;
+        let topic = format!("left-{}", uuid::Uuid::new_v4().simple());
+        let sub = format!("{topic}-sub");
+        q.ensure_topic(&topic).await.unwrap();
+        let ack_deadline = Duration::from_secs(10);
+        q.ensure_subscription(
+            &sub,
+            &SubscriptionConfig {
+                topic: topic.clone(),
+                ack_deadline,
+                dead_letter: None,
+            },
+        )
+        .await
+        .unwrap();
+        {
+            // Its own client and connection, as another process would have.
+            let gone = emulator_queue().await;
+            let mut stream = gone.subscribe(&sub, 4).await.unwrap();
+            let nothing = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+            assert!(nothing.is_err(), "the subscription should start empty");
+        }
+        let mut live = q.subscribe(&sub, 64).await.unwrap();
+        let nothing = tokio::time::timeout(Duration::from_secs(1), live.next()).await;
+        assert!(nothing.is_err(), "the subscription should still be empty");
+
+        let start = std::time::Instant::now();
+        for i in 0..20 {
+            q.publish(&topic, Message::new(format!("m{i}")))
+                .await
+                .unwrap();
+        }
+        let mut received = std::collections::BTreeSet::new();
+        while received.len() < 20 {
+            let within = (ack_deadline / 2).saturating_sub(start.elapsed());
+            let delivery = tokio::time::timeout(within, live.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "only {} of 20 messages reached the live consumer within {:?}: the \
+                         emulator is still delivering to the consumer that left (start it with \
+                         tests/emulators.sh, which patches its jar)",
+                        received.len(),
+                        ack_deadline / 2
+                    )
+                })
+                .unwrap();
+            received.insert(String::from_utf8(delivery.message.data.to_vec()).unwrap());
+            delivery.ack().await.unwrap();
+        }
+        let expected: std::collections::BTreeSet<String> =
+            (0..20).map(|i| format!("m{i}")).collect();
+        assert_eq!(received, expected);
+        q.delete_subscription(&sub).await.unwrap();
+    }
+
     #[tokio::test]
     async fn publishing_to_a_missing_topic_is_a_clear_error() {
         let q = emulator_queue().await;
