@@ -189,7 +189,7 @@ enum Drove {
 /// The stream an incremental load belongs to: its source and destination. Its runs go one at
 /// a time and each starts after the watermark the one before recorded.
 pub fn stream_key(spec: &JobSpec) -> Option<String> {
-    (spec.load_type == LoadType::Transactional).then(|| {
+    spec.load_type.is_incremental().then(|| {
         let source = match spec.data_source_id {
             Some(id) => format!("ds{id}"),
             None => spec.qualified_table(),
@@ -655,6 +655,7 @@ impl Engine {
         let mode = match spec.load_type {
             LoadType::Catalog => WriteMode::Replace,
             LoadType::Transactional => WriteMode::Append,
+            LoadType::Merge => WriteMode::Merge,
         };
         let outcome = self
             .warehouse
@@ -664,13 +665,15 @@ impl Engine {
                 run_id,
                 load_key: match mode {
                     WriteMode::Replace => run_id,
-                    // No attempt of the job may append twice.
-                    WriteMode::Append => &job.job_key,
+                    // No attempt of the job may append twice (nor need merge twice).
+                    WriteMode::Append | WriteMode::Merge => &job.job_key,
                 },
                 parts: &parts,
                 staging: &self.staging,
                 mode,
                 expected_rows: report.rows_extracted,
+                merge_keys: &plan.merge_keys,
+                latest_by: spec.timestamp_column.as_deref(),
             })
             .await?;
         report.rows_loaded = outcome.rows_loaded;

@@ -102,6 +102,9 @@ pub struct Plan {
     /// after (the greater of `last_sync_value` and the one the state store recorded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumes_after: Option<String>,
+    /// For a merge: the columns that identify a row in the destination.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merge_keys: Vec<String>,
 }
 
 /// What the state store knows about an incremental stream, beyond the job config.
@@ -114,6 +117,44 @@ pub struct StreamState {
     /// older than it (Django missed the final report, or a scheduled job has no run to
     /// report to) must not read those rows again.
     pub recorded_watermark: Option<String>,
+}
+
+/// The columns a merge matches rows on: `merge_keys`, else the primary key; each must be read.
+fn merge_keys(
+    spec: &JobSpec,
+    info: &postgres::TableInfo,
+    read: &[SourceColumn],
+) -> Result<Vec<String>> {
+    let keys = match &spec.merge_keys {
+        Some(keys) => keys.clone(),
+        None if info.primary_key.is_empty() => {
+            return Err(Error::Spec(shardflow::spec::SpecError::single(
+                "merge_keys",
+                format!(
+                    "{} has no primary key: name the columns that identify a row",
+                    spec.qualified_table()
+                ),
+            )));
+        }
+        None => info.primary_key.clone(),
+    };
+    let unread: Vec<&str> = keys
+        .iter()
+        .filter(|k| !read.iter().any(|c| &c.name == *k))
+        .map(String::as_str)
+        .collect();
+    if !unread.is_empty() {
+        return Err(Error::Spec(shardflow::spec::SpecError::single(
+            "merge_keys",
+            format!(
+                "{} must be among the columns read from {} (a column of the table, in \
+                 selected_columns when those are given)",
+                unread.join(", "),
+                spec.qualified_table()
+            ),
+        )));
+    }
+    Ok(keys)
 }
 
 fn shard_id(index: usize) -> String {
@@ -153,6 +194,10 @@ pub async fn plan_job_in_stream(
             spec.qualified_table()
         )));
     }
+    let merge_keys = match spec.load_type {
+        LoadType::Merge => merge_keys(spec, &info, &columns)?,
+        _ => Vec::new(),
+    };
     let wanted =
         |rows: u64| match plan::choose_mode(spec.processing_mode, rows, spec.row_count_threshold).0
         {
@@ -163,7 +208,7 @@ pub async fn plan_job_in_stream(
             ),
         };
     let (estimate, split, window, resumes_after) = match (spec.load_type, &spec.timestamp_column) {
-        (LoadType::Transactional, Some(column)) => {
+        (LoadType::Transactional | LoadType::Merge, Some(column)) => {
             let bounds = window_bounds(spec, stream);
             let told = spec.last_sync_value.as_ref().and_then(sync_value_text);
             let postgres::PlannedWindow {
@@ -244,6 +289,7 @@ pub async fn plan_job_in_stream(
         source_columns: columns,
         window,
         resumes_after,
+        merge_keys,
     })
 }
 
@@ -255,6 +301,8 @@ fn window_bounds(spec: &JobSpec, stream: &StreamState) -> postgres::WindowBounds
             after: w.after.iter().cloned().collect(),
             from: w.from.clone(),
             through: Some(w.through.clone()),
+            // The inherited window already starts where the lookback put it.
+            lookback: None,
         };
     }
     let told = spec.last_sync_value.as_ref().and_then(sync_value_text);
@@ -265,6 +313,7 @@ fn window_bounds(spec: &JobSpec, stream: &StreamState) -> postgres::WindowBounds
             .collect(),
         from: spec.historical_start_date.clone(),
         through: None,
+        lookback: spec.lookback,
     }
 }
 

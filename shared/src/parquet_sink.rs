@@ -37,7 +37,7 @@ impl Default for PartOptions {
     }
 }
 
-fn properties(opts: &PartOptions) -> Result<WriterProperties> {
+pub(crate) fn properties(opts: &PartOptions) -> Result<WriterProperties> {
     Ok(WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level)?))
         // Dictionary building was a quarter of the worker's CPU and buys little after zstd;

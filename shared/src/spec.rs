@@ -116,6 +116,11 @@ pub struct JobConfig {
     #[serde(default)]
     pub selected_columns: Option<Vec<String>>,
     #[serde(default)]
+    pub merge_keys: Option<Vec<String>>,
+    /// Seconds (a number) or `"<n> seconds|minutes|hours|days"`.
+    #[serde(default)]
+    pub lookback: Option<serde_json::Value>,
+    #[serde(default)]
     pub last_sync_value: Option<serde_json::Value>,
     #[serde(default)]
     pub historical_start_date: Option<String>,
@@ -182,6 +187,16 @@ pub enum LoadType {
     Catalog,
     /// Incremental: rows newer than `last_sync_value` are appended.
     Transactional,
+    /// Incremental upsert: rows changed since `last_sync_value` replace the destination's
+    /// rows of the same `merge_keys`; new keys are inserted.
+    Merge,
+}
+
+impl LoadType {
+    /// Reads a window of `timestamp_column` rather than the whole table.
+    pub fn is_incremental(self) -> bool {
+        matches!(self, LoadType::Transactional | LoadType::Merge)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +232,44 @@ pub struct FileSpec {
 
 pub const DEFAULT_ROW_COUNT_THRESHOLD: u64 = 1_000_000;
 
+/// `lookback`: a number of seconds, or `"<n> <unit>"` with unit seconds, minutes, hours or
+/// days (singular or plural); null, 0 or "" mean none.
+pub fn parse_lookback(value: &serde_json::Value) -> Result<Option<std::time::Duration>, String> {
+    let seconds = match value {
+        serde_json::Value::Null => return Ok(None),
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| format!("must be a whole number of seconds >= 0, got {n}"))?,
+        serde_json::Value::String(text) if text.trim().is_empty() => return Ok(None),
+        serde_json::Value::String(text) => {
+            let bad =
+                || format!("\"{text}\" is not like \"6 hours\" (seconds, minutes, hours or days)");
+            let mut words = text.split_whitespace();
+            let (Some(n), unit, None) = (words.next(), words.next(), words.next()) else {
+                return Err(bad());
+            };
+            let n: u64 = n.parse().map_err(|_| bad())?;
+            let scale = match unit.map(|u| u.to_ascii_lowercase()) {
+                None => 1,
+                Some(u) => match u.trim_end_matches('s') {
+                    "second" | "sec" => 1,
+                    "minute" | "min" => 60,
+                    "hour" => 3600,
+                    "day" => 86_400,
+                    _ => return Err(bad()),
+                },
+            };
+            n.checked_mul(scale).ok_or_else(bad)?
+        }
+        other => {
+            return Err(format!(
+                "must be seconds or text like \"6 hours\", got {other}"
+            ));
+        }
+    };
+    Ok((seconds > 0).then(|| std::time::Duration::from_secs(seconds)))
+}
+
 /// A validated job.
 #[derive(Clone, Debug)]
 pub struct JobSpec {
@@ -232,6 +285,10 @@ pub struct JobSpec {
     pub timestamp_column: Option<String>,
     /// `None` means every column of the table.
     pub selected_columns: Option<Vec<String>>,
+    /// Merge mode: the columns that identify a row; `None` means the source's primary key.
+    pub merge_keys: Option<Vec<String>>,
+    /// Merge mode: how far before the watermark a run reads again (late-arriving rows).
+    pub lookback: Option<std::time::Duration>,
     pub last_sync_value: Option<serde_json::Value>,
     pub historical_start_date: Option<String>,
     pub processing_mode: ProcessingMode,
@@ -326,23 +383,65 @@ impl JobSpec {
         let load_type = match config.load_type.as_deref().map(str::trim) {
             None | Some("") | Some("catalog") => Some(LoadType::Catalog),
             Some("transactional") => Some(LoadType::Transactional),
+            Some("merge") => Some(LoadType::Merge),
             Some(other) => {
                 problem(
                     "load_type",
                     format!(
-                        "load_type \"{other}\" is not supported (expected catalog or transactional)"
+                        "load_type \"{other}\" is not supported (expected catalog, transactional or merge)"
                     ),
                 );
                 None
             }
         };
         let timestamp_column = non_empty(&config.timestamp_column).map(str::to_string);
-        if load_type == Some(LoadType::Transactional) && timestamp_column.is_none() {
+        if let Some(lt @ (LoadType::Transactional | LoadType::Merge)) = load_type
+            && timestamp_column.is_none()
+        {
+            let name = if lt == LoadType::Merge {
+                "merge"
+            } else {
+                "transactional"
+            };
             problem(
                 "load_type",
-                "load_type \"transactional\" needs timestamp_column".into(),
+                format!("load_type \"{name}\" needs timestamp_column"),
             );
         }
+        let merge_keys = match &config.merge_keys {
+            None => None,
+            Some(keys) if keys.is_empty() => None,
+            Some(keys) => {
+                if load_type != Some(LoadType::Merge) {
+                    problem("merge_keys", "is only used with load_type \"merge\"".into());
+                }
+                for (i, k) in keys.iter().enumerate() {
+                    if k.trim().is_empty() {
+                        problem("merge_keys", "contains an empty column name".into());
+                    } else if keys[..i].contains(k) {
+                        problem("merge_keys", format!("lists \"{k}\" twice"));
+                    }
+                }
+                Some(keys.clone())
+            }
+        };
+        let lookback = match config.lookback.as_ref().map(parse_lookback) {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(d))) => {
+                if load_type != Some(LoadType::Merge) {
+                    problem(
+                        "lookback",
+                        "needs load_type \"merge\": an append would load the rows it reads again twice"
+                            .into(),
+                    );
+                }
+                Some(d)
+            }
+            Some(Err(why)) => {
+                problem("lookback", why);
+                None
+            }
+        };
 
         let processing_mode = match config.processing_mode.as_deref().map(str::trim) {
             None | Some("") | Some("auto") => Some(ProcessingMode::Auto),
@@ -506,6 +605,8 @@ impl JobSpec {
             load_type,
             timestamp_column,
             selected_columns,
+            merge_keys,
+            lookback,
             last_sync_value: config.last_sync_value,
             historical_start_date: non_empty(&config.historical_start_date).map(str::to_string),
             processing_mode,
@@ -619,6 +720,63 @@ mod tests {
             err.to_string(),
             "invalid job config: load_type \"transactional\" needs timestamp_column"
         );
+    }
+
+    #[test]
+    fn merge_takes_keys_and_a_lookback() {
+        let mut v = base();
+        v["load_type"] = "merge".into();
+        assert_eq!(
+            parse(v.clone()).unwrap_err().to_string(),
+            "invalid job config: load_type \"merge\" needs timestamp_column"
+        );
+        v["timestamp_column"] = "updated_at".into();
+        let spec = parse(v.clone()).unwrap();
+        assert_eq!(spec.load_type, LoadType::Merge);
+        assert!(spec.load_type.is_incremental());
+        assert_eq!((spec.merge_keys, spec.lookback), (None, None));
+        v["merge_keys"] = serde_json::json!(["region", "id"]);
+        v["lookback"] = "2 hours".into();
+        let spec = parse(v.clone()).unwrap();
+        assert_eq!(spec.merge_keys, Some(vec!["region".into(), "id".into()]));
+        assert_eq!(spec.lookback, Some(std::time::Duration::from_secs(7200)));
+
+        v["merge_keys"] = serde_json::json!(["id", "id"]);
+        v["lookback"] = "2 fortnights".into();
+        let err = parse(v.clone()).unwrap_err().to_string();
+        assert!(err.contains("merge_keys: lists \"id\" twice"), "{err}");
+        assert!(
+            err.contains("\"2 fortnights\" is not like \"6 hours\""),
+            "{err}"
+        );
+        // A lookback would append rows twice; merge keys mean nothing to an append.
+        v["load_type"] = "transactional".into();
+        v["merge_keys"] = serde_json::json!(["id"]);
+        v["lookback"] = 60.into();
+        let err = parse(v).unwrap_err().to_string();
+        assert!(
+            err.contains("merge_keys: is only used with load_type \"merge\"")
+                && err.contains("lookback: needs load_type \"merge\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lookback_forms() {
+        use serde_json::json;
+        let secs = |v: serde_json::Value| parse_lookback(&v).map(|d| d.map(|d| d.as_secs()));
+        assert_eq!(secs(json!(90)), Ok(Some(90)));
+        assert_eq!(secs(json!("90")), Ok(Some(90)));
+        assert_eq!(secs(json!("1 day")), Ok(Some(86_400)));
+        assert_eq!(secs(json!("3 Minutes")), Ok(Some(180)));
+        assert_eq!(secs(json!("12 hours")), Ok(Some(43_200)));
+        assert_eq!(secs(json!(0)), Ok(None));
+        assert_eq!(secs(json!("")), Ok(None));
+        assert_eq!(secs(json!(null)), Ok(None));
+        assert!(secs(json!(-5)).is_err());
+        assert!(secs(json!(1.5)).is_err());
+        assert!(secs(json!("1 hour ago")).is_err());
+        assert!(secs(json!([1])).is_err());
     }
 
     #[test]

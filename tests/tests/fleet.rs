@@ -947,3 +947,51 @@ async fn transactional_jobs_append_each_window_to_bigquery_once() {
     // Both windows appended once, the duplicate job message changed nothing.
     assert_loaded_exactly(&fleet, "fleet_inc", "table_inc").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merge_jobs_upsert_changed_rows_into_bigquery() {
+    let fleet = Fleet::start("merge", 2, &[]).await;
+    source_table("fleet_merge", 20_000).await;
+    let mut config = config("fleet_merge", "table_m");
+    config["load_type"] = json!("merge");
+    config["timestamp_column"] = json!("seen");
+    fleet.serve_config(801, config.clone());
+    fleet.publish_job(801, 12001).await;
+    let first = fleet
+        .django
+        .final_status(12001, Duration::from_secs(180))
+        .await;
+    assert_completed(&first, 20_000);
+    assert_loaded_exactly(&fleet, "fleet_merge", "table_m").await;
+
+    // 3,000 rows change (moved past the watermark), 1,000 are new.
+    pg().await
+        .batch_execute(
+            "UPDATE fleet_merge.t SET name = 'renamed-' || id, amount = amount + 7,
+                    seen = timestamptz '2025-01-01 00:00:00+00' + id * interval '1 second'
+             WHERE id % 20 < 3;
+             INSERT INTO fleet_merge.t SELECT i, 'late-' || i, i, timestamptz '2025-02-01 00:00:00+00'
+             FROM generate_series(20001, 21000) i",
+        )
+        .await
+        .unwrap();
+    config["last_sync_value"] = first["watermark"].clone();
+    fleet.serve_config(801, config);
+    fleet.publish_job(801, 12002).await;
+    let second = fleet
+        .django
+        .final_status(12002, Duration::from_secs(180))
+        .await;
+    // 3,000 updated and 1,000 inserted by one MERGE; each key once, in its new version.
+    assert_completed(&second, 4_000);
+    assert_eq!(second["watermark"], "2025-02-01T00:00:00Z", "{second}");
+    assert_loaded_exactly(&fleet, "fleet_merge", "table_m").await;
+    // The merge's staging table is gone.
+    let tables = fleet
+        .query(&format!(
+            "SELECT table_name FROM `{PROJECT}.{}.INFORMATION_SCHEMA.TABLES`",
+            fleet.dataset
+        ))
+        .await;
+    assert_eq!(tables, vec![vec![Some("table_m".to_string())]]);
+}

@@ -1153,3 +1153,112 @@ async fn wrong_credentials_fail_at_once_with_the_servers_reason() {
         );
     }
 }
+
+/// Merge runs keep one row per key, its latest version: changed rows replace theirs, new rows
+/// are added, and a lookback re-reads rows that arrived late with an older timestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merge_runs_keep_the_latest_version_of_each_key() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_merge").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.accounts (id bigint PRIMARY KEY, region text, balance numeric(12,2),
+                                         updated_at timestamp NOT NULL);
+         INSERT INTO {schema}.accounts
+         SELECT i, CASE WHEN i % 7 = 0 THEN NULL ELSE 'r' || i % 3 END, i * 1.25,
+                timestamp '2024-01-01' + i * interval '1 second'
+         FROM generate_series(1, 30000) i;
+         CREATE TABLE {schema}.nokey (id bigint, updated_at timestamp);"
+    ))
+    .await
+    .unwrap();
+    let dir = scratch("merge");
+    let table = dir.join("warehouse/accounts");
+    let merge_job = |last: Option<&str>, lookback: Option<&str>| {
+        job(
+            &schema,
+            "accounts",
+            "accounts",
+            json!({"load_type": "merge", "timestamp_column": "updated_at",
+                   "last_sync_value": last, "lookback": lookback}),
+        )
+    };
+    let run = |spec, etl_run_id: i64| {
+        let mut opts = exact(&dir, 10_000);
+        opts.etl_run_id = Some(etl_run_id);
+        run_job(spec, opts)
+    };
+
+    // 1: every row, in four shards (a multiple of the two workers); the merge keys default to
+    // the primary key.
+    let first = run(merge_job(None, None), 1).await;
+    assert_eq!(first.status, "completed", "{first:?}");
+    assert_eq!((first.rows_loaded, first.shards), (30_000, 4));
+    assert_same_content(&pg, &schema, "accounts", &table, "id").await;
+
+    // 2: 5,000 rows change and 2,000 are new: only those are read, and the table holds each
+    // key once, in its new version.
+    pg.batch_execute(&format!(
+        "UPDATE {schema}.accounts SET balance = balance + 1000, region = 'moved',
+                updated_at = timestamp '2024-02-01' + id * interval '1 millisecond'
+         WHERE id % 6 = 0;
+         INSERT INTO {schema}.accounts
+         SELECT i, 'new', i, timestamp '2024-02-02' + i * interval '1 millisecond'
+         FROM generate_series(30001, 32000) i;"
+    ))
+    .await
+    .unwrap();
+    let second = run(merge_job(first.watermark.as_deref(), None), 2).await;
+    assert_eq!(second.status, "completed", "{second:?}");
+    assert_eq!(second.rows_loaded, 7_000);
+    assert_same_content(&pg, &schema, "accounts", &table, "id").await;
+
+    // 3: rows committed late with timestamps before the watermark are missed without a
+    // lookback...
+    pg.batch_execute(&format!(
+        "UPDATE {schema}.accounts SET balance = -1,
+                updated_at = timestamp '2024-02-02' + 31000 * interval '1 millisecond'
+         WHERE id BETWEEN 1 AND 100"
+    ))
+    .await
+    .unwrap();
+    let third = run(merge_job(second.watermark.as_deref(), None), 3).await;
+    assert_eq!((third.status.as_str(), third.rows_loaded), ("completed", 0));
+    let stale = read_table(&table);
+    assert_eq!(
+        stale.iter().map(|b| b.num_rows()).sum::<usize>(),
+        32_000,
+        "still every key once"
+    );
+
+    // ...and merged by the next run with a lookback reaching back to them; the rows of the
+    // lookback that were loaded before are merged again, unchanged.
+    let fourth = run(merge_job(second.watermark.as_deref(), Some("2 seconds")), 4).await;
+    assert_eq!(fourth.status, "completed", "{fourth:?}");
+    // The 100 late rows plus the 2,000 rows of the two seconds before the watermark.
+    assert_eq!(fourth.rows_loaded, 2_100);
+    assert_eq!(fourth.watermark, second.watermark);
+    assert_same_content(&pg, &schema, "accounts", &table, "id").await;
+
+    // A table without a primary key needs merge_keys, named before any data moves; a
+    // lookback needs a merge.
+    let no_key = run(
+        job(
+            &schema,
+            "nokey",
+            "nokey",
+            json!({"load_type": "merge", "timestamp_column": "updated_at"}),
+        ),
+        5,
+    )
+    .await;
+    assert_eq!(no_key.status, "failed");
+    assert!(
+        no_key
+            .error_message
+            .as_deref()
+            .unwrap()
+            .contains(&format!("merge_keys: {schema}.nokey has no primary key")),
+        "{no_key:?}"
+    );
+    assert!(!dir.join("warehouse/nokey").exists());
+}

@@ -150,6 +150,8 @@ pub struct TableInfo {
     /// The column shards are cut on: first column of the primary key or of a unique NOT NULL
     /// index, when its type can be cut into ranges.
     pub split_key: Option<SourceColumn>,
+    /// The primary key's columns in key order; empty without one.
+    pub primary_key: Vec<String>,
 }
 
 impl TableInfo {
@@ -222,6 +224,12 @@ WHERE i.indrelid = $1 AND i.indisvalid AND i.indpred IS NULL
   AND (i.indisprimary OR (i.indisunique AND a.attnotnull))
 ORDER BY i.indisprimary DESC, i.indnatts, i.indexrelid";
 
+const PRIMARY_KEY_SQL: &str = "
+SELECT a.attname::text
+FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, ord), pg_attribute a
+WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = k.attnum
+ORDER BY k.ord";
+
 /// Looks the table up; a missing table is named with the database it was looked for in.
 pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<TableInfo> {
     let row = client.query_opt(TABLE_SQL, &[&schema, &table]).await?;
@@ -257,6 +265,12 @@ pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<Tabl
             break;
         }
     }
+    let primary_key = client
+        .query(PRIMARY_KEY_SQL, &[&oid])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     Ok(TableInfo {
         schema: schema.to_string(),
         table: table.to_string(),
@@ -267,6 +281,7 @@ pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<Tabl
         pages_now: u64::try_from(row.get::<_, i64>(4)).unwrap_or(0),
         columns,
         split_key,
+        primary_key,
     })
 }
 
@@ -584,6 +599,8 @@ pub struct WindowBounds {
     /// A high-water mark fixed beforehand (a taken-over run reads its window again); else
     /// `max(column)` now.
     pub through: Option<String>,
+    /// Merge mode: the window starts this long before `after` (a date or timestamp column).
+    pub lookback: Option<std::time::Duration>,
 }
 
 /// The window of an incremental load, its exact row count, and its cut into `shards` ranges
@@ -641,8 +658,37 @@ pub async fn plan_window(
             .map_err(|e| bad_value(bounds.after.join(", "), "last_sync_value", e))?
             .get(0),
     };
+    // The window's own lower bound: `after` less the lookback. `after` itself stays what the
+    // run resumes after (the watermark an empty window reports).
+    let start_after = match (&after, bounds.lookback) {
+        (Some(v), Some(lookback)) => {
+            if !matches!(
+                col.type_name.as_str(),
+                "date" | "timestamp without time zone" | "timestamp with time zone"
+            ) {
+                return Err(Error::Spec(crate::spec::SpecError::single(
+                    "lookback",
+                    format!(
+                        "needs a date or timestamp timestamp_column; {column:?} is {}",
+                        col.type_name
+                    ),
+                )));
+            }
+            let seconds = lookback.as_secs_f64();
+            let earlier: String = client
+                .query_one(
+                    &format!("SELECT ($1::text::{t} - make_interval(secs => $2))::{t}::text"),
+                    &[v, &seconds],
+                )
+                .await
+                .map_err(|e| bad_value(v.clone(), "last_sync_value", e))?
+                .get(0);
+            Some(earlier)
+        }
+        (after, _) => after.clone(),
+    };
     let from = bounds.from;
-    let (lower_sql, lower) = match (&after, &from) {
+    let (lower_sql, lower) = match (&start_after, &from) {
         (Some(v), _) => (format!("{c} > $1::text::{t}"), Some(v.clone())),
         (None, Some(v)) => (format!("{c} >= $1::text::{t}"), Some(v.clone())),
         (None, None) => (format!("($1::text IS NULL AND {c} IS NOT NULL)"), None),
@@ -688,7 +734,7 @@ pub async fn plan_window(
     let window = Window {
         column: column.to_string(),
         column_type: col.type_name.clone(),
-        after: after.clone(),
+        after: start_after.clone(),
         from,
         through: through.clone(),
     };

@@ -75,6 +75,7 @@ use gcp_bigquery_client::model::get_query_results_parameters::GetQueryResultsPar
 use gcp_bigquery_client::model::job::Job;
 use gcp_bigquery_client::model::job_configuration::JobConfiguration;
 use gcp_bigquery_client::model::job_configuration_load::JobConfigurationLoad;
+use gcp_bigquery_client::model::job_configuration_query::JobConfigurationQuery;
 use gcp_bigquery_client::model::job_configuration_table_copy::JobConfigurationTableCopy;
 use gcp_bigquery_client::model::job_reference::JobReference;
 use gcp_bigquery_client::model::query_request::QueryRequest;
@@ -585,8 +586,59 @@ fn check_destination(job: &Job, ours: &JobConfiguration) -> Result<()> {
 fn write_disposition(mode: WriteMode) -> &'static str {
     match mode {
         WriteMode::Replace => "WRITE_TRUNCATE",
-        WriteMode::Append => "WRITE_APPEND",
+        // A merge never loads into the table itself; its staging table is appended to.
+        WriteMode::Append | WriteMode::Merge => "WRITE_APPEND",
     }
+}
+
+/// A column name as a GoogleSQL quoted identifier.
+fn quoted(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// The one statement of a merge: of the staged rows sharing a key, the one with the greatest
+/// `latest_by` (any one without it) replaces the table's rows of that key, or is inserted.
+/// Keys match with `IS NOT DISTINCT FROM`, so a NULL key part is a value like any other.
+pub fn merge_sql(
+    target: &str,
+    staged: &str,
+    columns: &[String],
+    keys: &[String],
+    latest_by: Option<&str>,
+) -> String {
+    let partition = keys
+        .iter()
+        .map(|k| quoted(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let order = latest_by.map_or("1".to_string(), |c| format!("{} DESC", quoted(c)));
+    let on = keys
+        .iter()
+        .map(|k| format!("T.{0} IS NOT DISTINCT FROM S.{0}", quoted(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let updates: Vec<String> = columns
+        .iter()
+        .filter(|c| !keys.contains(c))
+        .map(|c| format!("{0} = S.{0}", quoted(c)))
+        .collect();
+    let matched = if updates.is_empty() {
+        String::new()
+    } else {
+        format!(" WHEN MATCHED THEN UPDATE SET {}", updates.join(", "))
+    };
+    let names = columns.iter().map(|c| quoted(c)).collect::<Vec<_>>();
+    let values = columns
+        .iter()
+        .map(|c| format!("S.{}", quoted(c)))
+        .collect::<Vec<_>>();
+    format!(
+        "MERGE `{target}` AS T USING (SELECT * FROM `{staged}` WHERE TRUE QUALIFY ROW_NUMBER() \
+         OVER (PARTITION BY {partition} ORDER BY {order}) = 1) AS S ON {on}{matched} \
+         WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})",
+        names.join(", "),
+        values.join(", ")
+    )
 }
 
 /// Whether a job is already there to be waited for, or which id the next attempt takes.
@@ -897,7 +949,7 @@ impl BigQueryWarehouse {
         let after = self.count_rows(req.table, location).await?;
         let loaded = match req.mode {
             WriteMode::Replace => after,
-            WriteMode::Append => {
+            WriteMode::Append | WriteMode::Merge => {
                 let before = rows_before(job)?;
                 after.checked_sub(before).ok_or_else(|| {
                     Error::Warehouse(format!(
@@ -938,6 +990,150 @@ impl BigQueryWarehouse {
         self.verify(req, &job, location).await
     }
 
+    /// Loads every part into a fresh staging table, in steps of `max_uris_per_job`, and
+    /// checks it holds the rows the workers reported.
+    async fn stage_parts(
+        &self,
+        req: &LoadRequest<'_>,
+        uris: &[String],
+        columns: &[TableFieldSchema],
+        location: Option<&str>,
+        staging: &str,
+    ) -> Result<()> {
+        let expires = SystemTime::now() + STAGING_TTL;
+        self.ensure_table(staging, columns, Some(expires)).await?;
+        let steps = uris.chunks(self.max_uris_per_job.max(1));
+        let count = steps.len();
+        for (n, chunk) in steps.enumerate() {
+            let base = job_id(
+                &self.dataset,
+                req.run_id,
+                req.table,
+                &format!("stage{n:05}"),
+            );
+            let what = format!(
+                "step {} of {count}: {} parts into staging table {}",
+                n + 1,
+                chunk.len(),
+                self.full_name(staging)
+            );
+            let disposition = if n == 0 {
+                "WRITE_TRUNCATE"
+            } else {
+                "WRITE_APPEND"
+            };
+            let config = self.load_job(staging, chunk, disposition);
+            self.run_job(&base, &what, location, config, None).await?;
+        }
+        let staged = self.count_rows(staging, location).await?;
+        if staged != req.expected_rows {
+            return Err(Error::Warehouse(format!(
+                "staging table {} received {staged} rows from {count} load jobs, but the \
+                 workers reported {}; table {} left as it was",
+                self.full_name(staging),
+                req.expected_rows,
+                self.full_name(req.table)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stages the parts for the job `step` that moves them on, unless that job was already
+    /// inserted: a retried run must not look for a staging table that is dropped once the job
+    /// is done. Returns the staging table and the job's base id.
+    async fn stage_for(
+        &self,
+        req: &LoadRequest<'_>,
+        uris: &[String],
+        columns: &[TableFieldSchema],
+        location: Option<&str>,
+        step: &str,
+    ) -> Result<(String, String)> {
+        let staging = staging_table_name(req.table, req.run_id);
+        let base = job_id(&self.dataset, req.load_key, req.table, step);
+        if !matches!(self.lookup(&base, location).await?, Lookup::Existing(..)) {
+            self.stage_parts(req, uris, columns, location, &staging)
+                .await?;
+        }
+        Ok((staging, base))
+    }
+
+    /// Drops a staging table once what it fed has committed; one left behind expires.
+    async fn drop_staging(&self, staging: &str) {
+        if let Err(e) = self
+            .client
+            .table()
+            .delete(&self.project, &self.dataset, staging)
+            .await
+            && http_status(&e) != Some(404)
+        {
+            tracing::warn!(table = %self.full_name(staging), error = %describe(&e), "cannot drop the staging table");
+        }
+    }
+
+    /// A merge: every part into a staging table, then one MERGE statement (a query job under
+    /// the job's id, so a retried run waits for it rather than merging again), then the
+    /// staging table is dropped. Returns the rows the MERGE inserted or updated.
+    async fn load_merge(
+        &self,
+        req: &LoadRequest<'_>,
+        uris: &[String],
+        columns: &[TableFieldSchema],
+        location: Option<&str>,
+    ) -> Result<u64> {
+        if req.merge_keys.is_empty() {
+            return Err(Error::Warehouse(format!(
+                "a merge into {} needs merge keys",
+                self.full_name(req.table)
+            )));
+        }
+        let (staging, merge_base) = self
+            .stage_for(req, uris, columns, location, "merge")
+            .await?;
+        let names: Vec<String> = req
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let sql = merge_sql(
+            &self.full_name(req.table),
+            &self.full_name(&staging),
+            &names,
+            req.merge_keys,
+            req.latest_by,
+        );
+        let what = format!(
+            "merge of {} into {} on {}",
+            self.full_name(&staging),
+            self.full_name(req.table),
+            req.merge_keys.join(", ")
+        );
+        let config = JobConfiguration {
+            query: Some(JobConfigurationQuery {
+                query: sql,
+                use_legacy_sql: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let job = self
+            .run_job(&merge_base, &what, location, config, None)
+            .await?;
+        self.drop_staging(&staging).await;
+        job.statistics
+            .as_ref()
+            .and_then(|s| s.query.as_ref())
+            .and_then(|q| q.num_dml_affected_rows.as_deref())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                Error::Warehouse(format!(
+                    "BigQuery job {} ({what}) reported no affected rows",
+                    job_name(&job)
+                ))
+            })
+    }
+
     /// More parts: load steps into a staging table, check it, one copy, drop it.
     async fn load_in_steps(
         &self,
@@ -946,51 +1142,7 @@ impl BigQueryWarehouse {
         columns: &[TableFieldSchema],
         location: Option<&str>,
     ) -> Result<u64> {
-        let staging = staging_table_name(req.table, req.run_id);
-        let copy_base = job_id(&self.dataset, req.load_key, req.table, "copy");
-        // A retried run whose copy already started must not look for its staging table, which
-        // is dropped once the copy is done.
-        let copied = matches!(
-            self.lookup(&copy_base, location).await?,
-            Lookup::Existing(..)
-        );
-        if !copied {
-            let expires = SystemTime::now() + STAGING_TTL;
-            self.ensure_table(&staging, columns, Some(expires)).await?;
-            let steps = uris.chunks(self.max_uris_per_job.max(1));
-            let count = steps.len();
-            for (n, chunk) in steps.enumerate() {
-                let base = job_id(
-                    &self.dataset,
-                    req.run_id,
-                    req.table,
-                    &format!("stage{n:05}"),
-                );
-                let what = format!(
-                    "step {} of {count}: {} parts into staging table {}",
-                    n + 1,
-                    chunk.len(),
-                    self.full_name(&staging)
-                );
-                let disposition = if n == 0 {
-                    "WRITE_TRUNCATE"
-                } else {
-                    "WRITE_APPEND"
-                };
-                let config = self.load_job(&staging, chunk, disposition);
-                self.run_job(&base, &what, location, config, None).await?;
-            }
-            let staged = self.count_rows(&staging, location).await?;
-            if staged != req.expected_rows {
-                return Err(Error::Warehouse(format!(
-                    "staging table {} received {staged} rows from {count} load jobs, but the \
-                     workers reported {}; table {} left as it was",
-                    self.full_name(&staging),
-                    req.expected_rows,
-                    self.full_name(req.table)
-                )));
-            }
-        }
+        let (staging, copy_base) = self.stage_for(req, uris, columns, location, "copy").await?;
         let what = format!(
             "copy of {} into {}",
             self.full_name(&staging),
@@ -1012,16 +1164,7 @@ impl BigQueryWarehouse {
             .run_job(&copy_base, &what, location, config, append)
             .await?;
         let loaded = self.verify(req, &job, location).await?;
-        // The load has committed: a staging table left behind expires on its own.
-        if let Err(e) = self
-            .client
-            .table()
-            .delete(&self.project, &self.dataset, &staging)
-            .await
-            && http_status(&e) != Some(404)
-        {
-            tracing::warn!(table = %self.full_name(&staging), error = %describe(&e), "cannot drop the staging table");
-        }
+        self.drop_staging(&staging).await;
         Ok(loaded)
     }
 }
@@ -1068,7 +1211,9 @@ impl Warehouse for BigQueryWarehouse {
         let location = location.as_deref();
         self.ensure_table(req.table, &columns, None).await?;
         let uris: Vec<String> = req.parts.iter().map(|p| req.staging.uri(&p.path)).collect();
-        let rows_loaded = if uris.len() <= self.max_uris_per_job {
+        let rows_loaded = if req.mode == WriteMode::Merge {
+            self.load_merge(&req, &uris, &columns, location).await?
+        } else if uris.len() <= self.max_uris_per_job {
             self.load_direct(&req, &uris, location).await?
         } else {
             self.load_in_steps(&req, &uris, &columns, location).await?
@@ -1541,30 +1686,13 @@ mod tests {
             RecordBatch::try_new(schema.clone(), columns).unwrap()
         }
 
-        /// Stages one real Parquet part per shard at the workers' paths, written as the
-        /// workers write them: through `Staging`'s store, over the GCS JSON API.
+        /// Stages `batch` rows of each range as one shard.
         async fn stage(env: &Env, run: &str, shards: &[Range<i64>]) -> Vec<StagedFile> {
-            let mut parts = Vec::new();
-            for (n, ids) in shards.iter().enumerate() {
-                let batches: crate::source::BatchStream =
-                    Box::pin(futures::stream::iter(vec![Ok(batch(
-                        &env.schema,
-                        ids.clone(),
-                    ))]));
-                let written = write_parts(
-                    env.staging.store(),
-                    run,
-                    &format!("shard-{n}"),
-                    env.schema.clone(),
-                    batches,
-                    &PartOptions::default(),
-                    |_| Ok(()),
-                )
-                .await
-                .unwrap();
-                parts.extend(written);
-            }
-            parts
+            let batches = shards
+                .iter()
+                .map(|ids| batch(&env.schema, ids.clone()))
+                .collect();
+            stage_batches(env, run, batches).await
         }
 
         fn request<'a>(
@@ -1584,6 +1712,8 @@ mod tests {
                 staging: &env.staging,
                 mode,
                 expected_rows,
+                merge_keys: &[],
+                latest_by: None,
             }
         }
 
@@ -1815,6 +1945,123 @@ mod tests {
             assert_eq!(rows_before(&load).unwrap(), 4);
             let retry = attempt_id(&job_id(env.wh.dataset(), "r2", "events", "load"), 1);
             assert!(env.wh.get_job(&retry, None).await.unwrap().is_none());
+        }
+
+        /// `batch` with every name replaced by `name(id)` and, when given, every day by `day`.
+        fn changed(
+            schema: &SchemaRef,
+            ids: Range<i64>,
+            name: impl Fn(i64) -> String,
+            day: Option<i32>,
+        ) -> RecordBatch {
+            let original = batch(schema, ids.clone());
+            let mut columns = original.columns().to_vec();
+            columns[1] = Arc::new(ids.clone().map(|i| Some(name(i))).collect::<StringArray>());
+            if let Some(day) = day {
+                columns[6] = Arc::new(ids.map(|_| Some(day)).collect::<Date32Array>());
+            }
+            RecordBatch::try_new(schema.clone(), columns).unwrap()
+        }
+
+        /// Stages one real Parquet part per batch at the workers' paths, written as the
+        /// workers write them: through `Staging`'s store, over the GCS JSON API.
+        async fn stage_batches(env: &Env, run: &str, batches: Vec<RecordBatch>) -> Vec<StagedFile> {
+            let mut parts = Vec::new();
+            for (n, b) in batches.into_iter().enumerate() {
+                let stream: crate::source::BatchStream =
+                    Box::pin(futures::stream::iter(vec![Ok(b)]));
+                parts.extend(
+                    write_parts(
+                        env.staging.store(),
+                        run,
+                        &format!("shard-{n}"),
+                        env.schema.clone(),
+                        stream,
+                        &PartOptions::default(),
+                        |_| Ok(()),
+                    )
+                    .await
+                    .unwrap(),
+                );
+            }
+            parts
+        }
+
+        #[test]
+        fn merge_statement() {
+            let columns = ["id", "re`gion", "v", "at"].map(String::from);
+            let keys = ["id", "re`gion"].map(String::from);
+            assert_eq!(
+                merge_sql("p.d.t", "p.d.s", &columns, &keys, Some("at")),
+                "MERGE `p.d.t` AS T USING (SELECT * FROM `p.d.s` WHERE TRUE QUALIFY ROW_NUMBER() \
+                 OVER (PARTITION BY `id`, `re\\`gion` ORDER BY `at` DESC) = 1) AS S ON \
+                 T.`id` IS NOT DISTINCT FROM S.`id` AND T.`re\\`gion` IS NOT DISTINCT FROM S.`re\\`gion` \
+                 WHEN MATCHED THEN UPDATE SET `v` = S.`v`, `at` = S.`at` \
+                 WHEN NOT MATCHED THEN INSERT (`id`, `re\\`gion`, `v`, `at`) VALUES (S.`id`, S.`re\\`gion`, S.`v`, S.`at`)"
+            );
+            // Only keys: nothing to update, new keys are inserted.
+            let sql = merge_sql("p.d.t", "p.d.s", &keys, &keys, None);
+            assert!(!sql.contains("WHEN MATCHED"), "{sql}");
+            assert!(sql.contains("ORDER BY 1"), "{sql}");
+        }
+
+        #[tokio::test]
+        async fn merge_replaces_changed_keys_with_their_latest_row_once() {
+            let env = setup().await;
+            let base = stage(&env, "r1", &[0..5]).await;
+            env.wh
+                .load(request(&env, "people", "r1", &base, WriteMode::Replace, 5))
+                .await
+                .unwrap();
+            // Keys 3 and 4 changed, 5 and 6 are new; key 6 is also staged in an older
+            // version (an earlier day), which must lose.
+            let v2 = |i| format!("v2 {i}");
+            let changes = stage_batches(
+                &env,
+                "r2",
+                vec![
+                    changed(&env.schema, 3..5, v2, None),
+                    changed(&env.schema, 6..7, |_| "stale".into(), Some(BASE_DAY)),
+                    changed(&env.schema, 5..7, v2, None),
+                ],
+            )
+            .await;
+            let keys = ["id".to_string()];
+            let merge = |parts| LoadRequest {
+                merge_keys: &keys,
+                latest_by: Some("day"),
+                ..request(&env, "people", "r2", parts, WriteMode::Merge, 5)
+            };
+            let outcome = env.wh.load(merge(&changes)).await.unwrap();
+            // Two rows updated, two inserted.
+            assert_eq!(outcome.rows_loaded, 4);
+            let mut want: Vec<Vec<Value>> = (0..7).map(expected_row).collect();
+            for (i, row) in want.iter_mut().enumerate().skip(3) {
+                row[1] = text(format!("v2 {i}"));
+            }
+            assert_eq!(read_back(&env, "people").await, want);
+            // The staging table is gone; the same merge again finds its job and changes nothing.
+            let staging = staging_table_name("people", "r2");
+            assert!(env.wh.get_table(&staging).await.unwrap().is_none());
+            assert_eq!(env.wh.load(merge(&changes)).await.unwrap(), outcome);
+            assert_eq!(read_back(&env, "people").await, want);
+            // A merge whose parts hold other counts than reported touches nothing.
+            let err = env
+                .wh
+                .load(LoadRequest {
+                    load_key: "r3",
+                    run_id: "r3",
+                    expected_rows: 9,
+                    ..merge(&changes)
+                })
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("received 5 rows") && err.contains("reported 9"),
+                "{err}"
+            );
+            assert_eq!(read_back(&env, "people").await, want);
         }
 
         #[tokio::test]

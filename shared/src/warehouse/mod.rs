@@ -1,5 +1,6 @@
 //! The warehouse: ONE load per table per run from the staged Parquet parts. A catalog load
-//! replaces the table atomically; a transactional load appends, also all-or-nothing.
+//! replaces the table atomically; a transactional load appends, a merge upserts by key, each
+//! all-or-nothing.
 
 pub mod bigquery;
 pub mod parquet_dir;
@@ -17,6 +18,10 @@ pub enum WriteMode {
     /// Readers see the old table or the new one, never a mix; a failed load leaves the old.
     Replace,
     Append,
+    /// Each staged row replaces the table's row with the same `merge_keys` (or is inserted);
+    /// of staged rows sharing a key, the one with the greatest `latest_by` wins. Applying the
+    /// same parts twice leaves the table as once.
+    Merge,
 }
 
 pub struct LoadRequest<'a> {
@@ -34,10 +39,15 @@ pub struct LoadRequest<'a> {
     pub mode: WriteMode,
     /// The rows the workers reported; the load fails if the table would hold a different count.
     pub expected_rows: u64,
+    /// Merge: the columns that identify a row.
+    pub merge_keys: &'a [String],
+    /// Merge: the column whose greatest value picks a key's latest staged row.
+    pub latest_by: Option<&'a str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LoadOutcome {
+    /// Rows appended or written; for a merge, the distinct keys it inserted or replaced.
     pub rows_loaded: u64,
     pub files: usize,
     /// Where the table lives, for the report.
