@@ -68,7 +68,7 @@ install() {
 # says more). When the jar lacks the method, the class with it goes ahead of the jar.
 pubsub_classpath() {
     local jar
-    jar=$(ls "$PUBSUB_HOME"/lib/cloud-pubsub-emulator-*-all.jar 2>/dev/null | head -1)
+    jar=$(ls "$PUBSUB_HOME"/lib/cloud-pubsub-emulator-*-all.jar 2>/dev/null | head -1 || true)
     if [ -z "$jar" ]; then
         echo "emulators.sh: the Pub/Sub emulator is missing ($PUBSUB_HOME/lib); install the Google Cloud CLI with its pubsub-emulator component" >&2
         exit 1
