@@ -1262,3 +1262,142 @@ async fn merge_runs_keep_the_latest_version_of_each_key() {
     );
     assert!(!dir.join("warehouse/nokey").exists());
 }
+
+/// The types read as text (arrays, enums, intervals, network addresses, timetz) come out in
+/// the form the extraction pins whatever the server's defaults; time is native; money is its
+/// exact amount; domains are their base type. Exact values, NULLs, empty arrays and strings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrays_enums_intervals_and_other_types_round_trip_exactly() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_more_types").await;
+    pg.batch_execute(&format!(
+        "CREATE TYPE {schema}.mood AS ENUM ('sad', 'ok', 'happy 😀');
+         CREATE DOMAIN {schema}.positive AS integer CHECK (VALUE > 0);
+         CREATE DOMAIN {schema}.label AS varchar(10);
+         CREATE TABLE {schema}.more (
+             id int PRIMARY KEY, ints int[], texts text[], floats float8[], mood {schema}.mood,
+             span interval, t time, ttz timetz, addr inet, net cidr, price money,
+             pos {schema}.positive, lbl {schema}.label, stamps timestamptz[], grid int[][]);
+         INSERT INTO {schema}.more VALUES
+         (1, '{{1,NULL,-2147483648}}', '{{\"a,b\",\"quote\\\"s\",🦀,NULL,\"\"}}',
+          '{{0.1,1e308,-0,NaN,-Infinity,4.9e-324}}', 'happy 😀',
+          '1 year 2 months 3 days 04:05:06.789', '23:59:59.999999', '01:02:03.5+05:30',
+          '192.168.0.1/24', '10.0.0.0/8', '-92233720368547758.08', 2147483647, 'ten chars!',
+          '{{\"2024-01-01 00:00:00+02\",NULL}}', '{{{{1,2}},{{3,4}}}}'),
+         (2, '{{}}', '{{}}', '{{}}', 'sad', '-1 days -00:00:00.000001', '00:00:00', '00:00:00-12',
+          '::1', '2001:db8::/32', '0.01', 1, '', '{{}}', '{{}}'),
+         (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"
+    ))
+    .await
+    .unwrap();
+    // A role whose defaults would change every text form if the extraction did not pin them
+    // (a role of its own, so no other test sees these settings).
+    let role = format!("{schema}_reader");
+    pg.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role};
+         CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA {schema} TO {role};
+         GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role};
+         ALTER ROLE {role} SET IntervalStyle = 'sql_standard';
+         ALTER ROLE {role} SET extra_float_digits = -3;
+         ALTER ROLE {role} SET TimeZone = 'America/New_York';
+         ALTER ROLE {role} SET DateStyle = 'SQL, DMY';"
+    ))
+    .await
+    .unwrap();
+    let more_job = || {
+        job(
+            &schema,
+            "more",
+            "more",
+            json!({"processing_mode": "standard",
+                   "connection_params": {"host": "127.0.0.1", "port": 5432, "database": "test",
+                                         "username": role, "password": "unused"}}),
+        )
+    };
+    let dir = scratch("more_types");
+    let report = run_job(more_job(), exact(&dir, 10_000)).await;
+    assert_eq!(report.status, "completed", "{report:?}");
+    assert_eq!(report.rows_loaded, 3);
+
+    let batches = read_table(&dir.join("warehouse/more"));
+    let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+    let b = arrow::compute::take_record_batch(
+        &b,
+        &arrow::compute::sort_to_indices(b.column(0), None, None).unwrap(),
+    )
+    .unwrap();
+    let texts = |name: &str| -> Vec<Option<String>> {
+        let column = b.column_by_name(name).unwrap();
+        assert_eq!(column.data_type(), &DataType::Utf8, "{name}");
+        column
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.map(str::to_string))
+            .collect()
+    };
+    let some = |a: &str, b: &str| vec![Some(a.to_string()), Some(b.to_string()), None];
+    assert_eq!(texts("ints"), some("{1,NULL,-2147483648}", "{}"));
+    assert_eq!(
+        texts("texts"),
+        some(r#"{"a,b","quote\"s",🦀,NULL,""}"#, "{}")
+    );
+    assert_eq!(
+        texts("floats"),
+        some("{0.1,1e+308,-0,NaN,-Infinity,5e-324}", "{}")
+    );
+    assert_eq!(texts("mood"), some("happy 😀", "sad"));
+    assert_eq!(texts("span"), some("P1Y2M3DT4H5M6.789S", "P-1DT-0.000001S"));
+    assert_eq!(texts("ttz"), some("01:02:03.5+05:30", "00:00:00-12"));
+    // inet::text always shows the mask.
+    assert_eq!(texts("addr"), some("192.168.0.1/24", "::1/128"));
+    assert_eq!(texts("net"), some("10.0.0.0/8", "2001:db8::/32"));
+    assert_eq!(texts("price"), some("-92233720368547758.08", "0.01"));
+    assert_eq!(texts("lbl"), some("ten chars!", ""));
+    assert_eq!(
+        texts("stamps"),
+        some(r#"{"2023-12-31 22:00:00+00",NULL}"#, "{}")
+    );
+    assert_eq!(texts("grid"), some("{{1,2},{3,4}}", "{}"));
+
+    let t = b.column_by_name("t").unwrap();
+    assert_eq!(t.data_type(), &DataType::Time64(TimeUnit::Microsecond));
+    let t: Vec<Option<i64>> = t
+        .as_primitive::<arrow::datatypes::Time64MicrosecondType>()
+        .iter()
+        .collect();
+    assert_eq!(t, vec![Some(86_399_999_999), Some(0), None]);
+    let pos = b.column_by_name("pos").unwrap();
+    assert_eq!(
+        pos.data_type(),
+        &DataType::Int32,
+        "a domain is its base type"
+    );
+    let pos: Vec<Option<i32>> = pos.as_primitive::<Int32Type>().iter().collect();
+    assert_eq!(pos, vec![Some(2_147_483_647), Some(1), None]);
+    // The source types travel in the field metadata.
+    let source_type = |name: &str| {
+        b.schema()
+            .field_with_name(name)
+            .unwrap()
+            .metadata()
+            .get("shardflow.source_type")
+            .cloned()
+    };
+    assert_eq!(source_type("ints").as_deref(), Some("integer[]"));
+    assert_eq!(source_type("price").as_deref(), Some("money"));
+
+    // 24:00:00 is a PostgreSQL time and no BigQuery TIME: refused, naming the column.
+    pg.batch_execute(&format!(
+        "UPDATE {schema}.more SET t = '24:00:00' WHERE id = 2"
+    ))
+    .await
+    .unwrap();
+    let refused = run_job(more_job(), exact(&dir, 10_000)).await;
+    assert_eq!(refused.status, "failed");
+    let why = refused.error_message.unwrap();
+    assert!(
+        why.contains("t: time is 24:00:00, which Arrow Time64 and BigQuery TIME cannot hold"),
+        "{why}"
+    );
+}

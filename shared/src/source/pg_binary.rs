@@ -17,14 +17,16 @@
 //! | date | Date32 | ±infinity is refused with an error naming the column |
 //! | timestamp | Timestamp(µs) | ±infinity is refused with an error naming the column |
 //! | timestamptz | Timestamp(µs, "UTC") | |
-//! | anything else | Utf8 | read as `column::text`, PostgreSQL's own text form |
+//! | time | Time64(µs) | `24:00:00` is refused with an error naming the column |
+//! | money | Utf8 | `column::numeric::text`: the exact amount, without the locale's symbol |
+//! | anything else | Utf8 | read as `column::text`, PostgreSQL's own text form under the settings the extraction pins (ISO dates, ISO 8601 intervals, UTC, shortest exact floats) |
 
 use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Decimal256Builder,
     Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder,
-    TimestampMicrosecondBuilder,
+    Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, i256};
 use arrow::record_batch::RecordBatch;
@@ -47,10 +49,12 @@ pub mod oid {
     pub const BPCHAR: u32 = 1042;
     pub const VARCHAR: u32 = 1043;
     pub const DATE: u32 = 1082;
+    pub const TIME: u32 = 1083;
     pub const TIMESTAMP: u32 = 1114;
     pub const TIMESTAMPTZ: u32 = 1184;
     pub const NUMERIC: u32 = 1700;
     pub const UUID: u32 = 2950;
+    pub const MONEY: u32 = 790;
     pub const JSONB: u32 = 3802;
 }
 
@@ -61,6 +65,7 @@ pub const SOURCE_TYPE_KEY: &str = "shardflow.source_type";
 const PG_EPOCH_DAYS: i32 = 10_957;
 /// Microseconds from 1970-01-01 to 2000-01-01.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+const MICROS_PER_DAY: i64 = 86_400_000_000;
 
 /// How one column is read: the Arrow type and the decoding, decided once per column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,8 +92,11 @@ pub enum Decoding {
     Date,
     Timestamp,
     TimestampTz,
+    Time,
     /// Not decoded natively: selected as `::text`.
     TextCast,
+    /// `money`, selected as `::numeric::text` (its text form carries the locale's symbol).
+    MoneyText,
 }
 
 /// `numeric(p,s)` from a type modifier; None when unconstrained.
@@ -132,6 +140,8 @@ pub fn decoding_for(col: &SourceColumn) -> Decoding {
         oid::DATE => Decoding::Date,
         oid::TIMESTAMP => Decoding::Timestamp,
         oid::TIMESTAMPTZ => Decoding::TimestampTz,
+        oid::TIME => Decoding::Time,
+        oid::MONEY => Decoding::MoneyText,
         _ => Decoding::TextCast,
     }
 }
@@ -151,11 +161,13 @@ impl Decoding {
             | Decoding::Text
             | Decoding::Jsonb
             | Decoding::Uuid
-            | Decoding::TextCast => DataType::Utf8,
+            | Decoding::TextCast
+            | Decoding::MoneyText => DataType::Utf8,
             Decoding::Bytea => DataType::Binary,
             Decoding::Date => DataType::Date32,
             Decoding::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
             Decoding::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            Decoding::Time => DataType::Time64(TimeUnit::Microsecond),
         }
     }
 }
@@ -184,6 +196,7 @@ pub fn arrow_schema(columns: &[SourceColumn]) -> SchemaRef {
 pub fn select_item(col: &SourceColumn) -> String {
     match decoding_for(col) {
         Decoding::TextCast => format!("{}::text", quote_ident(&col.name)),
+        Decoding::MoneyText => format!("{}::numeric::text", quote_ident(&col.name)),
         _ => quote_ident(&col.name),
     }
 }
@@ -204,6 +217,7 @@ enum Builder {
     Bytea(BinaryBuilder),
     Date(Date32Builder),
     Timestamp(TimestampMicrosecondBuilder),
+    Time(Time64MicrosecondBuilder),
 }
 
 impl Builder {
@@ -228,7 +242,7 @@ impl Builder {
             Decoding::NumericText => {
                 Builder::NumericText(StringBuilder::with_capacity(capacity, capacity * 8))
             }
-            Decoding::Text | Decoding::TextCast => {
+            Decoding::Text | Decoding::TextCast | Decoding::MoneyText => {
                 Builder::Text(StringBuilder::with_capacity(capacity, capacity * 16))
             }
             Decoding::Jsonb => {
@@ -239,6 +253,7 @@ impl Builder {
                 Builder::Bytea(BinaryBuilder::with_capacity(capacity, capacity * 16))
             }
             Decoding::Date => Builder::Date(Date32Builder::with_capacity(capacity)),
+            Decoding::Time => Builder::Time(Time64MicrosecondBuilder::with_capacity(capacity)),
             Decoding::Timestamp => {
                 Builder::Timestamp(TimestampMicrosecondBuilder::with_capacity(capacity))
             }
@@ -264,6 +279,7 @@ impl Builder {
             Builder::Bytea(b) => b.append_null(),
             Builder::Date(b) => b.append_null(),
             Builder::Timestamp(b) => b.append_null(),
+            Builder::Time(b) => b.append_null(),
         }
     }
 
@@ -304,6 +320,15 @@ impl Builder {
                 }
                 b.append_value(days + PG_EPOCH_DAYS)
             }
+            Builder::Time(b) => {
+                let micros = i64::from_be_bytes(fixed(v)?);
+                if !(0..MICROS_PER_DAY).contains(&micros) {
+                    return Err(
+                        "time is 24:00:00, which Arrow Time64 and BigQuery TIME cannot hold".into(),
+                    );
+                }
+                b.append_value(micros)
+            }
             Builder::Timestamp(b) => {
                 let micros = i64::from_be_bytes(fixed(v)?);
                 if micros == i64::MAX || micros == i64::MIN {
@@ -331,6 +356,7 @@ impl Builder {
             Builder::Bytea(b) => Arc::new(b.finish()),
             Builder::Date(b) => Arc::new(b.finish()),
             Builder::Timestamp(b) => Arc::new(b.finish()),
+            Builder::Time(b) => Arc::new(b.finish()),
         }
     }
 }
@@ -763,6 +789,8 @@ mod tests {
                 -1,
                 DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
             ),
+            (oid::TIME, -1, DataType::Time64(TimeUnit::Microsecond)),
+            (oid::MONEY, -1, DataType::Utf8),
             (1186 /* interval */, -1, DataType::Utf8),
         ];
         for (type_oid, tm, expected) in cases {
@@ -774,6 +802,10 @@ mod tests {
         }
         assert_eq!(select_item(&col("iv", 1186, -1)), "\"iv\"::text");
         assert_eq!(select_item(&col("n", oid::NUMERIC, -1)), "\"n\"");
+        assert_eq!(
+            select_item(&col("m", oid::MONEY, -1)),
+            "\"m\"::numeric::text"
+        );
         let numeric_label = source_type_label(&SourceColumn {
             type_name: "numeric".into(),
             ..col("n", oid::NUMERIC, typmod(12, 2))

@@ -230,6 +230,15 @@ FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, ord), pg_attribute a
 WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = k.attnum
 ORDER BY k.ord";
 
+/// Pinned for the extraction transaction: ISO dates, ISO 8601 intervals (`P1Y2M3DT4H5M6S`),
+/// UTC offsets in timestamptz text (inside arrays), and floats printed exactly.
+pub const TEXT_FORM_SETTINGS: [(&str, &str); 4] = [
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "iso_8601"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"),
+];
+
 /// Looks the table up; a missing table is named with the database it was looked for in.
 pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<TableInfo> {
     let row = client.query_opt(TABLE_SQL, &[&schema, &table]).await?;
@@ -820,9 +829,13 @@ pub async fn extract(
                 ))
             })?;
     }
-    // Every bound value in one round trip.
-    let (names, values): (Vec<&str>, Vec<&str>) =
-        settings.iter().map(|(n, v)| (*n, v.as_str())).unzip();
+    // Every bound value in one round trip, with the settings that fix the text form of the
+    // types read as text, whatever the server's or the role's defaults.
+    let (names, values): (Vec<&str>, Vec<&str>) = settings
+        .iter()
+        .map(|(n, v)| (*n, v.as_str()))
+        .chain(TEXT_FORM_SETTINGS.iter().copied())
+        .unzip();
     client
         .query(
             "SELECT set_config(name, value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)",

@@ -2065,6 +2065,64 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn time_and_text_forms_load_exactly() {
+            let mut env = setup().await;
+            env.schema = Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new("t", DataType::Time64(TimeUnit::Microsecond), true),
+                Field::new("ints", DataType::Utf8, true).with_metadata(HashMap::from([(
+                    SOURCE_TYPE_KEY.to_string(),
+                    "integer[]".to_string(),
+                )])),
+            ]));
+            let rows = RecordBatch::try_new(
+                env.schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(vec![1, 2, 3])),
+                    Arc::new(arrow::array::Time64MicrosecondArray::from(vec![
+                        Some(86_399_999_999),
+                        Some(0),
+                        None,
+                    ])),
+                    Arc::new(StringArray::from(vec![
+                        Some("{1,NULL,3}"),
+                        Some("{}"),
+                        None,
+                    ])),
+                ],
+            )
+            .unwrap();
+            let parts = stage_batches(&env, "r1", vec![rows]).await;
+            env.wh
+                .load(request(&env, "timed", "r1", &parts, WriteMode::Replace, 3))
+                .await
+                .unwrap();
+            let full = env.wh.full_name("timed");
+            let got = query(
+                &env,
+                &format!("SELECT id, CAST(t AS STRING), ints FROM `{full}` ORDER BY id"),
+            )
+            .await;
+            assert_eq!(
+                got,
+                vec![
+                    vec![text(1), text("23:59:59.999999"), text("{1,NULL,3}")],
+                    vec![text(2), text("00:00:00"), text("{}")],
+                    vec![text(3), Value::Null, Value::Null],
+                ]
+            );
+            let table = env.wh.get_table("timed").await.unwrap().unwrap();
+            let types: Vec<&str> = table
+                .schema
+                .fields
+                .unwrap()
+                .iter()
+                .map(|f| type_name(&f.r#type))
+                .collect();
+            assert_eq!(types, ["INT64", "TIME", "STRING"]);
+        }
+
+        #[tokio::test]
         async fn many_parts_load_in_steps_then_one_copy() {
             let mut env = setup().await;
             env.wh.max_uris_per_job = 2;
