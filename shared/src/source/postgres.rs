@@ -230,12 +230,13 @@ FROM pg_index i, unnest(i.indkey) WITH ORDINALITY k(attnum, ord), pg_attribute a
 WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = k.attnum
 ORDER BY k.ord";
 
-/// Pinned for the extraction transaction: ISO dates, ISO 8601 intervals (`P1Y2M3DT4H5M6S`),
-/// UTC offsets in timestamptz text (inside arrays), and floats printed exactly.
-pub const TEXT_FORM_SETTINGS: [(&str, &str); 4] = [
-    ("DateStyle", "ISO, YMD"),
+/// Pinned for the extraction transaction: ISO date output, ISO 8601 intervals
+/// (`P1Y2M3DT4H5M6S`), floats printed exactly. Only output forms: the DateStyle order and the
+/// TimeZone stay the role's, because they also read the window's bound values, which the
+/// planner read under the role's settings.
+pub const TEXT_FORM_SETTINGS: [(&str, &str); 3] = [
+    ("DateStyle", "ISO"),
     ("IntervalStyle", "iso_8601"),
-    ("TimeZone", "UTC"),
     ("extra_float_digits", "3"),
 ];
 
