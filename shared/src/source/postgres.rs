@@ -234,7 +234,7 @@ ORDER BY k.ord";
 /// (`P1Y2M3DT4H5M6S`), floats printed exactly. Only output forms: the DateStyle order and the
 /// TimeZone stay the role's, because they also read the window's bound values, which the
 /// planner read under the role's settings.
-pub const TEXT_FORM_SETTINGS: [(&str, &str); 3] = [
+const TEXT_FORM_SETTINGS: [(&str, &str); 3] = [
     ("DateStyle", "ISO"),
     ("IntervalStyle", "iso_8601"),
     ("extra_float_digits", "3"),

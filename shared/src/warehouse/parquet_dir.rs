@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use arrow::array::{BooleanArray, RecordBatch, RecordBatchReader};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
-use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
+use arrow::row::{RowConverter, Rows, SortField};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -249,6 +249,14 @@ fn write_file(path: &Path, schema: SchemaRef, batches: &[RecordBatch]) -> Result
     Ok(rows)
 }
 
+/// The staged row that holds a key's latest version so far.
+struct Winner {
+    /// The row encoding of its `latest_by` value; None without one.
+    rank: Option<Box<[u8]>>,
+    part: usize,
+    row: usize,
+}
+
 /// The merge: the latest staged row of each key replaces the table's rows of that key (in
 /// files rewritten without them); files holding no staged key are linked as they are.
 fn merge_into(req: &LoadRequest<'_>, live: &Path, build: &Path) -> Result<LoadOutcome> {
@@ -258,20 +266,19 @@ fn merge_into(req: &LoadRequest<'_>, live: &Path, build: &Path) -> Result<LoadOu
             req.table
         )));
     }
-    let key_fields = |schema: &arrow::datatypes::Schema| -> Result<Vec<SortField>> {
-        req.merge_keys
-            .iter()
-            .map(|k| {
-                schema
-                    .field_with_name(k)
-                    .map(|f| SortField::new(f.data_type().clone()))
-                    .map_err(|_| {
-                        Error::Warehouse(format!("no merge key column {k:?} in {}", req.table))
-                    })
-            })
-            .collect()
-    };
-    let keys = RowConverter::new(key_fields(req.schema)?)?;
+    let key_fields = req
+        .merge_keys
+        .iter()
+        .map(|k| {
+            req.schema
+                .field_with_name(k)
+                .map(|f| SortField::new(f.data_type().clone()))
+                .map_err(|_| {
+                    Error::Warehouse(format!("no merge key column {k:?} in {}", req.table))
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let keys = RowConverter::new(key_fields)?;
     let order = match req.latest_by {
         Some(c) => Some(RowConverter::new(vec![SortField::new(
             req.schema
@@ -302,8 +309,10 @@ fn merge_into(req: &LoadRequest<'_>, live: &Path, build: &Path) -> Result<LoadOu
     {
         probe.push(c.to_string());
     }
-    let mut staged_rows = 0u64;
-    let mut winners: HashMap<OwnedRow, (Option<OwnedRow>, usize, usize)> = HashMap::new();
+    // Keys and ranks as their row encodings: byte order is the values' order, and a lookup
+    // by `&[u8]` costs no allocation per row.
+    let mut part_rows: Vec<usize> = Vec::with_capacity(staged.len());
+    let mut winners: HashMap<Box<[u8]>, Winner> = HashMap::new();
     for (p, path) in staged.iter().enumerate() {
         let mut offset = 0;
         for batch in read_batches(path, Some(&probe))?.1 {
@@ -318,34 +327,41 @@ fn merge_into(req: &LoadRequest<'_>, live: &Path, build: &Path) -> Result<LoadOu
                 _ => None,
             };
             for i in 0..batch.num_rows() {
-                let rank = ordering.as_ref().map(|o| o.row(i).owned());
-                match winners.entry(rows.row(i).owned()) {
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert((rank, p, offset + i));
+                let rank: Option<&[u8]> = ordering.as_ref().map(|o| o.row(i).data());
+                let beats = |w: &Winner| rank >= w.rank.as_deref();
+                let key = rows.row(i).data();
+                match winners.get_mut(key) {
+                    Some(w) if !beats(w) => {}
+                    Some(w) => {
+                        w.rank = rank.map(Into::into);
+                        (w.part, w.row) = (p, offset + i);
                     }
-                    std::collections::hash_map::Entry::Occupied(mut o) => {
-                        if rank >= o.get().0 {
-                            o.insert((rank, p, offset + i));
-                        }
+                    None => {
+                        winners.insert(
+                            key.into(),
+                            Winner {
+                                rank: rank.map(Into::into),
+                                part: p,
+                                row: offset + i,
+                            },
+                        );
                     }
                 }
             }
             offset += batch.num_rows();
         }
-        staged_rows += offset as u64;
+        part_rows.push(offset);
     }
+    let staged_rows: u64 = part_rows.iter().map(|n| *n as u64).sum();
     if staged_rows != req.expected_rows {
         return Err(Error::Warehouse(format!(
             "staged parts hold {staged_rows} rows but the workers reported {}; table {} left as it was",
             req.expected_rows, req.table
         )));
     }
-    let mut keep: Vec<Vec<bool>> = staged
-        .iter()
-        .map(|f| parquet_rows(f).map(|n| vec![false; n as usize]))
-        .collect::<Result<_>>()?;
-    for (_, p, i) in winners.values() {
-        keep[*p][*i] = true;
+    let mut keep: Vec<Vec<bool>> = part_rows.iter().map(|n| vec![false; *n]).collect();
+    for w in winners.values() {
+        keep[w.part][w.row] = true;
     }
 
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
@@ -358,7 +374,7 @@ fn merge_into(req: &LoadRequest<'_>, live: &Path, build: &Path) -> Result<LoadOu
             let mut hit = false;
             for batch in &key_batches {
                 let rows = key_rows(&keys, batch, req.merge_keys)?;
-                if (0..batch.num_rows()).any(|i| winners.contains_key(&rows.row(i).owned())) {
+                if (0..batch.num_rows()).any(|i| winners.contains_key(rows.row(i).data())) {
                     hit = true;
                     break;
                 }
@@ -374,7 +390,7 @@ fn merge_into(req: &LoadRequest<'_>, live: &Path, build: &Path) -> Result<LoadOu
             for batch in &batches {
                 let rows = key_rows(&keys, batch, req.merge_keys)?;
                 let mask: BooleanArray = (0..batch.num_rows())
-                    .map(|i| Some(!winners.contains_key(&rows.row(i).owned())))
+                    .map(|i| Some(!winners.contains_key(rows.row(i).data())))
                     .collect();
                 let rest = filter_record_batch(batch, &mask)?;
                 if rest.num_rows() > 0 {
@@ -496,5 +512,178 @@ impl Warehouse for ParquetDirWarehouse {
         // A handful of links, footer reads and one rename, once per run: cheap enough to run
         // on the dispatcher's task.
         self.load_blocking(&request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::StagedFile;
+    use crate::parquet_sink::{PartOptions, write_parts};
+    use crate::staging::Staging;
+    use arrow::array::{AsArray, Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use std::sync::Arc;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+            Field::new("at", DataType::Int64, true),
+        ]))
+    }
+
+    /// One staged part per list of (id, v, at) rows.
+    async fn stage(
+        staging: &Staging,
+        run: &str,
+        parts: &[&[(i64, &str, Option<i64>)]],
+    ) -> Vec<StagedFile> {
+        let mut staged = Vec::new();
+        for (n, rows) in parts.iter().enumerate() {
+            let batch = RecordBatch::try_new(
+                schema(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+                    Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.2))),
+                ],
+            )
+            .unwrap();
+            let stream: crate::source::BatchStream =
+                Box::pin(futures::stream::iter(vec![Ok(batch)]));
+            let shard = format!("s{n}");
+            staged.extend(
+                write_parts(
+                    staging.store(),
+                    run,
+                    &shard,
+                    schema(),
+                    stream,
+                    &PartOptions::default(),
+                    |_| Ok(()),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        staged
+    }
+
+    /// The table's rows as (id, v), in id order.
+    fn rows(dir: &Path) -> Vec<(i64, String)> {
+        let mut out = Vec::new();
+        for f in table_files(dir).unwrap() {
+            for b in read_batches(&f, None).unwrap().1 {
+                let ids = b.column(0).as_primitive::<Int64Type>();
+                let vs = b.column(1).as_string::<i32>();
+                out.extend((0..b.num_rows()).map(|i| (ids.value(i), vs.value(i).to_string())));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        table_files(dir)
+            .unwrap()
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn merge_keeps_the_latest_staged_row_of_each_key_and_links_untouched_files() {
+        let root =
+            std::env::temp_dir().join(format!("shardflow-merge-{}", uuid::Uuid::new_v4().simple()));
+        let staging = Staging::local(&root.join("stage")).unwrap();
+        let wh = ParquetDirWarehouse::new(root.join("wh")).unwrap();
+        let schema = schema();
+        let keys = ["id".to_string()];
+        let request = |run_id: &'static str, parts, mode, expected_rows| LoadRequest {
+            table: "t",
+            schema: &schema,
+            run_id,
+            load_key: run_id,
+            parts,
+            staging: &staging,
+            mode,
+            expected_rows,
+            merge_keys: &keys,
+            latest_by: Some("at"),
+        };
+
+        let base = stage(
+            &staging,
+            "r1",
+            &[
+                &[
+                    (1, "old", Some(0)),
+                    (2, "old", Some(0)),
+                    (3, "old", Some(0)),
+                ],
+                &[(5, "old", Some(0)), (6, "old", Some(0))],
+            ],
+        )
+        .await;
+        wh.load(request("r1", &base, WriteMode::Replace, 5))
+            .await
+            .unwrap();
+        let untouched = "r1-s1-part-00000.parquet".to_string();
+        assert!(names(&wh.table_dir("t")).contains(&untouched));
+
+        // Key 2 three times: the greatest `at` wins, the later part on a tie. Key 7: a
+        // value beats a NULL. Key 8 is new.
+        let changes = stage(
+            &staging,
+            "r2",
+            &[
+                &[(2, "x", Some(5)), (2, "y", Some(9)), (7, "null", None)],
+                &[(2, "z", Some(9)), (7, "m", Some(1)), (8, "new", None)],
+            ],
+        )
+        .await;
+        let outcome = wh
+            .load(request("r2", &changes, WriteMode::Merge, 6))
+            .await
+            .unwrap();
+        assert_eq!(outcome.rows_loaded, 3, "keys 2, 7 and 8");
+        let want: Vec<(i64, String)> = [
+            (1, "old"),
+            (2, "z"),
+            (3, "old"),
+            (5, "old"),
+            (6, "old"),
+            (7, "m"),
+            (8, "new"),
+        ]
+        .iter()
+        .map(|(i, v)| (*i, v.to_string()))
+        .collect();
+        assert_eq!(rows(&wh.table_dir("t")), want);
+        // The file without a staged key is the same file; the other was rewritten.
+        let after = names(&wh.table_dir("t"));
+        assert!(after.contains(&untouched), "{after:?}");
+        assert!(
+            !after.contains(&"r1-s0-part-00000.parquet".to_string()),
+            "{after:?}"
+        );
+
+        // The same merge again changes nothing; a wrong count is refused.
+        wh.load(request("r2", &changes, WriteMode::Merge, 6))
+            .await
+            .unwrap();
+        assert_eq!(rows(&wh.table_dir("t")), want);
+        let err = wh
+            .load(request("r3", &changes, WriteMode::Merge, 7))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("hold 6 rows but the workers reported 7"),
+            "{err}"
+        );
+        assert_eq!(rows(&wh.table_dir("t")), want);
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
