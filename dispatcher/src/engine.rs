@@ -20,9 +20,8 @@ use shardflow::metrics::Metrics;
 use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
 use shardflow::source::Window;
-use shardflow::source::pg_binary;
 use shardflow::source::postgres::{self, PgConnector};
-use shardflow::spec::{JobSpec, LoadType};
+use shardflow::spec::{JobSpec, LoadType, SourceType};
 use shardflow::staging::Staging;
 use shardflow::state::{
     Created, NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, StateStore,
@@ -553,7 +552,8 @@ impl Engine {
             "planned"
         );
         // One snapshot for every shard, held open until the last shard has read it.
-        let snapshot = if plan.shards.len() > 1 {
+        // MySQL cannot share a snapshot between connections: each shard takes its own.
+        let snapshot = if plan.shards.len() > 1 && spec.source_type == SourceType::Postgresql {
             let connector = PgConnector::from_spec(spec, self.settings.plan.retry.clone())?;
             Some(postgres::export_snapshot(&connector).await?)
         } else {
@@ -650,7 +650,7 @@ impl Engine {
             parts.extend(r.files.iter().cloned());
         }
         report.rows_extracted = report.shard_rows.iter().sum();
-        let schema = pg_binary::arrow_schema(&plan.source_columns);
+        let schema = shardflow::source::arrow_schema(spec.source_type, &plan.source_columns);
         let summary = summarize_shards(&records, &schema, timestamp_column)?;
         let mode = match spec.load_type {
             LoadType::Catalog => WriteMode::Replace,

@@ -15,7 +15,7 @@ use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
 use shardflow::queue::{DeadLetterPolicy, Queue, SubscriptionConfig, Topology};
 use shardflow::retry::RetryPolicy;
 use shardflow::seal::SealKey;
-use shardflow::source::pg_binary;
+use shardflow::source::mysql;
 use shardflow::source::postgres::{self, PgConnector};
 use shardflow::source::{ShardBounds, SourceColumn, Window};
 use shardflow::spec::{JobSpec, LoadType, ProcessingMode, SourceType};
@@ -122,12 +122,12 @@ pub struct StreamState {
 /// The columns a merge matches rows on: `merge_keys`, else the primary key; each must be read.
 fn merge_keys(
     spec: &JobSpec,
-    info: &postgres::TableInfo,
+    primary_key: &[String],
     read: &[SourceColumn],
 ) -> Result<Vec<String>> {
     let keys = match &spec.merge_keys {
         Some(keys) => keys.clone(),
-        None if info.primary_key.is_empty() => {
+        None if primary_key.is_empty() => {
             return Err(Error::Spec(shardflow::spec::SpecError::single(
                 "merge_keys",
                 format!(
@@ -136,7 +136,7 @@ fn merge_keys(
                 ),
             )));
         }
-        None => info.primary_key.clone(),
+        None => primary_key.to_vec(),
     };
     let unread: Vec<&str> = keys
         .iter()
@@ -162,9 +162,9 @@ fn shard_id(index: usize) -> String {
 }
 
 pub(crate) fn check_supported(spec: &JobSpec) -> Result<()> {
-    if spec.source_type != SourceType::Postgresql {
+    if !matches!(spec.source_type, SourceType::Postgresql | SourceType::Mysql) {
         return Err(Error::Source(format!(
-            "source_type {:?} is not supported by this build yet (PostgreSQL is)",
+            "source_type {:?} is not supported by this build yet (PostgreSQL and MySQL are)",
             spec.source_type
         )));
     }
@@ -177,17 +177,24 @@ pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
     plan_job_in_stream(spec, opts, &StreamState::default()).await
 }
 
-/// `plan_job` for a run whose incremental stream the state store knows.
-pub async fn plan_job_in_stream(
+/// What the source database says of the job's table: the columns read, the rows and their
+/// cut, and for an incremental load its window.
+struct Survey {
+    columns: Vec<SourceColumn>,
+    merge_keys: Vec<String>,
+    estimate: postgres::Estimate,
+    split: postgres::Split,
+    window: Option<Window>,
+    resumes_after: Option<String>,
+}
+
+/// The columns to read, checked, and a merge's keys.
+fn columns_and_keys(
     spec: &JobSpec,
-    opts: &PlanOptions,
-    stream: &StreamState,
-) -> Result<Plan> {
-    check_supported(spec)?;
-    let connector = PgConnector::from_spec(spec, opts.retry.clone())?;
-    let client = connector.connect().await?;
-    let info = postgres::describe(&client, &spec.schema_name, &spec.table_name).await?;
-    let columns = info.project(spec)?;
+    table_columns: &[SourceColumn],
+    primary_key: &[String],
+) -> Result<(Vec<SourceColumn>, Vec<String>)> {
+    let columns = shardflow::source::project(table_columns, &spec.qualified_table(), spec)?;
     if columns.is_empty() {
         return Err(Error::Source(format!(
             "{} has no columns to read",
@@ -195,9 +202,134 @@ pub async fn plan_job_in_stream(
         )));
     }
     let merge_keys = match spec.load_type {
-        LoadType::Merge => merge_keys(spec, &info, &columns)?,
+        LoadType::Merge => merge_keys(spec, primary_key, &columns)?,
         _ => Vec::new(),
     };
+    Ok((columns, merge_keys))
+}
+
+/// How an incremental window was cut, for the plan.
+fn window_split(
+    planned: postgres::PlannedWindow,
+    column: &str,
+) -> (
+    postgres::Estimate,
+    postgres::Split,
+    Option<Window>,
+    Option<String>,
+) {
+    let postgres::PlannedWindow {
+        window,
+        after,
+        rows,
+        shards,
+    } = planned;
+    let method = match (&window, shards.len()) {
+        (None, _) => "none (the window is empty)",
+        (Some(_), 1) => "none",
+        (Some(_), _) => "window quantiles",
+    };
+    let split = postgres::Split {
+        method: method.into(),
+        column: (shards.len() > 1).then(|| column.to_string()),
+        shards,
+    };
+    let estimate = postgres::Estimate {
+        rows,
+        source: "count(*) over the window".into(),
+    };
+    (estimate, split, window, after)
+}
+
+fn warn_if_behind(spec: &JobSpec, stream: &StreamState, after: &Option<String>) {
+    let told = spec.last_sync_value.as_ref().and_then(sync_value_text);
+    if stream.inherited_window.is_none() && *after != told {
+        tracing::warn!(
+            last_sync_value = ?told,
+            recorded = ?after,
+            "last_sync_value is older than the watermark of this stream's last committed \
+             load; the window starts after the recorded one"
+        );
+    }
+}
+
+async fn survey_postgres(
+    spec: &JobSpec,
+    opts: &PlanOptions,
+    stream: &StreamState,
+    wanted: impl Fn(u64) -> usize,
+) -> Result<Survey> {
+    let connector = PgConnector::from_spec(spec, opts.retry.clone())?;
+    let client = connector.connect().await?;
+    let info = postgres::describe(&client, &spec.schema_name, &spec.table_name).await?;
+    let (columns, merge_keys) = columns_and_keys(spec, &info.columns, &info.primary_key)?;
+    let (estimate, split, window, resumes_after) = match (spec.load_type, &spec.timestamp_column) {
+        (LoadType::Transactional | LoadType::Merge, Some(column)) => {
+            let bounds = window_bounds(spec, stream);
+            let planned = postgres::plan_window(&client, &info, column, bounds, wanted).await?;
+            let cut = window_split(planned, column);
+            warn_if_behind(spec, stream, &cut.3);
+            cut
+        }
+        _ => {
+            let estimate = postgres::estimate(&client, &info, opts.exact_count).await?;
+            let split =
+                postgres::split(&client, &info, estimate.rows, wanted(estimate.rows)).await?;
+            (estimate, split, None, None)
+        }
+    };
+    Ok(Survey {
+        columns,
+        merge_keys,
+        estimate,
+        split,
+        window,
+        resumes_after,
+    })
+}
+
+async fn survey_mysql(
+    spec: &JobSpec,
+    opts: &PlanOptions,
+    stream: &StreamState,
+    wanted: impl Fn(u64) -> usize,
+) -> Result<Survey> {
+    let connector = mysql::MySqlConnector::from_spec(spec, opts.retry.clone())?;
+    let mut conn = connector.connect().await?;
+    let info = mysql::describe(&mut conn, &spec.schema_name, &spec.table_name).await?;
+    let (columns, merge_keys) = columns_and_keys(spec, &info.columns, &info.primary_key)?;
+    let (estimate, split, window, resumes_after) = match (spec.load_type, &spec.timestamp_column) {
+        (LoadType::Transactional | LoadType::Merge, Some(column)) => {
+            let bounds = window_bounds(spec, stream);
+            let planned = mysql::plan_window(&mut conn, &info, column, bounds, wanted).await?;
+            let cut = window_split(planned, column);
+            warn_if_behind(spec, stream, &cut.3);
+            cut
+        }
+        _ => {
+            let estimate = mysql::estimate(&mut conn, &info, opts.exact_count).await?;
+            let split =
+                mysql::split(&mut conn, &info, estimate.rows, wanted(estimate.rows)).await?;
+            (estimate, split, None, None)
+        }
+    };
+    Ok(Survey {
+        columns,
+        merge_keys,
+        estimate,
+        split,
+        window,
+        resumes_after,
+    })
+}
+
+/// `plan_job` for a run whose incremental stream the state store knows.
+pub async fn plan_job_in_stream(
+    spec: &JobSpec,
+    opts: &PlanOptions,
+    stream: &StreamState,
+) -> Result<Plan> {
+    check_supported(spec)?;
     let wanted =
         |rows: u64| match plan::choose_mode(spec.processing_mode, rows, spec.row_count_threshold).0
         {
@@ -207,46 +339,16 @@ pub async fn plan_job_in_stream(
                 opts.workers.unwrap_or(1),
             ),
         };
-    let (estimate, split, window, resumes_after) = match (spec.load_type, &spec.timestamp_column) {
-        (LoadType::Transactional | LoadType::Merge, Some(column)) => {
-            let bounds = window_bounds(spec, stream);
-            let told = spec.last_sync_value.as_ref().and_then(sync_value_text);
-            let postgres::PlannedWindow {
-                window,
-                after,
-                rows,
-                shards,
-            } = postgres::plan_window(&client, &info, column, bounds, wanted).await?;
-            if stream.inherited_window.is_none() && after != told {
-                tracing::warn!(
-                    last_sync_value = ?told,
-                    recorded = ?after,
-                    "last_sync_value is older than the watermark of this stream's last committed \
-                     load; the window starts after the recorded one"
-                );
-            }
-            let method = match (&window, shards.len()) {
-                (None, _) => "none (the window is empty)",
-                (Some(_), 1) => "none",
-                (Some(_), _) => "window quantiles",
-            };
-            let split = postgres::Split {
-                method: method.into(),
-                column: (shards.len() > 1).then(|| column.clone()),
-                shards,
-            };
-            let estimate = postgres::Estimate {
-                rows,
-                source: "count(*) over the window".into(),
-            };
-            (estimate, split, window, after)
-        }
-        _ => {
-            let estimate = postgres::estimate(&client, &info, opts.exact_count).await?;
-            let split =
-                postgres::split(&client, &info, estimate.rows, wanted(estimate.rows)).await?;
-            (estimate, split, None, None)
-        }
+    let Survey {
+        columns,
+        merge_keys,
+        estimate,
+        split,
+        window,
+        resumes_after,
+    } = match spec.source_type {
+        SourceType::Mysql => survey_mysql(spec, opts, stream, wanted).await?,
+        _ => survey_postgres(spec, opts, stream, wanted).await?,
     };
     let (mode, mode_reason) = plan::choose_mode(
         spec.processing_mode,
@@ -269,11 +371,15 @@ pub async fn plan_job_in_stream(
         split_column: split.column,
         columns: columns
             .iter()
-            .map(|c| PlannedColumn {
-                name: c.name.clone(),
-                source_type: pg_binary::source_type_label(c),
-                arrow_type: pg_binary::decoding_for(c).data_type().to_string(),
-                nullable: c.nullable,
+            .map(|c| {
+                let (source_type, arrow_type) =
+                    shardflow::source::column_types(spec.source_type, c);
+                PlannedColumn {
+                    name: c.name.clone(),
+                    source_type,
+                    arrow_type: arrow_type.to_string(),
+                    nullable: c.nullable,
+                }
             })
             .collect(),
         shards: split

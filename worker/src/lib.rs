@@ -17,7 +17,7 @@ use shardflow::parquet_sink::{PartOptions, write_parts};
 use shardflow::queue::{Delivery, Message, Queue, Topology};
 use shardflow::retry::RetryPolicy;
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
-use shardflow::source::{pg_binary, postgres};
+use shardflow::source::{mysql, postgres};
 use shardflow::spec::{JobSpec, SourceType};
 use shardflow::staging::Staging;
 use shardflow::{Error, Result};
@@ -357,13 +357,18 @@ impl Worker {
                     postgres::PgConnector::from_spec(&job, self.settings.retry.clone())?;
                 postgres::extract(&connector, task, self.settings.in_flight_batches).await?
             }
+            SourceType::Mysql => {
+                let connector =
+                    mysql::MySqlConnector::from_spec(&job, self.settings.retry.clone())?;
+                mysql::extract(&connector, task, self.settings.in_flight_batches).await?
+            }
             other => {
                 return Err(Error::Source(format!(
                     "source_type {other:?} is not supported by this build yet"
                 )));
             }
         };
-        let schema = pg_binary::arrow_schema(&task.columns);
+        let schema = shardflow::source::arrow_schema(job.source_type, &task.columns);
         let mut digest = ContentDigest::new(&schema, task.timestamp_column.as_deref())?;
         let rows = self.rows.clone();
         let files = write_parts(

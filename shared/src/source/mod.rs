@@ -1,28 +1,97 @@
 //! Source connectors: what a table looks like, how many rows it holds, where to cut it, and
 //! reading one shard of it as a stream of Arrow `RecordBatch`es.
 
+pub mod mysql;
+pub mod mysql_types;
 pub mod pg_binary;
 pub mod postgres;
 
 use std::pin::Pin;
 
+use arrow::datatypes::{DataType, Field, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::spec::{JobSpec, SourceType};
+use crate::{Error, Result};
+
+/// The Arrow schema a job's columns are extracted as: each source has its own type map.
+pub fn arrow_schema(source: SourceType, columns: &[SourceColumn]) -> SchemaRef {
+    match source {
+        SourceType::Mysql => mysql_types::arrow_schema(columns),
+        _ => pg_binary::arrow_schema(columns),
+    }
+}
+
+/// A column's source type as people read it, and the Arrow type it is extracted as.
+pub fn column_types(source: SourceType, column: &SourceColumn) -> (String, DataType) {
+    match source {
+        SourceType::Mysql => (
+            mysql_types::source_type_label(column),
+            mysql_types::decoding_for(column).data_type(),
+        ),
+        _ => (
+            pg_binary::source_type_label(column),
+            pg_binary::decoding_for(column).data_type(),
+        ),
+    }
+}
 
 /// A column as the source catalog describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceColumn {
     pub name: String,
-    /// PostgreSQL type OID (domains resolved to their base type).
+    /// PostgreSQL type OID (domains resolved to their base type); 0 for MySQL.
     pub type_oid: u32,
-    /// The type's name without modifiers, as `format_type(oid, NULL)` prints it.
+    /// PostgreSQL: the type's name without modifiers, as `format_type(oid, NULL)` prints it.
+    /// MySQL: the lower-case `COLUMN_TYPE` (`bigint(20) unsigned`, `decimal(65,30)`).
     pub type_name: String,
     /// The type modifier (`numeric(p,s)`, `varchar(n)`), -1 when none.
     pub typmod: i32,
     pub nullable: bool,
+}
+
+/// The columns the job reads, in table order, checking every name the job gives.
+pub fn project<'a>(
+    columns: &[SourceColumn],
+    table: &str,
+    spec: &'a JobSpec,
+) -> Result<Vec<SourceColumn>> {
+    let mut missing: Vec<&str> = Vec::new();
+    let mut check = |name: &'a str| {
+        if !columns.iter().any(|c| c.name == name) {
+            missing.push(name);
+        }
+    };
+    if let Some(selected) = &spec.selected_columns {
+        selected.iter().for_each(|c| check(c));
+    }
+    if let Some(ts) = &spec.timestamp_column {
+        check(ts);
+    }
+    if !missing.is_empty() {
+        let available: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+        return Err(Error::Source(format!(
+            "column{} {} not found in {} (columns: {})",
+            if missing.len() > 1 { "s" } else { "" },
+            missing
+                .iter()
+                .map(|m| format!("\"{m}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            table,
+            available.join(", ")
+        )));
+    }
+    Ok(match &spec.selected_columns {
+        None => columns.to_vec(),
+        Some(selected) => columns
+            .iter()
+            .filter(|c| selected.contains(&c.name))
+            .cloned()
+            .collect(),
+    })
 }
 
 /// Which rows of the source one shard reads.
@@ -64,6 +133,20 @@ pub struct Window {
 
 /// A stream of Arrow batches from one shard.
 pub type BatchStream = Pin<Box<dyn Stream<Item = Result<RecordBatch>> + Send>>;
+
+/// The batches an extraction task sends, as a stream.
+pub(crate) fn receiver_stream(rx: tokio::sync::mpsc::Receiver<Result<RecordBatch>>) -> BatchStream {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+/// A column's Arrow field, carrying its source type for the warehouses.
+pub(crate) fn arrow_field(col: &SourceColumn, label: String, data_type: DataType) -> Field {
+    let metadata: std::collections::HashMap<String, String> =
+        [(pg_binary::SOURCE_TYPE_KEY.to_string(), label)].into();
+    Field::new(&col.name, data_type, col.nullable).with_metadata(metadata)
+}
 
 /// Quotes an identifier for SQL: always quoted, embedded quotes doubled.
 pub fn quote_ident(name: &str) -> String {

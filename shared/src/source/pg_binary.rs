@@ -180,16 +180,12 @@ pub fn source_type_label(col: &SourceColumn) -> String {
     }
 }
 
-pub fn arrow_field(col: &SourceColumn) -> Field {
-    let metadata: std::collections::HashMap<String, String> =
-        [(SOURCE_TYPE_KEY.to_string(), source_type_label(col))].into();
-    Field::new(&col.name, decoding_for(col).data_type(), col.nullable).with_metadata(metadata)
-}
-
 pub fn arrow_schema(columns: &[SourceColumn]) -> SchemaRef {
-    Arc::new(Schema::new(
-        columns.iter().map(arrow_field).collect::<Vec<_>>(),
-    ))
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|c| super::arrow_field(c, source_type_label(c), decoding_for(c).data_type()))
+        .collect();
+    Arc::new(Schema::new(fields))
 }
 
 /// The SELECT list item for a column: natively decoded types as they are, the rest as text.

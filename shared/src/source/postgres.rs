@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tokio_postgres::{Client, NoTls};
 
 use super::pg_binary::{CopyDecoder, select_item};
-use super::{BatchStream, ShardBounds, SourceColumn, Window, quote_ident};
+use super::{BatchStream, ShardBounds, SourceColumn, Window, quote_ident, receiver_stream};
 use crate::messages::ShardTask;
 use crate::plan::{self, Cut};
 use crate::retry::RetryPolicy;
@@ -160,43 +160,12 @@ impl TableInfo {
     }
 
     /// The columns the job reads, in table order, checking every name the job gives.
-    pub fn project<'a>(&self, spec: &'a JobSpec) -> Result<Vec<SourceColumn>> {
-        let mut missing: Vec<&str> = Vec::new();
-        let mut check = |name: &'a str| {
-            if !self.columns.iter().any(|c| c.name == name) {
-                missing.push(name);
-            }
-        };
-        if let Some(selected) = &spec.selected_columns {
-            selected.iter().for_each(|c| check(c));
-        }
-        if let Some(ts) = &spec.timestamp_column {
-            check(ts);
-        }
-        if !missing.is_empty() {
-            let available: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
-            return Err(Error::Source(format!(
-                "column{} {} not found in {}.{} (columns: {})",
-                if missing.len() > 1 { "s" } else { "" },
-                missing
-                    .iter()
-                    .map(|m| format!("\"{m}\""))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                self.schema,
-                self.table,
-                available.join(", ")
-            )));
-        }
-        Ok(match &spec.selected_columns {
-            None => self.columns.clone(),
-            Some(selected) => self
-                .columns
-                .iter()
-                .filter(|c| selected.contains(&c.name))
-                .cloned()
-                .collect(),
-        })
+    pub fn project(&self, spec: &JobSpec) -> Result<Vec<SourceColumn>> {
+        super::project(
+            &self.columns,
+            &format!("{}.{}", self.schema, self.table),
+            spec,
+        )
     }
 }
 
@@ -870,9 +839,7 @@ pub async fn extract(
             let _ = tx.send(Err(e)).await;
         }
     });
-    Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    })))
+    Ok(receiver_stream(rx))
 }
 
 #[cfg(test)]

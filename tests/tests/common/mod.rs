@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{
-    DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type,
-    Int64Type, TimestampMicrosecondType,
+    DataType, Date32Type, Decimal128Type, Decimal256Type, Float32Type, Float64Type, Int8Type,
+    Int16Type, Int32Type, Int64Type, TimestampMicrosecondType, UInt64Type,
 };
 use md5::{Digest, Md5};
 use shardflow::spec::JobSpec;
@@ -196,6 +196,9 @@ pub async fn source_checks(
 
 fn canonical_arrow(a: &dyn Array, i: usize) -> String {
     match a.data_type() {
+        DataType::Int8 => a.as_primitive::<Int8Type>().value(i).to_string(),
+        DataType::UInt64 => a.as_primitive::<UInt64Type>().value(i).to_string(),
+        DataType::Decimal256(..) => a.as_primitive::<Decimal256Type>().value_as_string(i),
         DataType::Int16 => a.as_primitive::<Int16Type>().value(i).to_string(),
         DataType::Int32 => a.as_primitive::<Int32Type>().value(i).to_string(),
         DataType::Int64 => a.as_primitive::<Int64Type>().value(i).to_string(),
@@ -216,6 +219,18 @@ fn canonical_arrow(a: &dyn Array, i: usize) -> String {
 
 fn arrow_sum(a: &dyn Array) -> Option<String> {
     let total: i128 = match a.data_type() {
+        DataType::Int8 => a
+            .as_primitive::<Int8Type>()
+            .iter()
+            .flatten()
+            .map(i128::from)
+            .sum(),
+        DataType::UInt64 => a
+            .as_primitive::<UInt64Type>()
+            .iter()
+            .flatten()
+            .map(i128::from)
+            .sum(),
         DataType::Int16 => a
             .as_primitive::<Int16Type>()
             .iter()
@@ -302,10 +317,17 @@ pub async fn assert_same_content(
     dest: &Path,
     key: &str,
 ) {
+    let rows = count(client, schema, table).await;
+    let source = source_checks(client, schema, table, key).await;
+    assert_matches_source(rows, &source, dest, key);
+}
+
+/// Asserts the destination table holds `source_rows` rows whose column checks, in `key`
+/// order, are the source's.
+pub fn assert_matches_source(source_rows: i64, source: &[ColumnCheck], dest: &Path, key: &str) {
     let batches = read_table(dest);
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-    assert_eq!(rows as i64, count(client, schema, table).await, "row count");
-    let source = source_checks(client, schema, table, key).await;
+    assert_eq!(rows as i64, source_rows, "row count");
     let destination = destination_checks(&batches, key);
     assert_eq!(source.len(), destination.len(), "column count");
     for (s, d) in source.iter().zip(&destination) {
@@ -353,4 +375,176 @@ pub fn dispatcher_bin() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// MySQL/MariaDB: the test server, a fresh database per test, and the same column checks
+/// computed by the server.
+pub mod my {
+    use super::*;
+    use sqlx::mysql::MySqlConnection;
+    use sqlx::{AssertSqlSafe, Connection, Row};
+
+    pub const MY_URL: &str = "mysql://root@127.0.0.1:3306/test";
+
+    /// A connection to the test server, or a failure that says what to start.
+    pub async fn my() -> MySqlConnection {
+        match MySqlConnection::connect(MY_URL).await {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "MariaDB is not reachable at 127.0.0.1:3306 as root ({e}); start it with \
+                 `service mariadb start` (or `mysqld_safe &`) or run tests/run.sh"
+            ),
+        }
+    }
+
+    pub async fn exec(conn: &mut MySqlConnection, sql: &str) {
+        sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+            .execute(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// A fresh database (MySQL's schema) for one test, so tests can run in parallel.
+    pub async fn fresh_database(conn: &mut MySqlConnection, name: &str) -> String {
+        exec(
+            conn,
+            &format!(
+                "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name} CHARACTER SET utf8mb4"
+            ),
+        )
+        .await;
+        name.to_string()
+    }
+
+    pub fn job_json(
+        database: &str,
+        table: &str,
+        dest_table: &str,
+        extra: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "data_source_id": 43,
+            "source_type": "mysql",
+            "connection_params": {"host": "127.0.0.1", "port": 3306, "database": database,
+                                  "username": "root", "password": ""},
+            "source_table_name": table,
+            "dest_table_name": dest_table,
+            "load_type": "catalog",
+            "processing_mode": "dataflow"
+        });
+        if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, val) in more {
+                obj.insert(k.clone(), val.clone());
+            }
+        }
+        v
+    }
+
+    pub fn job(database: &str, table: &str, dest_table: &str, extra: serde_json::Value) -> JobSpec {
+        JobSpec::from_json(&job_json(database, table, dest_table, extra).to_string())
+            .expect("valid job")
+    }
+
+    /// The canonical text of a value in MySQL, matching `canonical_arrow`.
+    fn canonical(col: &str, data_type: &str, column_type: &str) -> String {
+        let c = format!("`{col}`");
+        match data_type {
+            "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => {
+                format!("LOWER(HEX({c}))")
+            }
+            "date" => format!("CAST(DATEDIFF({c}, '1970-01-01') AS CHAR)"),
+            "datetime" | "timestamp" => {
+                format!("CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {c}) AS CHAR)")
+            }
+            "bit" if column_type == "bit(1)" => format!("IF({c}, 't', 'f')"),
+            "float" | "double" => panic!("no canonical MySQL form for {data_type} {col}"),
+            _ => format!("CAST({c} AS CHAR)"),
+        }
+    }
+
+    /// Column checks computed by the server over the source, ordered by `key`.
+    pub async fn source_checks(
+        conn: &mut MySqlConnection,
+        database: &str,
+        table: &str,
+        key: &str,
+    ) -> Vec<ColumnCheck> {
+        exec(
+            conn,
+            "SET SESSION group_concat_max_len = 1073741824, time_zone = '+00:00'",
+        )
+        .await;
+        let cols = sqlx::query(
+            "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR), CAST(COLUMN_TYPE AS CHAR)
+             FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?
+             ORDER BY ORDINAL_POSITION",
+        )
+        .bind(database)
+        .bind(table)
+        .fetch_all(&mut *conn)
+        .await
+        .expect("columns");
+        let mut out = Vec::new();
+        for row in cols {
+            let name: String = row.get(0);
+            let data_type: String = row.get(1);
+            let column_type: String = row.get(2);
+            let canon = canonical(&name, &data_type, &column_type);
+            // Arrow sums integers and Decimal128 (precision <= 38) columns.
+            let precision: Option<u32> = column_type
+                .strip_prefix("decimal(")
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|p| p.parse().ok());
+            let summable = matches!(
+                data_type.as_str(),
+                "tinyint" | "smallint" | "mediumint" | "int" | "bigint"
+            ) || precision.is_some_and(|p| p <= 38);
+            let sum = if summable {
+                format!("CAST(SUM(`{name}`) AS CHAR)")
+            } else {
+                "CAST(NULL AS CHAR)".into()
+            };
+            let sql = format!(
+                "SELECT COUNT(`{name}`), {sum},
+                        MD5(GROUP_CONCAT(IF(`{name}` IS NULL, 'N', CONCAT(LENGTH({canon}), ':', {canon}))
+                                         ORDER BY `{key}` SEPARATOR ','))
+                 FROM `{database}`.`{table}`"
+            );
+            let r = sqlx::query(AssertSqlSafe(sql))
+                .fetch_one(&mut *conn)
+                .await
+                .expect("checks");
+            out.push(ColumnCheck {
+                column: name,
+                non_null: r.get(0),
+                sum: r.get(1),
+                digest: r.get::<Option<String>, _>(2).unwrap_or_default(),
+            });
+        }
+        out
+    }
+
+    pub async fn count(conn: &mut MySqlConnection, database: &str, table: &str) -> i64 {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM `{database}`.`{table}`"
+        )))
+        .fetch_one(&mut *conn)
+        .await
+        .expect("count")
+        .get(0)
+    }
+
+    /// Asserts the destination equals the source: row count, per-column counts and sums, and
+    /// every value (digest in key order).
+    pub async fn assert_same_content(
+        conn: &mut MySqlConnection,
+        database: &str,
+        table: &str,
+        dest: &Path,
+        key: &str,
+    ) {
+        let rows = count(conn, database, table).await;
+        let source = source_checks(conn, database, table, key).await;
+        assert_matches_source(rows, &source, dest, key);
+    }
 }
