@@ -995,3 +995,133 @@ async fn merge_jobs_upsert_changed_rows_into_bigquery() {
         .await;
     assert_eq!(tables, vec![vec![Some("table_m".to_string())]]);
 }
+
+/// A MySQL table: unsigned keys, 4-byte text, decimals, timestamps. (No decimal(65,30):
+/// bqemulator cannot create a BIGNUMERIC column, DuckDB's decimals stop at 38 digits.)
+async fn mysql_table(db: &str, from: u64, to: u64) {
+    let mut conn = common::my::my().await;
+    common::my::exec(
+        &mut conn,
+        &format!(
+            "SET SESSION time_zone = '+00:00';
+             CREATE TABLE IF NOT EXISTS {db}.t (id bigint unsigned PRIMARY KEY, name varchar(40),
+               amount decimal(12,2), seen timestamp(6) NULL, big bigint unsigned,
+               precise decimal(38,9));
+             INSERT INTO {db}.t
+             SELECT seq, CONCAT('name-', seq, IF(seq % 7 = 0, ' ü😀', '')), seq * 1.25,
+                    TIMESTAMP('2024-01-01') + INTERVAL seq MINUTE, 18446744073709551615 - seq,
+                    CONCAT(seq, LPAD(seq, 18, '0'), '.', LPAD(seq, 9, '0'))
+             FROM seq_{from}_to_{to};"
+        ),
+    )
+    .await;
+}
+
+/// (count, md5 of "id|name" lines in id order, sum of amount) from MySQL.
+async fn mysql_digest(db: &str) -> (i64, String, String) {
+    use sqlx::Row;
+    let mut conn = common::my::my().await;
+    common::my::exec(&mut conn, "SET SESSION group_concat_max_len = 1073741824").await;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*), MD5(GROUP_CONCAT(CONCAT(id, '|', COALESCE(name, '')) ORDER BY id SEPARATOR '\\n')),
+                CAST(SUM(amount) AS CHAR) FROM {db}.t"
+    )))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_jobs_load_and_merge_into_bigquery_exactly() {
+    let fleet = Fleet::start("mysql", 2, &[]).await;
+    let mut conn = common::my::my().await;
+    let db = common::my::fresh_database(&mut conn, "sf_fleet").await;
+    mysql_table(&db, 1, 24_000).await;
+    let mut config = common::my::job_json(&db, "t", "table_my", json!({}));
+    config["load_type"] = json!("merge");
+    config["timestamp_column"] = json!("seen");
+    fleet.serve_config(901, config.clone());
+    fleet.publish_job(901, 13001).await;
+    let first = fleet
+        .django
+        .final_status(13001, Duration::from_secs(180))
+        .await;
+    assert_completed(&first, 24_000);
+    let shards: i64 = fleet
+        .state()
+        .await
+        .query_one(
+            "SELECT count(*) FROM shardflow_shards s JOIN shardflow_runs r USING (run_id)
+             WHERE r.etl_run_id = 13001",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shards, 3, "24,000 rows in shards of 10,000");
+    assert_eq!(first["watermark"], "2024-01-17T16:00:00Z", "{first}");
+    let check = || async {
+        let (count, digest, sum) = mysql_digest(&db).await;
+        // The id is NUMERIC (bigint unsigned), which bqemulator prints with nine decimals.
+        let t = format!("`{PROJECT}.{}.table_my`", fleet.dataset);
+        let rows = fleet
+            .query(&format!("SELECT id, name FROM {t} ORDER BY id"))
+            .await;
+        let text = rows
+            .iter()
+            .map(|r| {
+                let id = normalize_decimal(r[0].as_deref().unwrap_or_default());
+                format!("{id}|{}", r[1].clone().unwrap_or_default())
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let bq_digest = format!("{:x}", md5::Md5::digest(text.as_bytes()));
+        assert_eq!(
+            (rows.len() as i64, bq_digest),
+            (count, digest),
+            "rows, id|name in id order"
+        );
+        let bq_sum = fleet
+            .query(&format!("SELECT CAST(SUM(amount) AS STRING) FROM {t}"))
+            .await;
+        let bq_sum = normalize_decimal(&bq_sum[0][0].clone().unwrap_or_default());
+        assert_eq!(bq_sum, normalize_decimal(&sum), "sum of amount");
+        // bigint unsigned and decimal(38,9) arrive whole (NUMERIC).
+        let exact: Vec<String> = fleet
+            .query(&format!("SELECT big, precise FROM {t} WHERE id = 7"))
+            .await
+            .concat()
+            .into_iter()
+            .map(|v| normalize_decimal(&v.unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            exact,
+            ["18446744073709551608", "7000000000000000007.000000007"]
+        );
+    };
+    check().await;
+
+    // 2,400 rows change (moved past the watermark) and 1,000 are new: one MERGE.
+    common::my::exec(
+        &mut conn,
+        &format!(
+            "SET SESSION time_zone = '+00:00';
+             UPDATE {db}.t SET name = CONCAT('renamed-', id), amount = amount + 7,
+                    seen = TIMESTAMP('2025-01-01') + INTERVAL id SECOND
+             WHERE id % 10 = 3;"
+        ),
+    )
+    .await;
+    mysql_table(&db, 24_001, 25_000).await;
+    config["last_sync_value"] = first["watermark"].clone();
+    fleet.serve_config(901, config);
+    fleet.publish_job(901, 13002).await;
+    let second = fleet
+        .django
+        .final_status(13002, Duration::from_secs(180))
+        .await;
+    assert_completed(&second, 3_400);
+    assert_eq!(second["watermark"], "2025-01-01T06:39:53Z", "{second}");
+    check().await;
+}
