@@ -16,6 +16,18 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
   exit 1
 fi
 
+# MariaDB on 127.0.0.1:3306 (root, no password) is part of this machine too; start it if it stopped.
+if ! mysqladmin -h 127.0.0.1 -P 3306 -u root --silent ping >/dev/null 2>&1; then
+  echo "tests/run.sh: starting MariaDB"
+  service mariadb start >/dev/null 2>&1 || (mysqld_safe >/dev/null 2>&1 &)
+  for _ in $(seq 1 30); do mysqladmin -h 127.0.0.1 -P 3306 -u root --silent ping >/dev/null 2>&1 && break; sleep 1; done
+fi
+if ! mysqladmin -h 127.0.0.1 -P 3306 -u root --silent ping >/dev/null 2>&1; then
+  echo "tests/run.sh: MariaDB is not answering on 127.0.0.1:3306; start it with" >&2
+  echo "  service mariadb start" >&2
+  exit 1
+fi
+
 # The Pub/Sub emulator, the GCS emulator and bqemulator (installed into target/emulators on
 # first use); the fleet tests read their addresses from the environment.
 emulators_env="$(mktemp)"

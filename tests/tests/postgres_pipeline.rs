@@ -572,6 +572,25 @@ async fn bad_inputs_get_named_errors_and_move_nothing() {
         missing_ts.error_message.as_deref(),
         Some("column \"updated_at\" not found in e2e_bad.t (columns: id, v)")
     );
+    // NaN has no DECIMAL value: the shard fails naming the column, nothing is loaded.
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.prices (id int PRIMARY KEY, price numeric(10,2));
+         INSERT INTO {schema}.prices VALUES (1, 1.50), (2, 'NaN'), (3, NULL);"
+    ))
+    .await
+    .unwrap();
+    let mut opts = options(&dir, 10);
+    opts.max_delivery_attempts = 1;
+    let nan = run_job(job(&schema, "prices", "prices", json!({})), opts).await;
+    assert_eq!(nan.status, "failed", "{nan:?}");
+    assert!(
+        nan.error_message
+            .as_deref()
+            .unwrap()
+            .contains("decoding price: numeric NaN cannot be stored in a DECIMAL column"),
+        "{nan:?}"
+    );
+    assert!(!dir.join("warehouse/prices").exists());
     assert!(
         !dir.join("warehouse/t").exists(),
         "a failed run created the table"
