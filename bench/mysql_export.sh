@@ -22,6 +22,7 @@ if [ "$have" != "$rows" ]; then
   "${mysql_cmd[@]}" <<SQL
 DROP DATABASE IF EXISTS sf_bench;
 CREATE DATABASE sf_bench CHARACTER SET utf8mb4;
+USE sf_bench;
 SET SESSION time_zone = '+00:00';
 CREATE TABLE sf_bench.wide (
   id bigint PRIMARY KEY, customer int, quantity bigint, amount decimal(12,2), name varchar(64),
