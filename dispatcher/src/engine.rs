@@ -296,12 +296,8 @@ impl Engine {
                 .cloned()
                 .unwrap_or_else(|| "several".into());
             let last_error = self
-                .state
-                .shards(&task.run_id)
+                .last_error(&task)
                 .await?
-                .into_iter()
-                .find(|s| s.shard_id == task.shard_id)
-                .and_then(|s| s.error)
                 .unwrap_or_else(|| "no error was reported".into());
             let why = format!(
                 "shard {} failed after {attempts} attempts: {last_error}",
@@ -312,6 +308,26 @@ impl Engine {
                 .await?;
             self.events.poke(&task.run_id);
             delivery.ack().await?;
+        }
+    }
+
+    /// The error a dead-lettered shard's last attempt reported. The worker publishes it before
+    /// it nacks, but the dead letter can overtake it on the other subscription, so this waits
+    /// a little for it to be recorded.
+    async fn last_error(&self, task: &ShardTask) -> Result<Option<String>> {
+        let started = Instant::now();
+        loop {
+            let error = self
+                .state
+                .shards(&task.run_id)
+                .await?
+                .into_iter()
+                .find(|s| s.shard_id == task.shard_id)
+                .and_then(|s| s.error);
+            if error.is_some() || started.elapsed() > Duration::from_secs(5) {
+                return Ok(error);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
