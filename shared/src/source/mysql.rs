@@ -923,6 +923,12 @@ pub async fn extract(
                 let mut rows = query.fetch(&mut conn);
                 while let Some(row) = rows.next().await {
                     let row = row.map_err(source_error)?;
+                    if row.len() != width {
+                        return Err(Error::Message(format!(
+                            "the source sent {} of the {width} columns asked for",
+                            row.len()
+                        )));
+                    }
                     decoder.push_row((0..width).map(|i| raw(&row, i)))?;
                     if decoder.batch_full()
                         && let Some(batch) = decoder.take_batch()?
@@ -953,7 +959,7 @@ pub async fn extract(
 }
 
 /// Column `i`'s bytes as the server sent them; `None` only for SQL NULL (a zero date comes
-/// through, and the decoder tells it apart).
+/// through, and the decoder tells it apart). `i` is below the row's width, checked per row.
 fn raw(row: &MySqlRow, i: usize) -> Option<&[u8]> {
     let value = row.try_get_raw(i).ok()?;
     <&[u8] as sqlx::Decode<'_, MySql>>::decode(value).ok()
