@@ -17,11 +17,18 @@ use crate::spec::{JobSpec, SourceType};
 use crate::{Error, Result};
 
 /// The Arrow schema a job's columns are extracted as: each source has its own type map.
+/// Every field carries its source type (`shardflow.source_type`) for the warehouses.
 pub fn arrow_schema(source: SourceType, columns: &[SourceColumn]) -> SchemaRef {
-    match source {
-        SourceType::Mysql => mysql_types::arrow_schema(columns),
-        _ => pg_binary::arrow_schema(columns),
-    }
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|c| {
+            let (label, data_type) = column_types(source, c);
+            let metadata: std::collections::HashMap<String, String> =
+                [(pg_binary::SOURCE_TYPE_KEY.to_string(), label)].into();
+            Field::new(&c.name, data_type, c.nullable).with_metadata(metadata)
+        })
+        .collect();
+    std::sync::Arc::new(arrow::datatypes::Schema::new(fields))
 }
 
 /// A column's source type as people read it, and the Arrow type it is extracted as.
@@ -139,13 +146,6 @@ pub(crate) fn receiver_stream(rx: tokio::sync::mpsc::Receiver<Result<RecordBatch
     Box::pin(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }))
-}
-
-/// A column's Arrow field, carrying its source type for the warehouses.
-pub(crate) fn arrow_field(col: &SourceColumn, label: String, data_type: DataType) -> Field {
-    let metadata: std::collections::HashMap<String, String> =
-        [(pg_binary::SOURCE_TYPE_KEY.to_string(), label)].into();
-    Field::new(&col.name, data_type, col.nullable).with_metadata(metadata)
 }
 
 /// Quotes an identifier for SQL: always quoted, embedded quotes doubled.

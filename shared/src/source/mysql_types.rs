@@ -30,9 +30,7 @@ use arrow::array::{
     Float32Builder, Float64Builder, Int8Builder, Int16Builder, Int32Builder, Int64Builder,
     StringBuilder, TimestampMicrosecondBuilder, UInt64Builder,
 };
-use arrow::datatypes::{
-    DataType, Decimal128Type, Decimal256Type, Field, Schema, SchemaRef, TimeUnit,
-};
+use arrow::datatypes::{DataType, Decimal128Type, Decimal256Type, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 use super::SourceColumn;
@@ -194,14 +192,6 @@ pub fn source_type_label(col: &SourceColumn) -> String {
     }
 }
 
-pub fn arrow_schema(columns: &[SourceColumn]) -> SchemaRef {
-    let fields: Vec<Field> = columns
-        .iter()
-        .map(|c| super::arrow_field(c, source_type_label(c), decoding_for(c).data_type()))
-        .collect();
-    Arc::new(Schema::new(fields))
-}
-
 /// Days from 0001-01-01 (chrono's day 1) to 1970-01-01.
 const UNIX_EPOCH_FROM_CE: i32 = 719_163;
 
@@ -323,7 +313,7 @@ impl RowDecoder {
         let batch_rows = batch_rows.max(1);
         let decodings: Vec<Decoding> = columns.iter().map(decoding_for).collect();
         RowDecoder {
-            schema: arrow_schema(columns),
+            schema: super::arrow_schema(crate::spec::SourceType::Mysql, columns),
             names: columns.iter().map(|c| c.name.clone()).collect(),
             builders: decodings
                 .iter()

@@ -28,7 +28,7 @@ use arrow::array::{
     Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder, StringBuilder,
     Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, i256};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit, i256};
 use arrow::record_batch::RecordBatch;
 use bytes::{Buf, BytesMut};
 
@@ -178,14 +178,6 @@ pub fn source_type_label(col: &SourceColumn) -> String {
         (oid::NUMERIC, Some((p, s))) => format!("numeric({p},{s})"),
         _ => col.type_name.clone(),
     }
-}
-
-pub fn arrow_schema(columns: &[SourceColumn]) -> SchemaRef {
-    let fields: Vec<Field> = columns
-        .iter()
-        .map(|c| super::arrow_field(c, source_type_label(c), decoding_for(c).data_type()))
-        .collect();
-    Arc::new(Schema::new(fields))
 }
 
 /// The SELECT list item for a column: natively decoded types as they are, the rest as text.
@@ -579,7 +571,7 @@ impl CopyDecoder {
             .map(|c| Builder::new(decoding_for(c), batch_rows))
             .collect::<Result<Vec<_>>>()?;
         Ok(CopyDecoder {
-            schema: arrow_schema(columns),
+            schema: super::arrow_schema(crate::spec::SourceType::Postgresql, columns),
             names: columns.iter().map(|c| c.name.clone()).collect(),
             builders,
             batch_rows,

@@ -57,7 +57,7 @@ pub fn job_json(
     dest_table: &str,
     extra: serde_json::Value,
 ) -> serde_json::Value {
-    let mut v = serde_json::json!({
+    let v = serde_json::json!({
         "data_source_id": 42,
         "source_type": "postgresql",
         "connection_params": {"host": "127.0.0.1", "port": 5432, "database": "test",
@@ -68,12 +68,17 @@ pub fn job_json(
         "load_type": "catalog",
         "processing_mode": "dataflow"
     });
-    if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+    with_fields(v, extra)
+}
+
+/// `base` with the fields of `extra` set over it.
+pub fn with_fields(mut base: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    if let (Some(obj), Some(more)) = (base.as_object_mut(), extra.as_object()) {
         for (k, val) in more {
             obj.insert(k.clone(), val.clone());
         }
     }
-    v
+    base
 }
 
 pub fn job(schema: &str, table: &str, dest_table: &str, extra: serde_json::Value) -> JobSpec {
@@ -422,7 +427,7 @@ pub mod my {
         dest_table: &str,
         extra: serde_json::Value,
     ) -> serde_json::Value {
-        let mut v = serde_json::json!({
+        let v = serde_json::json!({
             "data_source_id": 43,
             "source_type": "mysql",
             "connection_params": {"host": "127.0.0.1", "port": 3306, "database": database,
@@ -432,12 +437,7 @@ pub mod my {
             "load_type": "catalog",
             "processing_mode": "dataflow"
         });
-        if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
-            for (k, val) in more {
-                obj.insert(k.clone(), val.clone());
-            }
-        }
-        v
+        with_fields(v, extra)
     }
 
     pub fn job(database: &str, table: &str, dest_table: &str, extra: serde_json::Value) -> JobSpec {
