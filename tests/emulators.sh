@@ -13,6 +13,7 @@ PUBSUB_PORT=${SHARDFLOW_PUBSUB_PORT:-8085}
 GCS_PORT=${SHARDFLOW_GCS_PORT:-9023}
 BQ_PORT=${SHARDFLOW_BQ_PORT:-9050}
 BQ_GRPC_PORT=${SHARDFLOW_BQ_GRPC_PORT:-9060}
+S3_PORT=${SHARDFLOW_S3_PORT:-5055}
 BQ_PROJECT=test-proj
 VENV=$EMU/venv
 GCS_DIR=$EMU/gcs
@@ -27,6 +28,7 @@ export PUBSUB_EMULATOR_HOST=127.0.0.1:$PUBSUB_PORT
 export STORAGE_EMULATOR_HOST=http://127.0.0.1:$GCS_PORT
 export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$BQ_PORT
 export GCP_PROJECT_ID=$BQ_PROJECT
+export SHARDFLOW_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 EOF
 }
 
@@ -48,11 +50,15 @@ install() {
     if [ -x "$VENV/bin/bqemulator" ] && [ ! -x "$VENV/bin/gcp-storage-emulator" ]; then
         "$VENV/bin/pip" install -q gcp-storage-emulator >&2
     fi
+    # moto serves S3 for the file-source tests.
+    if [ -x "$VENV/bin/bqemulator" ] && [ ! -x "$VENV/bin/moto_server" ]; then
+        "$VENV/bin/pip" install -q "moto[server]" >&2
+    fi
     if [ ! -x "$VENV/bin/bqemulator" ]; then
         echo "emulators.sh: installing bqemulator and gcp-storage-emulator into $VENV" >&2
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install -q bqemulator==1.4.0 numpy duckdb==1.5.5 \
-            duckdb-extension-spatial==1.5.5 gcp-storage-emulator >&2
+            duckdb-extension-spatial==1.5.5 gcp-storage-emulator "moto[server]" >&2
     fi
     # bqemulator loads duckdb's spatial extension at start and would try to download it.
     local ext_dir=$HOME/.duckdb/extensions/v1.5.5/linux_amd64
@@ -106,14 +112,19 @@ start() {
             --grpc-port "$BQ_GRPC_PORT" --project "$BQ_PROJECT" >"$EMU/bq.log" 2>&1 &
             echo $! >"$EMU/bq.pid")
     fi
+    if ! answers "http://127.0.0.1:$S3_PORT/"; then
+        setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$EMU/s3.log" 2>&1 &
+        echo $! >"$EMU/s3.pid"
+    fi
     wait_for "Pub/Sub emulator" "http://127.0.0.1:$PUBSUB_PORT/" "$EMU/pubsub.log"
     wait_for "gcp-storage-emulator" "http://127.0.0.1:$GCS_PORT/storage/v1/b" "$EMU/gcs.log"
     wait_for "bqemulator" "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets" "$EMU/bq.log" 180
+    wait_for "moto (S3)" "http://127.0.0.1:$S3_PORT/" "$EMU/s3.log"
     print_env
 }
 
 stop() {
-    for name in pubsub gcs bq; do
+    for name in pubsub gcs bq s3; do
         if [ -f "$EMU/$name.pid" ]; then
             kill -- -"$(cat "$EMU/$name.pid")" 2>/dev/null || kill "$(cat "$EMU/$name.pid")" 2>/dev/null || true
             rm -f "$EMU/$name.pid"

@@ -19,8 +19,8 @@ use shardflow::messages::{self, ShardResult, ShardTask, StagedFile, WIRE_VERSION
 use shardflow::metrics::Metrics;
 use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
-use shardflow::source::Window;
 use shardflow::source::postgres::{self, PgConnector};
+use shardflow::source::{ShardBounds, Window};
 use shardflow::spec::{JobSpec, LoadType, SourceType};
 use shardflow::staging::Staging;
 use shardflow::state::{
@@ -188,6 +188,30 @@ enum Drove {
 /// The stream an incremental load belongs to: its source and destination. Its runs go one at
 /// a time and each starts after the watermark the one before recorded.
 pub fn stream_key(spec: &JobSpec) -> Option<String> {
+    // A file job's runs go one at a time too: each reads the files the one before did not.
+    if let Some(files) = &spec.files {
+        let source = match spec.data_source_id {
+            Some(id) => format!("ds{id}"),
+            None => {
+                let bucket = [
+                    "bucket",
+                    "bucket_name",
+                    "bucket_path",
+                    "container",
+                    "container_name",
+                ]
+                .iter()
+                .find_map(|k| spec.connection.other.get(*k))
+                .map(|b| b.expose().to_string())
+                .unwrap_or_default();
+                format!(
+                    "{:?}:{bucket}:{}{}",
+                    spec.source_type, files.path_prefix, files.pattern
+                )
+            }
+        };
+        return Some(format!("{source}->{}", spec.dest_table_name));
+    }
     spec.load_type.is_incremental().then(|| {
         let source = match spec.data_source_id {
             Some(id) => format!("ds{id}"),
@@ -441,8 +465,17 @@ impl Engine {
                         rows_extracted: report.rows_extracted,
                         rows_loaded: report.rows_loaded,
                         checksum: report.checksum.clone(),
-                        watermark: report.watermark.clone(),
+                        // A file stream's position moves with each load that read files.
+                        watermark: report.watermark.clone().or_else(|| {
+                            (status == RunStatus::Completed && !report.processed_files.is_empty())
+                                .then(|| run_id.clone())
+                        }),
                         error_message: report.error_message.clone(),
+                        processed_files: if status == RunStatus::Completed {
+                            report.processed_files.clone()
+                        } else {
+                            Vec::new()
+                        },
                     },
                 )
                 .await?;
@@ -474,6 +507,9 @@ impl Engine {
         let stream_key = stream_key(spec);
         if let Some(key) = &stream_key {
             stream.recorded_watermark = self.state.stream_watermark(key).await?;
+            if spec.files.is_some() {
+                stream.processed_files = self.state.processed_files(key).await?;
+            }
         }
         let mut replans = 0;
         let RecordedRun {
@@ -509,6 +545,9 @@ impl Engine {
                         "the stream's last load committed meanwhile; planning again"
                     );
                     stream.recorded_watermark = watermark;
+                    if let (Some(key), Some(_)) = (&stream_key, &spec.files) {
+                        stream.processed_files = self.state.processed_files(key).await?;
+                    }
                 }
                 Planned::Moved(_) => {
                     return Err(Error::Other(
@@ -543,6 +582,7 @@ impl Engine {
             // and the watermark stays where it was.
             report.watermark = plan.resumes_after.clone();
             report.checksum = Some(digest::EMPTY_CHECKSUM.into());
+            report.files_loaded = plan.files.as_ref().map(|_| 0);
             return Ok(Drove::Ended);
         }
         self.load(job, run_id, &plan, timestamp_column.as_deref(), report)
@@ -700,6 +740,10 @@ impl Engine {
         report.watermark = summary
             .watermark
             .or_else(|| plan.window.as_ref().map(|w| w.through.clone()));
+        if plan.files.is_some() {
+            report.processed_files = processed_files(&records, run_id, stream_key(spec))?;
+            report.files_loaded = Some(report.processed_files.len());
+        }
         Ok(())
     }
 
@@ -835,6 +879,39 @@ fn describe_fields(schema: &Schema) -> String {
         .join(", ")
 }
 
+/// The files a file run's shards read, with the rows each gave, for the state store.
+fn processed_files(
+    records: &[ShardRecord],
+    run_id: &str,
+    stream_key: Option<String>,
+) -> Result<Vec<shardflow::state::ProcessedFile>> {
+    let stream_key = stream_key.unwrap_or_default();
+    // A Parquet file split by row groups is in several shards: add its rows up.
+    let mut by_file: Vec<shardflow::state::ProcessedFile> = Vec::new();
+    for r in records {
+        let task: ShardTask = messages::decode("recorded shard", r.task_json.as_bytes())?;
+        let ShardBounds::Files { files } = &task.bounds else {
+            continue;
+        };
+        for (i, part) in files.iter().enumerate() {
+            let rows = r.source_rows.get(i).copied().unwrap_or(0);
+            match by_file.iter_mut().find(|p| p.path == part.file.path) {
+                Some(p) => p.rows += rows,
+                None => by_file.push(shardflow::state::ProcessedFile {
+                    stream_key: stream_key.clone(),
+                    path: part.file.path.clone(),
+                    size: part.file.size,
+                    version: part.file.version_key(),
+                    last_modified: part.file.last_modified.to_rfc3339(),
+                    rows,
+                    run_id: run_id.to_string(),
+                }),
+            }
+        }
+    }
+    Ok(by_file)
+}
+
 /// The attempt number at the end of a run id (`<job key>.<n>`).
 fn attempt_of(run_id: &str) -> u32 {
     run_id
@@ -858,6 +935,7 @@ mod tests {
             checksum: Some(checksum.into()),
             schema_json: Some(serde_json::to_string(schema).unwrap()),
             max_value: max.map(str::to_string),
+            source_rows: Vec::new(),
             attempts: 1,
             error: None,
             task_json: String::new(),

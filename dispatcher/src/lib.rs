@@ -30,6 +30,7 @@ use shardflow_worker::{RunRegistry, Worker, WorkerSettings};
 use tokio_util::sync::CancellationToken;
 
 pub mod engine;
+pub mod files;
 pub mod progress;
 pub mod serve;
 
@@ -105,6 +106,9 @@ pub struct Plan {
     /// For a merge: the columns that identify a row in the destination.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub merge_keys: Vec<String>,
+    /// For a file job: which files the run reads and where its columns came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<files::FilesPlan>,
 }
 
 /// What the state store knows about an incremental stream, beyond the job config.
@@ -117,6 +121,8 @@ pub struct StreamState {
     /// older than it (Django missed the final report, or a scheduled job has no run to
     /// report to) must not read those rows again.
     pub recorded_watermark: Option<String>,
+    /// A file stream: the files its committed loads read.
+    pub processed_files: Vec<shardflow::state::ProcessedFile>,
 }
 
 /// The columns a merge matches rows on: `merge_keys`, else the primary key; each must be read.
@@ -162,10 +168,15 @@ fn shard_id(index: usize) -> String {
 }
 
 pub(crate) fn check_supported(spec: &JobSpec) -> Result<()> {
-    if !matches!(spec.source_type, SourceType::Postgresql | SourceType::Mysql) {
+    if spec.source_type.is_file_source() != spec.files.is_some() {
         return Err(Error::Source(format!(
-            "source_type {:?} is not supported by this build yet (PostgreSQL and MySQL are)",
-            spec.source_type
+            "source_type {:?} {} file settings (file_format, file_pattern)",
+            spec.source_type,
+            if spec.files.is_some() {
+                "reads no files, and the job has"
+            } else {
+                "reads files, and the job has no"
+            }
         )));
     }
     Ok(())
@@ -339,6 +350,7 @@ pub async fn plan_job_in_stream(
                 opts.workers.unwrap_or(1),
             ),
         };
+    let mut files_plan = None;
     let Survey {
         columns,
         merge_keys,
@@ -348,7 +360,19 @@ pub async fn plan_job_in_stream(
         resumes_after,
     } = match spec.source_type {
         SourceType::Mysql => survey_mysql(spec, opts, stream, wanted).await?,
-        _ => survey_postgres(spec, opts, stream, wanted).await?,
+        SourceType::Postgresql => survey_postgres(spec, opts, stream, wanted).await?,
+        SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local => {
+            let survey = files::survey_files(spec, opts, stream).await?;
+            files_plan = Some(survey.files);
+            Survey {
+                columns: survey.columns,
+                merge_keys: Vec::new(),
+                estimate: survey.estimate,
+                split: survey.split,
+                window: None,
+                resumes_after: None,
+            }
+        }
     };
     let (mode, mode_reason) = plan::choose_mode(
         spec.processing_mode,
@@ -357,7 +381,15 @@ pub async fn plan_job_in_stream(
     );
     Ok(Plan {
         data_source_id: spec.data_source_id,
-        source: spec.qualified_table(),
+        source: match &files_plan {
+            Some(_) => format!(
+                "{:?} files {}{}",
+                spec.source_type,
+                spec.files.as_ref().map_or("", |f| f.path_prefix.as_str()),
+                spec.files.as_ref().map_or("", |f| f.pattern.as_str())
+            ),
+            None => spec.qualified_table(),
+        },
         dest_table: spec.dest_table_name.clone(),
         load_type: spec.load_type,
         estimated_rows: estimate.rows,
@@ -396,6 +428,7 @@ pub async fn plan_job_in_stream(
         window,
         resumes_after,
         merge_keys,
+        files: files_plan,
     })
 }
 
@@ -508,6 +541,12 @@ pub struct RunReport {
     /// The largest value of the timestamp column among the loaded rows (ISO 8601).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watermark: Option<String>,
+    /// A file job: the files the run loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_loaded: Option<usize>,
+    /// A file job: what the state store records once the load committed.
+    #[serde(skip)]
+    pub processed_files: Vec<shardflow::state::ProcessedFile>,
     pub duration_seconds: f64,
     /// Results for shards that had already reported (redeliveries); ignored by design.
     pub duplicate_results_ignored: u64,

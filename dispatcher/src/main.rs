@@ -122,6 +122,17 @@ enum Command {
     /// Create the topics and subscriptions (with the dead-letter policy) that are missing.
     /// Idempotent.
     PubsubSetup(SetupArgs),
+    /// A file job's matching files, newest first, as JSON (Django's list-files response).
+    ListFiles {
+        #[arg(long)]
+        job: PathBuf,
+    },
+    /// The columns of a file job's newest file, with BigQuery types, sample values and the
+    /// schema fingerprint, as JSON (Django's detect-file-schema response).
+    DetectSchema {
+        #[arg(long)]
+        job: PathBuf,
+    },
 }
 
 /// Topic and subscription names.
@@ -346,6 +357,40 @@ fn read_job(path: &Path) -> Result<(JobSpec, Option<i64>, String), String> {
     Ok((spec, etl_run_id, config_json))
 }
 
+/// Runs a file command on the job file and prints its JSON; errors go to stderr as
+/// `{"status": "error", "message": …}` too, so a caller reading stdout sees them.
+async fn file_command<F, Fut>(job: &Path, command: F) -> ExitCode
+where
+    F: FnOnce(JobSpec) -> Fut,
+    Fut: std::future::Future<Output = shardflow::Result<serde_json::Value>>,
+{
+    let spec = match read_job(job) {
+        Ok((spec, _, _)) => spec,
+        Err(e) => {
+            println!("{}", serde_json::json!({"status": "error", "message": e}));
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match command(spec).await {
+        Ok(value) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!(
+                "{}",
+                serde_json::json!({"status": "error", "message": e.to_string()})
+            );
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -378,6 +423,20 @@ async fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::ListFiles { job } => {
+            file_command(&job, |spec| async move {
+                Ok(serde_json::to_value(
+                    shardflow_dispatcher::files::list_files(&spec).await?,
+                )?)
+            })
+            .await
+        }
+        Command::DetectSchema { job } => {
+            file_command(&job, |spec| async move {
+                shardflow_dispatcher::files::detect_schema(&spec).await
+            })
+            .await
+        }
         Command::Plan(args) => {
             let (spec, _, _) = match read_job(&args.job) {
                 Ok(j) => j,

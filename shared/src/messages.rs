@@ -78,6 +78,9 @@ pub enum ShardOutcome {
         schema: arrow_schema::Schema,
         /// The largest value of the task's timestamp column, ISO 8601 for dates and times.
         max_value: Option<String>,
+        /// File shards: rows read from each of the shard's files, in its order.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        source_rows: Vec<u64>,
     },
     Failed {
         error: String,

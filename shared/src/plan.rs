@@ -175,9 +175,125 @@ pub fn imbalance(rows: &[u64]) -> f64 {
     if mean == 0.0 { 1.0 } else { max / mean }
 }
 
+/// What planning knows of one file: its estimated rows and (Parquet) rows per row group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileEstimate {
+    pub rows: u64,
+    pub row_groups: Vec<u64>,
+}
+
+/// One file (or row groups `first..end` of it) in a shard, with its estimated rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileSlice {
+    pub file: usize,
+    pub row_groups: Option<(usize, usize)>,
+    pub rows: u64,
+}
+
+/// Files in one shard at most, so a shard message stays small.
+pub const MAX_FILES_PER_SHARD: usize = 500;
+
+/// Groups files into shards of about `shard_rows`: small files together (in order), a file
+/// of `shard_rows` or more alone, and a Parquet file larger than that cut at row-group
+/// boundaries. `one_shard` (processing_mode "standard") puts every file in one shard.
+pub fn file_shards(
+    files: &[FileEstimate],
+    shard_rows: u64,
+    one_shard: bool,
+) -> Vec<Vec<FileSlice>> {
+    let whole = |i: usize, f: &FileEstimate| FileSlice {
+        file: i,
+        row_groups: None,
+        rows: f.rows,
+    };
+    if one_shard {
+        let all: Vec<FileSlice> = files.iter().enumerate().map(|(i, f)| whole(i, f)).collect();
+        return if all.is_empty() {
+            Vec::new()
+        } else {
+            vec![all]
+        };
+    }
+    let target = shard_rows.max(1);
+    let mut shards = Vec::new();
+    let mut current: Vec<FileSlice> = Vec::new();
+    let mut current_rows = 0u64;
+    for (i, f) in files.iter().enumerate() {
+        if f.rows > target && f.row_groups.len() > 1 {
+            if !current.is_empty() {
+                shards.push(std::mem::take(&mut current));
+                current_rows = 0;
+            }
+            let (mut first, mut rows) = (0usize, 0u64);
+            for (g, group_rows) in f.row_groups.iter().enumerate() {
+                rows += group_rows;
+                if rows >= target || g + 1 == f.row_groups.len() {
+                    shards.push(vec![FileSlice {
+                        file: i,
+                        row_groups: Some((first, g + 1)),
+                        rows,
+                    }]);
+                    (first, rows) = (g + 1, 0);
+                }
+            }
+            continue;
+        }
+        current.push(whole(i, f));
+        current_rows += f.rows;
+        if current_rows >= target || current.len() >= MAX_FILES_PER_SHARD {
+            shards.push(std::mem::take(&mut current));
+            current_rows = 0;
+        }
+    }
+    if !current.is_empty() {
+        shards.push(current);
+    }
+    shards
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_group_small_and_split_large_parquet() {
+        let f = |rows: u64, groups: &[u64]| FileEstimate {
+            rows,
+            row_groups: groups.to_vec(),
+        };
+        let files = vec![
+            f(100, &[]),
+            f(200, &[]),
+            f(800, &[]),
+            f(2500, &[1000, 1000, 500]),
+            f(50, &[]),
+        ];
+        let shards = file_shards(&files, 1000, false);
+        type Shape = Vec<Vec<(usize, Option<(usize, usize)>, u64)>>;
+        let shape: Shape = shards
+            .iter()
+            .map(|s| s.iter().map(|x| (x.file, x.row_groups, x.rows)).collect())
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                vec![(0, None, 100), (1, None, 200), (2, None, 800)],
+                vec![(3, Some((0, 1)), 1000)],
+                vec![(3, Some((1, 2)), 1000)],
+                vec![(3, Some((2, 3)), 500)],
+                vec![(4, None, 50)],
+            ]
+        );
+        // Every file and row group exactly once.
+        let rows: u64 = shards.iter().flatten().map(|s| s.rows).sum();
+        assert_eq!(rows, files.iter().map(|f| f.rows).sum::<u64>());
+        assert_eq!(file_shards(&files, 1000, true).len(), 1);
+        assert_eq!(file_shards(&files, 1000, true)[0].len(), 5);
+        assert!(file_shards(&[], 1000, true).is_empty());
+        assert!(file_shards(&[], 1000, false).is_empty());
+        // A large CSV file cannot be cut: it is one shard.
+        assert_eq!(file_shards(&[f(5000, &[])], 1000, false).len(), 1);
+    }
 
     fn col(nullable: bool) -> SourceColumn {
         SourceColumn {

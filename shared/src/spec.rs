@@ -11,10 +11,20 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A password, token or key. `Debug`, `Display` and `Serialize` all print `***`.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+/// A password, token or key. `Debug`, `Display` and `Serialize` all print `***`. Any JSON
+/// value is taken: a service-account key may arrive as an object rather than as its text.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Secret(match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(text) => text,
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        }))
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -144,6 +154,9 @@ pub struct JobConfig {
     pub schema_fingerprint: Option<String>,
     #[serde(default)]
     pub bigquery_schema: Option<Vec<BigQueryField>>,
+    /// File sources: what a run does when the files' columns differ from the job's schema.
+    #[serde(default)]
+    pub schema_policy: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,16 +231,136 @@ pub enum FileFormat {
     Json,
 }
 
-/// Where the file source finds its files (issue: file sources).
+/// Where the file source finds its files and how it reads them.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FileSpec {
     pub path_prefix: String,
     pub pattern: String,
     pub format: FileFormat,
-    pub format_options: serde_json::Value,
+    pub options: FileOptions,
     pub load_latest_only: bool,
     pub schema_fingerprint: Option<String>,
     pub bigquery_schema: Option<Vec<BigQueryField>>,
+    pub schema_policy: SchemaPolicy,
+}
+
+/// What a run does when a file's columns differ from the job's schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaPolicy {
+    /// Fail before loading anything, naming the added, removed and changed columns.
+    Fail,
+    /// New columns are added to the destination (nullable); removed ones load as NULL.
+    AddColumns,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextEncoding {
+    Utf8,
+    /// ISO-8859-1 (`latin-1`, `latin1`, `iso-8859-1`): every byte is the code point.
+    Latin1,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// From the file name: `.gz` is gzip, `.zst` zstd, anything else plain.
+    Auto,
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// `file_format_options`, checked. CSV takes `delimiter` (`,` `|` `\t` `;`), `quote`,
+/// `has_header` and `encoding`; every format takes `compression`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOptions {
+    pub delimiter: u8,
+    pub quote: u8,
+    pub has_header: bool,
+    pub encoding: TextEncoding,
+    pub compression: Compression,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            delimiter: b',',
+            quote: b'"',
+            has_header: true,
+            encoding: TextEncoding::Utf8,
+            compression: Compression::Auto,
+        }
+    }
+}
+
+impl FileOptions {
+    /// Reads `file_format_options`; each problem names its option.
+    pub fn from_json(value: &serde_json::Value) -> Result<FileOptions, Vec<String>> {
+        let mut options = FileOptions::default();
+        let mut problems = Vec::new();
+        let serde_json::Value::Object(map) = value else {
+            if value.is_null() {
+                return Ok(options);
+            }
+            return Err(vec![format!("must be an object, got {value}")]);
+        };
+        let text = |key: &str| map.get(key).and_then(|v| v.as_str());
+        if let Some(d) = text("delimiter") {
+            match d {
+                "," | "|" | ";" => options.delimiter = d.as_bytes()[0],
+                "\t" | "\\t" | "tab" => options.delimiter = b'\t',
+                other => problems.push(format!(
+                    "delimiter {other:?} is not supported (expected \",\", \"|\", \"\\t\" or \";\")"
+                )),
+            }
+        }
+        if let Some(q) = text("quote") {
+            match q.as_bytes() {
+                [b] if b.is_ascii() => options.quote = *b,
+                _ => problems.push(format!("quote {q:?} must be one ASCII character")),
+            }
+        }
+        match map.get("has_header") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Bool(b)) => options.has_header = *b,
+            Some(serde_json::Value::String(s)) if s == "true" || s == "false" => {
+                options.has_header = s == "true"
+            }
+            Some(other) => problems.push(format!("has_header must be true or false, got {other}")),
+        }
+        if let Some(e) = text("encoding") {
+            match e.to_ascii_lowercase().replace('_', "-").as_str() {
+                "utf-8" | "utf8" => options.encoding = TextEncoding::Utf8,
+                "latin-1" | "latin1" | "iso-8859-1" | "iso8859-1" => {
+                    options.encoding = TextEncoding::Latin1
+                }
+                _ => problems.push(format!(
+                    "encoding {e:?} is not supported (expected utf-8, latin-1 or iso-8859-1)"
+                )),
+            }
+        }
+        if let Some(c) = text("compression") {
+            options.compression = match c.to_ascii_lowercase().as_str() {
+                "" | "auto" => Compression::Auto,
+                "none" => Compression::None,
+                "gzip" | "gz" => Compression::Gzip,
+                "zstd" | "zst" => Compression::Zstd,
+                _ => {
+                    problems.push(format!(
+                        "compression {c:?} is not supported (expected auto, none, gzip or zstd)"
+                    ));
+                    Compression::Auto
+                }
+            };
+        }
+        if problems.is_empty() {
+            Ok(options)
+        } else {
+            Err(problems)
+        }
+    }
 }
 
 pub const DEFAULT_ROW_COUNT_THRESHOLD: u64 = 1_000_000;
@@ -395,8 +528,12 @@ impl JobSpec {
             }
         };
         let timestamp_column = non_empty(&config.timestamp_column).map(str::to_string);
+        // A file job's increment is the files not loaded yet, not a column.
+        let reads_files = config.is_file_based.unwrap_or(false)
+            || source_type.is_some_and(SourceType::is_file_source);
         if let Some(lt @ (LoadType::Transactional | LoadType::Merge)) = load_type
             && timestamp_column.is_none()
+            && !reads_files
         {
             let name = if lt == LoadType::Merge {
                 "merge"
@@ -526,21 +663,64 @@ impl JobSpec {
                 }
             };
             let pattern = non_empty(&config.file_pattern);
-            if pattern.is_none() {
-                problem("file_pattern", "is required for file sources".into());
+            match pattern {
+                None => problem("file_pattern", "is required for file sources".into()),
+                Some(p) => {
+                    if let Err(e) = globset::Glob::new(p) {
+                        problem("file_pattern", format!("{p:?} is not a glob: {}", e.kind()));
+                    }
+                }
             }
-            if let (Some(format), Some(pattern)) = (format, pattern) {
+            let options = match FileOptions::from_json(
+                config
+                    .file_format_options
+                    .as_ref()
+                    .unwrap_or(&serde_json::Value::Null),
+            ) {
+                Ok(o) => Some(o),
+                Err(why) => {
+                    why.into_iter()
+                        .for_each(|w| problem("file_format_options", w));
+                    None
+                }
+            };
+            let schema_policy = match config.schema_policy.as_deref().map(str::trim) {
+                None | Some("") | Some("fail") => Some(SchemaPolicy::Fail),
+                Some("add_columns") => Some(SchemaPolicy::AddColumns),
+                Some(other) => {
+                    problem(
+                        "schema_policy",
+                        format!(
+                            "schema_policy \"{other}\" is not supported (expected fail or add_columns)"
+                        ),
+                    );
+                    None
+                }
+            };
+            if source_type.is_some_and(|t| !t.is_file_source()) {
+                problem(
+                    "is_file_based",
+                    "file jobs need source_type gcs, s3, azure_blob or local".into(),
+                );
+            }
+            if matches!(load_type, Some(LoadType::Merge)) {
+                problem(
+                    "load_type",
+                    "merge is not supported for file sources (catalog or transactional)".into(),
+                );
+            }
+            if let (Some(format), Some(pattern), Some(options), Some(schema_policy)) =
+                (format, pattern, options, schema_policy)
+            {
                 files = Some(FileSpec {
                     path_prefix: config.file_path_prefix.clone().unwrap_or_default(),
                     pattern: pattern.to_string(),
                     format,
-                    format_options: config
-                        .file_format_options
-                        .clone()
-                        .unwrap_or(serde_json::Value::Object(Default::default())),
+                    options,
                     load_latest_only: config.load_latest_only.unwrap_or(true),
                     schema_fingerprint: non_empty(&config.schema_fingerprint).map(str::to_string),
-                    bigquery_schema: config.bigquery_schema.clone(),
+                    bigquery_schema: config.bigquery_schema.clone().filter(|s| !s.is_empty()),
+                    schema_policy,
                 });
             }
         } else {

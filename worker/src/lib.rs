@@ -17,7 +17,7 @@ use shardflow::parquet_sink::{PartOptions, write_parts};
 use shardflow::queue::{Delivery, Message, Queue, Topology};
 use shardflow::retry::RetryPolicy;
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
-use shardflow::source::{mysql, postgres};
+use shardflow::source::{files, mysql, postgres};
 use shardflow::spec::{JobSpec, SourceType};
 use shardflow::staging::Staging;
 use shardflow::{Error, Result};
@@ -113,6 +113,8 @@ pub struct Extracted {
     pub files: Vec<StagedFile>,
     pub digest: Digest,
     pub schema: arrow_schema::Schema,
+    /// File shards: rows read from each source file.
+    pub source_rows: Vec<u64>,
 }
 
 /// A shard that carries its run's sealed config is opened with the shared key; any other
@@ -285,6 +287,7 @@ impl Worker {
                     files,
                     digest,
                     schema,
+                    source_rows,
                 }) => {
                     let rows = files.iter().map(|f| f.rows).sum();
                     let bytes = files.iter().map(|f| f.bytes).sum();
@@ -301,6 +304,7 @@ impl Worker {
                         checksum: digest.checksum,
                         schema,
                         max_value: digest.max_value,
+                        source_rows,
                     }
                 }
                 Err(e) => {
@@ -351,6 +355,7 @@ impl Worker {
     /// Extracts one shard to staged Parquet parts.
     pub async fn process(&self, task: &ShardTask) -> Result<Extracted> {
         let job = self.jobs.job_for(task).await?;
+        let mut file_rows = None;
         let stream = match job.source_type {
             SourceType::Postgresql => {
                 let connector =
@@ -362,10 +367,11 @@ impl Worker {
                     mysql::MySqlConnector::from_spec(&job, self.settings.retry.clone())?;
                 mysql::extract(&connector, task, self.settings.in_flight_batches).await?
             }
-            other => {
-                return Err(Error::Source(format!(
-                    "source_type {other:?} is not supported by this build yet"
-                )));
+            SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local => {
+                let (stream, counts) =
+                    files::extract(&job, task, self.settings.in_flight_batches).await?;
+                file_rows = Some(counts);
+                stream
             }
         };
         let schema = shardflow::source::arrow_schema(job.source_type, &task.columns);
@@ -384,10 +390,14 @@ impl Worker {
             },
         )
         .await?;
+        let source_rows = file_rows
+            .map(|counts| counts.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default();
         Ok(Extracted {
             files,
             digest: digest.finish()?,
             schema: schema.as_ref().clone(),
+            source_rows,
         })
     }
 }

@@ -1,6 +1,8 @@
 //! Source connectors: what a table looks like, how many rows it holds, where to cut it, and
 //! reading one shard of it as a stream of Arrow `RecordBatch`es.
 
+pub mod file_schema;
+pub mod files;
 pub mod mysql;
 pub mod mysql_types;
 pub mod pg_binary;
@@ -37,6 +39,12 @@ pub fn column_types(source: SourceType, column: &SourceColumn) -> (String, DataT
         SourceType::Mysql => (
             mysql_types::source_type_label(column),
             mysql_types::decoding_for(column).data_type(),
+        ),
+        // A file column's type is the BigQuery type it loads as; JSON keeps its label so the
+        // warehouse makes it a JSON column.
+        SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local => (
+            column.type_name.to_ascii_lowercase(),
+            file_schema::arrow_type_of(&column.type_name).unwrap_or(DataType::Utf8),
         ),
         _ => (
             pg_binary::source_type_label(column),
@@ -121,6 +129,8 @@ pub enum ShardBounds {
         first_block: u64,
         end_block: Option<u64>,
     },
+    /// Source files (or row groups of one), read in this order.
+    Files { files: Vec<files::FilePart> },
 }
 
 /// The rows of an incremental load: `column` after the value loaded last (or from the

@@ -869,6 +869,11 @@ pub fn select_statement(task: &ShardTask) -> Result<(String, Vec<Bound>)> {
                 "a ctid range is a PostgreSQL shard; this job reads MySQL".into(),
             ));
         }
+        ShardBounds::Files { .. } => {
+            return Err(Error::Message(
+                "a file shard names files; this job reads MySQL".into(),
+            ));
+        }
     }
     if let Some(w) = &task.window {
         let kind = window_kind(&w.column, &w.column_type)?;

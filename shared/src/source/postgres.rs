@@ -521,6 +521,11 @@ pub fn copy_statement(task: &ShardTask) -> Result<(String, BoundSettings)> {
                 end_block.map(|b| format!("({b},0)")),
             )
         }
+        ShardBounds::Files { .. } => {
+            return Err(Error::Message(
+                "a file shard names files; this job reads PostgreSQL".into(),
+            ));
+        }
     };
     settings.extend(lower.map(|v| ("shardflow.lower", v)));
     settings.extend(upper.map(|v| ("shardflow.upper", v)));

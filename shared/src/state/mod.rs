@@ -94,6 +94,8 @@ pub struct ShardRecord {
     /// owner rereads its shards on every result).
     pub schema_json: Option<String>,
     pub max_value: Option<String>,
+    /// File shards: rows read from each file of the shard.
+    pub source_rows: Vec<u64>,
     pub attempts: u32,
     pub error: Option<String>,
     pub task_json: String,
@@ -125,8 +127,24 @@ pub struct RunEnd {
     /// The combined content checksum of the loaded rows.
     pub checksum: Option<String>,
     /// The largest timestamp-column value loaded; recorded only with the committed load.
+    /// A file stream's position is the run id of its last load.
     pub watermark: Option<String>,
     pub error_message: Option<String>,
+    /// The files the committed load read, recorded in the same transaction as the run's end.
+    pub processed_files: Vec<ProcessedFile>,
+}
+
+/// A source file a committed load read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessedFile {
+    pub stream_key: String,
+    pub path: String,
+    pub size: u64,
+    /// The generation or ETag the file had: a file rewritten since is new again.
+    pub version: String,
+    pub last_modified: String,
+    pub rows: u64,
+    pub run_id: String,
 }
 
 impl RunEnd {
@@ -146,6 +164,7 @@ impl RunEnd {
             checksum: None,
             watermark: None,
             error_message: Some(error_message.into()),
+            processed_files: Vec::new(),
         }
     }
 }
@@ -182,6 +201,8 @@ pub trait StateStore: Send + Sync {
     async fn latest_run(&self, job_key: &str) -> Result<Option<RunRecord>>;
     /// The watermark recorded with the newest completed load of an incremental stream.
     async fn stream_watermark(&self, stream_key: &str) -> Result<Option<String>>;
+    /// Every file the committed loads of a file stream read.
+    async fn processed_files(&self, stream_key: &str) -> Result<Vec<ProcessedFile>>;
 }
 
 /// What a success stores.
@@ -192,6 +213,7 @@ pub(crate) struct Success<'a> {
     pub checksum: &'a str,
     pub schema: &'a arrow_schema::Schema,
     pub max_value: Option<&'a str>,
+    pub source_rows: &'a [u64],
 }
 
 pub(crate) fn success(result: &ShardResult) -> Option<Success<'_>> {
@@ -203,8 +225,10 @@ pub(crate) fn success(result: &ShardResult) -> Option<Success<'_>> {
             checksum,
             schema,
             max_value,
+            source_rows,
             ..
         } => Some(Success {
+            source_rows,
             rows: *rows,
             bytes: *bytes,
             files,
@@ -258,6 +282,7 @@ pub(crate) mod conformance {
             checksum: format!("{rows:016x}"),
             schema: schema(),
             max_value: Some(format!("2024-01-0{}T00:00:00+00:00", rows % 9 + 1)),
+            source_rows: vec![rows],
         }
     }
 
@@ -413,8 +438,25 @@ pub(crate) mod conformance {
             checksum: Some("00000000000000ff".into()),
             watermark: Some("2024-05-01T00:00:00+00:00".into()),
             error_message: None,
+            processed_files: vec![ProcessedFile {
+                stream_key: "files->t".into(),
+                path: "in/a.csv".into(),
+                size: 10,
+                version: "17".into(),
+                last_modified: "2024-05-01T00:00:00+00:00".into(),
+                rows: 3,
+                run_id: "run-2".into(),
+            }],
         };
+        assert!(store.processed_files("files->t").await.unwrap().is_empty());
         store.finish_run("run-2", &end).await.unwrap();
+        // Recorded with the run's end, once however often it is finished.
+        store.finish_run("run-2", &end).await.unwrap();
+        assert_eq!(
+            store.processed_files("files->t").await.unwrap(),
+            end.processed_files
+        );
+        assert!(store.processed_files("other->t").await.unwrap().is_empty());
         let r = store.run("run-2").await.unwrap().unwrap();
         assert_eq!(
             (r.status.as_str(), r.rows_loaded, r.checksum, r.watermark),
@@ -496,6 +538,7 @@ pub(crate) mod conformance {
             checksum: None,
             watermark: watermark.map(str::to_string),
             error_message: None,
+            processed_files: Vec::new(),
         };
         store
             .finish_run("inc-1.1", &done(Some("2024-05-01T00:00:00Z")))

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS shardflow_shards (
     checksum        TEXT,                     -- the worker's content checksum
     schema_json     TEXT,                     -- the Arrow schema of the staged parts
     max_value       TEXT,                     -- the shard's largest timestamp-column value
+    source_rows_json TEXT,                    -- file shards: rows read from each file
     attempts        BIGINT NOT NULL DEFAULT 0,
     error           TEXT,
     PRIMARY KEY (run_id, shard_id)
@@ -48,6 +49,21 @@ ALTER TABLE shardflow_runs ADD COLUMN IF NOT EXISTS checksum TEXT;
 ALTER TABLE shardflow_runs ADD COLUMN IF NOT EXISTS watermark TEXT;
 ALTER TABLE shardflow_runs ADD COLUMN IF NOT EXISTS stream_key TEXT;
 ALTER TABLE shardflow_shards ADD COLUMN IF NOT EXISTS checksum TEXT;
+ALTER TABLE shardflow_shards ADD COLUMN IF NOT EXISTS source_rows_json TEXT;
+
+-- The files each committed load of a file stream read; a file whose version (generation or
+-- ETag) is here is not read again by the stream.
+CREATE TABLE IF NOT EXISTS shardflow_processed_files (
+    stream_key      TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    version         TEXT NOT NULL,
+    size            BIGINT NOT NULL,
+    last_modified   TEXT NOT NULL,
+    rows_loaded     BIGINT NOT NULL,
+    run_id          TEXT NOT NULL,
+    processed_at    TEXT NOT NULL,
+    PRIMARY KEY (stream_key, path, version)
+);
 ALTER TABLE shardflow_shards ADD COLUMN IF NOT EXISTS schema_json TEXT;
 ALTER TABLE shardflow_shards ADD COLUMN IF NOT EXISTS max_value TEXT;
 

@@ -9,7 +9,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor as _, Row};
 
 use super::{
-    Created, NewRun, NewShard, Recorded, RunEnd, RunRecord, ShardRecord, StateStore, success,
+    Created, NewRun, NewShard, ProcessedFile, Recorded, RunEnd, RunRecord, ShardRecord, StateStore,
+    success,
 };
 use crate::messages::{ShardOutcome, ShardResult};
 use crate::{Error, Result};
@@ -217,7 +218,7 @@ impl StateStore for SqlStateStore {
             Some(ok) => sqlx::query(
                 "UPDATE shardflow_shards SET status = 'succeeded', rows = $1, bytes = $2,
                         files_json = $3, checksum = $4, schema_json = $5, max_value = $6,
-                        attempts = attempts + 1, error = NULL
+                        source_rows_json = $9, attempts = attempts + 1, error = NULL
                  WHERE run_id = $7 AND shard_id = $8 AND status = 'pending'",
             )
             .bind(ok.rows as i64)
@@ -228,6 +229,11 @@ impl StateStore for SqlStateStore {
             .bind(ok.max_value)
             .bind(&result.run_id)
             .bind(&result.shard_id)
+            .bind(
+                (!ok.source_rows.is_empty())
+                    .then(|| serde_json::to_string(ok.source_rows))
+                    .transpose()?,
+            )
             .execute(&self.pool)
             .await?
             .rows_affected(),
@@ -272,7 +278,7 @@ impl StateStore for SqlStateStore {
     async fn shards(&self, run_id: &str) -> Result<Vec<ShardRecord>> {
         let rows = sqlx::query(
             "SELECT shard_id, shard_index, estimated_rows, status, rows, files_json, checksum,
-                    schema_json, max_value, attempts, error, task_json
+                    schema_json, max_value, source_rows_json, attempts, error, task_json
              FROM shardflow_shards WHERE run_id = $1 ORDER BY shard_index",
         )
         .bind(run_id)
@@ -281,6 +287,7 @@ impl StateStore for SqlStateStore {
         rows.iter()
             .map(|r| {
                 let files: Option<String> = r.try_get("files_json")?;
+                let source_rows: Option<String> = r.try_get("source_rows_json")?;
                 Ok(ShardRecord {
                     shard_id: r.try_get("shard_id")?,
                     shard_index: r.try_get::<i64, _>("shard_index")? as u32,
@@ -294,6 +301,10 @@ impl StateStore for SqlStateStore {
                     checksum: r.try_get("checksum")?,
                     schema_json: r.try_get("schema_json")?,
                     max_value: r.try_get("max_value")?,
+                    source_rows: match source_rows {
+                        Some(rows) => serde_json::from_str(&rows)?,
+                        None => Vec::new(),
+                    },
                     attempts: r.try_get::<i64, _>("attempts")? as u32,
                     error: r.try_get("error")?,
                     task_json: r.try_get("task_json")?,
@@ -303,22 +314,66 @@ impl StateStore for SqlStateStore {
     }
 
     async fn finish_run(&self, run_id: &str, end: &RunEnd) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let now = now();
+        for f in &end.processed_files {
+            sqlx::query(
+                "INSERT INTO shardflow_processed_files (stream_key, path, version, size,
+                        last_modified, rows_loaded, run_id, processed_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (stream_key, path, version) DO NOTHING",
+            )
+            .bind(&f.stream_key)
+            .bind(&f.path)
+            .bind(&f.version)
+            .bind(f.size as i64)
+            .bind(&f.last_modified)
+            .bind(f.rows as i64)
+            .bind(&f.run_id)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE shardflow_runs SET status = $1, finished_at = $2, rows_extracted = $3,
                     rows_loaded = $4, checksum = $5, watermark = $6, error_message = $7
              WHERE run_id = $8",
         )
         .bind(end.status.as_str())
-        .bind(now())
+        .bind(&now)
         .bind(end.rows_extracted as i64)
         .bind(end.rows_loaded as i64)
         .bind(end.checksum.as_deref())
         .bind(end.watermark.as_deref())
         .bind(end.error_message.as_deref())
         .bind(run_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn processed_files(&self, stream_key: &str) -> Result<Vec<ProcessedFile>> {
+        let rows = sqlx::query(
+            "SELECT stream_key, path, version, size, last_modified, rows_loaded, run_id
+             FROM shardflow_processed_files WHERE stream_key = $1 ORDER BY path, version",
+        )
+        .bind(stream_key)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ProcessedFile {
+                    stream_key: r.try_get("stream_key")?,
+                    path: r.try_get("path")?,
+                    version: r.try_get("version")?,
+                    size: r.try_get::<i64, _>("size")? as u64,
+                    last_modified: r.try_get("last_modified")?,
+                    rows: r.try_get::<i64, _>("rows_loaded")? as u64,
+                    run_id: r.try_get("run_id")?,
+                })
+            })
+            .collect()
     }
 
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS shardflow_shards (
     checksum        TEXT,                     -- the worker's content checksum
     schema_json     TEXT,                     -- the Arrow schema of the staged parts
     max_value       TEXT,                     -- the shard's largest timestamp-column value
+    source_rows_json TEXT,                    -- file shards: rows read from each file
     attempts        INTEGER NOT NULL DEFAULT 0,
     error           TEXT,
     PRIMARY KEY (run_id, shard_id)
@@ -46,3 +47,17 @@ CREATE INDEX IF NOT EXISTS shardflow_runs_by_job ON shardflow_runs (job_key, sta
 CREATE UNIQUE INDEX IF NOT EXISTS shardflow_one_running_stream ON shardflow_runs (stream_key)
     WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS shardflow_runs_by_stream ON shardflow_runs (stream_key, finished_at);
+
+-- The files each committed load of a file stream read; a file whose version (generation or
+-- ETag) is here is not read again by the stream.
+CREATE TABLE IF NOT EXISTS shardflow_processed_files (
+    stream_key      TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    version         TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    last_modified   TEXT NOT NULL,
+    rows_loaded     INTEGER NOT NULL,
+    run_id          TEXT NOT NULL,
+    processed_at    TEXT NOT NULL,
+    PRIMARY KEY (stream_key, path, version)
+);
