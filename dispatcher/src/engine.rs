@@ -193,17 +193,7 @@ pub fn stream_key(spec: &JobSpec) -> Option<String> {
         let source = match spec.data_source_id {
             Some(id) => format!("ds{id}"),
             None => {
-                let bucket = [
-                    "bucket",
-                    "bucket_name",
-                    "bucket_path",
-                    "container",
-                    "container_name",
-                ]
-                .iter()
-                .find_map(|k| spec.connection.other.get(*k))
-                .map(|b| b.expose().to_string())
-                .unwrap_or_default();
+                let bucket = shardflow::source::files::bucket_param(spec).unwrap_or_default();
                 format!(
                     "{:?}:{bucket}:{}{}",
                     spec.source_type, files.path_prefix, files.pattern

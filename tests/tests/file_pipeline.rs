@@ -620,9 +620,6 @@ async fn incremental_runs_pick_up_new_and_rewritten_files_once() {
     assert_eq!(report.files_loaded, Some(1));
     want.extend(rows(400));
     assert_eq!(loaded(&dir), expected(&want));
-    let checksum = common::content_checksum(&read_table(&dir.join("warehouse/loaded")));
-    assert_eq!(loaded(&dir).len(), 30);
-    assert_ne!(checksum, shardflow::digest::EMPTY_CHECKSUM);
 }
 
 fn dispatcher(args: &[&str]) -> serde_json::Value {

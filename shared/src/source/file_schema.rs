@@ -19,6 +19,9 @@ use crate::{Error, Result};
 /// The seed's estimates when a sample says nothing: rows per MB of CSV and of JSON.
 pub const CSV_ROWS_PER_MB: u64 = 20_000;
 pub const JSON_ROWS_PER_MB: u64 = 10_000;
+/// A compressed file's size times this is taken as its text's: the sample reads decompressed
+/// bytes and cannot tell how many compressed bytes they came from.
+const ASSUMED_COMPRESSION_RATIO: u64 = 5;
 
 /// A column as `detect-schema` reports it (the Django endpoint's shape).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -118,14 +121,17 @@ fn text_bigquery_type(inferred: &DataType) -> Option<&'static str> {
 /// the same type, an empty (all-NULL) sample, integers into FLOAT64 or NUMERIC, anything
 /// textual into STRING, a date into TIMESTAMP or DATETIME.
 pub fn loads_as(found_arrow: &str, found: &str, expected: &str) -> bool {
-    found == expected
-        || found_arrow == "Null"
-        || matches!(
-            (found, expected),
-            ("INT64", "FLOAT64" | "NUMERIC" | "BIGNUMERIC" | "STRING")
-                | ("FLOAT64" | "BOOL" | "TIMESTAMP" | "DATE", "STRING")
-                | ("TIMESTAMP", "DATETIME" | "DATE")
-        ) && (found != "TIMESTAMP" || expected != "DATE" || found_arrow == "Date32")
+    if found == expected || found_arrow == "Null" {
+        return true;
+    }
+    match (found, expected) {
+        ("INT64", "FLOAT64" | "NUMERIC" | "BIGNUMERIC" | "STRING") => true,
+        ("FLOAT64" | "BOOL" | "TIMESTAMP" | "DATE", "STRING") => true,
+        ("TIMESTAMP", "DATETIME") => true,
+        // Detection calls dates TIMESTAMP (the seed's rule): only a sample of dates is a DATE.
+        ("TIMESTAMP", "DATE") => found_arrow == "Date32",
+        _ => false,
+    }
 }
 
 /// The columns a job loads and what a file holds, compared: added, removed and changed
@@ -272,7 +278,7 @@ pub async fn detect(
                     crate::spec::Compression::None | crate::spec::Compression::Auto => {
                         ((rows as f64 / sample.len() as f64) * file.size as f64) as u64
                     }
-                    _ => per_mb_rule(spec.format, file.size * 5),
+                    _ => per_mb_rule(spec.format, file.size * ASSUMED_COMPRESSION_RATIO),
                 }
             } else {
                 per_mb_rule(spec.format, file.size)
@@ -546,6 +552,17 @@ mod tests {
             sample_values: vec![],
             nullable: true,
         }
+    }
+
+    #[test]
+    fn what_loads_as_what() {
+        assert!(loads_as("Int64", "INT64", "FLOAT64"));
+        assert!(!loads_as("Float64", "FLOAT64", "INT64"));
+        assert!(loads_as("Null", "STRING", "INT64"));
+        assert!(loads_as("Date32", "TIMESTAMP", "DATE"));
+        assert!(!loads_as("Timestamp(s)", "TIMESTAMP", "DATE"));
+        assert!(loads_as("Timestamp(s)", "TIMESTAMP", "DATETIME"));
+        assert!(!loads_as("Utf8", "STRING", "BOOL"));
     }
 
     #[test]

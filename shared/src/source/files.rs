@@ -15,7 +15,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use object_store::path::Path;
 use object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt as _};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt as _, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
 
 use super::{BatchStream, ShardBounds, SourceColumn, receiver_stream};
@@ -85,6 +85,11 @@ const BUCKET_KEYS: &[&str] = &[
     "container",
     "container_name",
 ];
+
+/// The bucket or container `connection_params` name, if any.
+pub fn bucket_param(spec: &JobSpec) -> Option<&str> {
+    param(spec, BUCKET_KEYS)
+}
 
 fn param<'a>(spec: &'a JobSpec, keys: &[&str]) -> Option<&'a str> {
     keys.iter()
@@ -174,37 +179,10 @@ impl FileLocation {
             .compile_matcher();
         let (store, root, prefix): (Arc<dyn ObjectStore>, String, String) = match spec.source_type {
             SourceType::Local => {
-                let base = param(spec, &["base_path", "root", "path"]).unwrap_or("");
-                let prefix = files.path_prefix.trim_start_matches("file://");
-                let (base, prefix) = if prefix.starts_with('/') || base.is_empty() {
-                    let absolute =
-                        std::path::absolute(if prefix.is_empty() { "." } else { prefix }).map_err(
-                            |e| Error::Source(format!("file_path_prefix {prefix:?}: {e}")),
-                        )?;
-                    let keep_slash = prefix.ends_with('/') || prefix.is_empty();
-                    // `a/../b` names b: object_store paths have no `..`.
-                    let mut normal = std::path::PathBuf::new();
-                    for part in absolute.components() {
-                        match part {
-                            std::path::Component::ParentDir => {
-                                normal.pop();
-                            }
-                            std::path::Component::CurDir => {}
-                            other => normal.push(other),
-                        }
-                    }
-                    let text = normal.to_string_lossy().to_string();
-                    (
-                        "/".to_string(),
-                        format!(
-                            "{}{}",
-                            text.trim_start_matches('/'),
-                            if keep_slash { "/" } else { "" }
-                        ),
-                    )
-                } else {
-                    (base.to_string(), prefix.to_string())
-                };
+                let (base, prefix) = local_root(
+                    param(spec, &["base_path", "root", "path"]).unwrap_or(""),
+                    files.path_prefix.trim_start_matches("file://"),
+                )?;
                 let store = object_store::local::LocalFileSystem::new_with_prefix(&base)
                     .map_err(|e| Error::Source(format!("local base {base:?}: {e}")))?;
                 (
@@ -214,11 +192,8 @@ impl FileLocation {
                 )
             }
             SourceType::Gcs => {
-                let (bucket, prefix) = split_location(
-                    SourceType::Gcs,
-                    param(spec, BUCKET_KEYS),
-                    &files.path_prefix,
-                )?;
+                let (bucket, prefix) =
+                    split_location(SourceType::Gcs, bucket_param(spec), &files.path_prefix)?;
                 (
                     Arc::new(gcs_store(spec, &bucket)?),
                     format!("gs://{bucket}"),
@@ -227,7 +202,7 @@ impl FileLocation {
             }
             SourceType::S3 => {
                 let (bucket, prefix) =
-                    split_location(SourceType::S3, param(spec, BUCKET_KEYS), &files.path_prefix)?;
+                    split_location(SourceType::S3, bucket_param(spec), &files.path_prefix)?;
                 (
                     Arc::new(s3_store(spec, &bucket)?),
                     format!("s3://{bucket}"),
@@ -237,7 +212,7 @@ impl FileLocation {
             SourceType::AzureBlob => {
                 let (container, prefix) = split_location(
                     SourceType::AzureBlob,
-                    param(spec, BUCKET_KEYS),
+                    bucket_param(spec),
                     &files.path_prefix,
                 )?;
                 (
@@ -394,6 +369,36 @@ impl FileLocation {
     }
 }
 
+/// A local job's store root and the prefix inside it: `base_path` with a relative prefix, else
+/// `/` with the prefix made absolute and `..` resolved (object_store paths have no `..`).
+fn local_root(base: &str, prefix: &str) -> Result<(String, String)> {
+    if !base.is_empty() && !prefix.starts_with('/') {
+        return Ok((base.to_string(), prefix.to_string()));
+    }
+    let absolute = std::path::absolute(if prefix.is_empty() { "." } else { prefix })
+        .map_err(|e| Error::Source(format!("file_path_prefix {prefix:?}: {e}")))?;
+    let mut normal = std::path::PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    let folder = prefix.ends_with('/') || prefix.is_empty();
+    let text = normal.to_string_lossy();
+    Ok((
+        "/".to_string(),
+        format!(
+            "{}{}",
+            text.trim_start_matches('/'),
+            if folder { "/" } else { "" }
+        ),
+    ))
+}
+
 /// The compression a file is read with: the option, or its name's extension.
 pub fn compression_of(option: Compression, path: &str) -> Compression {
     match option {
@@ -420,7 +425,7 @@ fn gcs_store(spec: &JobSpec, bucket: &str) -> Result<GcsStore> {
         let key: serde_json::Value = serde_json::from_str(key).map_err(|e| {
             Error::Source(format!(
                 "connection_params: the service-account key is not JSON ({})",
-                e.classify_name()
+                json_error_kind(&e)
             ))
         })?;
         let credentials = google_cloud_auth::credentials::service_account::Builder::new(key)
@@ -440,19 +445,13 @@ fn gcs_store(spec: &JobSpec, bucket: &str) -> Result<GcsStore> {
     GcsStore::from_env(bucket).map_err(|e| Error::Source(e.to_string()))
 }
 
-trait ClassifyName {
-    fn classify_name(&self) -> &'static str;
-}
-
-impl ClassifyName for serde_json::Error {
-    /// The kind of a JSON error without its position or content (a key must not leak).
-    fn classify_name(&self) -> &'static str {
-        match self.classify() {
-            serde_json::error::Category::Io => "unreadable",
-            serde_json::error::Category::Syntax => "syntax error",
-            serde_json::error::Category::Data => "unexpected data",
-            serde_json::error::Category::Eof => "truncated",
-        }
+/// The kind of a JSON error without its position or content (a key must not leak).
+fn json_error_kind(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "unexpected data",
+        serde_json::error::Category::Eof => "truncated",
     }
 }
 
@@ -695,12 +694,15 @@ async fn fill(
     pending: &mut Vec<u8>,
     uri: &str,
 ) -> Result<bool> {
-    let mut chunk = vec![0u8; READ_CHUNK];
-    let n = reader
-        .read(&mut chunk)
-        .await
-        .map_err(|e| Error::Source(format!("{uri}: {e}")))?;
-    transcode(&chunk[..n], encoding, pending);
+    let n = {
+        let chunk = reader
+            .fill_buf()
+            .await
+            .map_err(|e| Error::Source(format!("{uri}: {e}")))?;
+        transcode(chunk, encoding, pending);
+        chunk.len()
+    };
+    reader.consume(n);
     Ok(n > 0)
 }
 
@@ -729,26 +731,19 @@ async fn read_csv(
         if pending.is_empty() && !at_end {
             at_end = !fill(text.as_mut(), options.encoding, &mut pending, uri).await?;
         }
+        // Once the input ended this decodes nothing, which tells the decoder so: a last
+        // record without a newline is complete then.
         let used = decoder.decode(&pending).map_err(|e| csv_error(uri, &e))?;
         pending.drain(..used);
-        if decoder.capacity() == 0 || (at_end && pending.is_empty()) {
+        let finished = at_end && pending.is_empty();
+        if decoder.capacity() == 0 || finished {
             if let Some(batch) = decoder.flush().map_err(|e| csv_error(uri, &e))?
                 && !sink.send(batch, uri).await?
             {
                 return Ok(());
             }
-            if at_end && pending.is_empty() {
-                // A last record without a newline is only complete once told the input ended.
-                decoder.decode(&[]).map_err(|e| csv_error(uri, &e))?;
-                if let Some(batch) = decoder.flush().map_err(|e| csv_error(uri, &e))? {
-                    sink.send(batch, uri).await?;
-                }
+            if finished {
                 return Ok(());
-            }
-        } else if used == 0 || pending.is_empty() {
-            // The decoder wants more than what is pending.
-            if !at_end {
-                at_end = !fill(text.as_mut(), options.encoding, &mut pending, uri).await?;
             }
         }
     }
@@ -1106,10 +1101,6 @@ pub(crate) fn json_lines(sample: &[u8]) -> Vec<u8> {
     unwrapper.feed(sample, &mut out);
     out
 }
-
-/// Keeps AsyncRead in scope for the decoders' boxes.
-#[allow(dead_code)]
-fn _assert_async_read(_: &dyn AsyncRead) {}
 
 #[cfg(test)]
 mod tests {
