@@ -774,9 +774,9 @@ async fn failures_reach_django_with_the_reason() {
     let pg = pg().await;
     fresh_schema(&pg, "fleet_poison").await;
     pg.batch_execute(
-        "CREATE TABLE fleet_poison.t (id bigint PRIMARY KEY, d date);
-         INSERT INTO fleet_poison.t SELECT i, date '2024-01-01' FROM generate_series(1, 30000) i;
-         UPDATE fleet_poison.t SET d = 'infinity' WHERE id = 25000;
+        "CREATE TABLE fleet_poison.t (id bigint PRIMARY KEY, d numeric(10,2));
+         INSERT INTO fleet_poison.t SELECT i, 1.5 FROM generate_series(1, 30000) i;
+         UPDATE fleet_poison.t SET d = 'NaN' WHERE id = 25000;
          ANALYZE fleet_poison.t;",
     )
     .await
@@ -799,7 +799,7 @@ async fn failures_reach_django_with_the_reason() {
     let why = poisoned["error_message"].as_str().unwrap();
     assert!(
         why.starts_with("shard s0")
-            && why.contains("failed after 5 attempts: decoding d: date is ±infinity"),
+            && why.contains("failed after 5 attempts: decoding d: numeric NaN cannot be stored in a DECIMAL column"),
         "{why}"
     );
 

@@ -366,7 +366,9 @@ async fn every_type_round_trips_with_exact_values() {
           '2024-06-30 23:59:59.999999-07:30', 'ffffffff-ffff-ffff-ffff-ffffffffffff', '[]', '{{}}',
           '\\x00ff10', '123456789012345678901234567890123456789012.5'),
          (3, 0, 0, -0.01, '-0', '-Infinity', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'NaN'),
-         (4, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"
+         (4, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+         INSERT INTO {schema}.types (id, day, created, paid) VALUES
+         (5, 'infinity', 'infinity', 'infinity'), (6, '-infinity', '-infinity', '-infinity');"
     ))
     .await
     .unwrap();
@@ -488,6 +490,14 @@ async fn every_type_round_trips_with_exact_values() {
     let paid = col("paid");
     let paid = paid.as_primitive::<TimestampMicrosecondType>();
     assert_eq!((paid.value(0), paid.value(1)), (0, 1_719_818_999_999_999));
+    // ±infinity: the ends of BigQuery's ranges (9999-12-31 23:59:59.999999, 0001-01-01).
+    assert_eq!((day.value(4), day.value(5)), (2_932_896, -719_162));
+    for at in [created, paid] {
+        assert_eq!(
+            (at.value(4), at.value(5)),
+            (253_402_300_799_999_999, -62_135_596_800_000_000)
+        );
+    }
     assert_eq!(text("ref", 0), "00000000-0000-0000-0000-000000000000");
     assert_eq!(text("ref", 1), "ffffffff-ffff-ffff-ffff-ffffffffffff");
     assert_eq!(
@@ -524,7 +534,7 @@ async fn every_type_round_trips_with_exact_values() {
     }
     assert_eq!(
         col("id").as_primitive::<Int64Type>().values().to_vec(),
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5, 6]
     );
     assert_same_content(&pg, &schema, "types", &dir.join("warehouse/types"), "id").await;
 }

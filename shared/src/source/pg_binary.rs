@@ -14,9 +14,9 @@
 //! | json / jsonb | Utf8 | the JSON text; field metadata says `json`/`jsonb` |
 //! | uuid | Utf8 | canonical lower-case 36-character form |
 //! | bytea | Binary | |
-//! | date | Date32 | ±infinity is refused with an error naming the column |
-//! | timestamp | Timestamp(µs) | ±infinity is refused with an error naming the column |
-//! | timestamptz | Timestamp(µs, "UTC") | |
+//! | date | Date32 | `infinity` / `-infinity` become 9999-12-31 / 0001-01-01, the ends of BigQuery's range |
+//! | timestamp | Timestamp(µs) | `infinity` / `-infinity` become 9999-12-31 23:59:59.999999 / 0001-01-01 00:00:00 |
+//! | timestamptz | Timestamp(µs, "UTC") | as timestamp |
 //! | time | Time64(µs) | `24:00:00` is refused with an error naming the column |
 //! | money | Utf8 | `column::numeric::text`: the exact amount, without the locale's symbol |
 //! | anything else | Utf8 | read as `column::text`, PostgreSQL's own text form under the settings the extraction pins (ISO dates, ISO 8601 intervals, UTC, shortest exact floats) |
@@ -66,6 +66,15 @@ const PG_EPOCH_DAYS: i32 = 10_957;
 /// Microseconds from 1970-01-01 to 2000-01-01.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// Where PostgreSQL's `-infinity` / `infinity` dates land: the ends of BigQuery's DATE range,
+/// 0001-01-01 and 9999-12-31 (days since 1970-01-01), so comparisons keep their meaning.
+pub const DATE_MINUS_INFINITY: i32 = -719_162;
+pub const DATE_INFINITY: i32 = 2_932_896;
+/// And `-infinity` / `infinity` timestamps: 0001-01-01 00:00:00 and 9999-12-31 23:59:59.999999
+/// (µs since 1970-01-01), the ends of BigQuery's DATETIME and TIMESTAMP ranges.
+pub const TIMESTAMP_MINUS_INFINITY: i64 = -62_135_596_800_000_000;
+pub const TIMESTAMP_INFINITY: i64 = 253_402_300_799_999_999;
 
 /// How one column is read: the Arrow type and the decoding, decided once per column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,13 +310,11 @@ impl Builder {
                 b.append_value(std::str::from_utf8(&text).map_err(|e| e.to_string())?)
             }
             Builder::Bytea(b) => b.append_value(v),
-            Builder::Date(b) => {
-                let days = i32::from_be_bytes(fixed(v)?);
-                if days == i32::MAX || days == i32::MIN {
-                    return Err("date is ±infinity, which Arrow Date32 cannot hold".into());
-                }
-                b.append_value(days + PG_EPOCH_DAYS)
-            }
+            Builder::Date(b) => b.append_value(match i32::from_be_bytes(fixed(v)?) {
+                i32::MAX => DATE_INFINITY,
+                i32::MIN => DATE_MINUS_INFINITY,
+                days => days + PG_EPOCH_DAYS,
+            }),
             Builder::Time(b) => {
                 let micros = i64::from_be_bytes(fixed(v)?);
                 if !(0..MICROS_PER_DAY).contains(&micros) {
@@ -317,13 +324,11 @@ impl Builder {
                 }
                 b.append_value(micros)
             }
-            Builder::Timestamp(b) => {
-                let micros = i64::from_be_bytes(fixed(v)?);
-                if micros == i64::MAX || micros == i64::MIN {
-                    return Err("timestamp is ±infinity, which Arrow Timestamp cannot hold".into());
-                }
-                b.append_value(micros + PG_EPOCH_MICROS)
-            }
+            Builder::Timestamp(b) => b.append_value(match i64::from_be_bytes(fixed(v)?) {
+                i64::MAX => TIMESTAMP_INFINITY,
+                i64::MIN => TIMESTAMP_MINUS_INFINITY,
+                micros => micros + PG_EPOCH_MICROS,
+            }),
         }
         Ok(())
     }
@@ -971,6 +976,57 @@ mod tests {
     }
 
     #[test]
+    fn infinities_become_the_ends_of_bigquery_ranges() {
+        let columns = [col("day", oid::DATE, -1), col("at", oid::TIMESTAMP, -1)];
+        let stream = copy_stream(&[
+            vec![
+                Some(i32::MAX.to_be_bytes().to_vec()),
+                Some(i64::MAX.to_be_bytes().to_vec()),
+            ],
+            vec![
+                Some(i32::MIN.to_be_bytes().to_vec()),
+                Some(i64::MIN.to_be_bytes().to_vec()),
+            ],
+        ]);
+        let mut d = CopyDecoder::new(&columns, 10).unwrap();
+        d.push(&stream).unwrap();
+        d.finish().unwrap();
+        let batch = d.take_batch().unwrap().unwrap();
+        let days = batch
+            .column(0)
+            .as_primitive::<arrow::datatypes::Date32Type>();
+        let at = batch
+            .column(1)
+            .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        let last_day = chrono::NaiveDate::from_ymd_opt(9999, 12, 31).unwrap();
+        assert_eq!(
+            arrow::temporal_conversions::date32_to_datetime(days.value(0))
+                .unwrap()
+                .date(),
+            last_day
+        );
+        assert_eq!(
+            arrow::temporal_conversions::date32_to_datetime(days.value(1))
+                .unwrap()
+                .date()
+                .to_string(),
+            "0001-01-01"
+        );
+        assert_eq!(
+            arrow::temporal_conversions::timestamp_us_to_datetime(at.value(0))
+                .unwrap()
+                .to_string(),
+            "9999-12-31 23:59:59.999999"
+        );
+        assert_eq!(
+            arrow::temporal_conversions::timestamp_us_to_datetime(at.value(1))
+                .unwrap()
+                .to_string(),
+            "0001-01-01 00:00:00"
+        );
+    }
+
+    #[test]
     fn bad_bytes_name_the_column() {
         let columns = [col("id", oid::INT8, -1), col("day", oid::DATE, -1)];
         let stream = copy_stream(&[vec![Some(vec![1, 2, 3]), None]]);
@@ -978,12 +1034,6 @@ mod tests {
         assert_eq!(
             d.push(&stream).unwrap_err().to_string(),
             "decoding id: expected 8 bytes, got 3"
-        );
-        let stream = copy_stream(&[vec![None, Some(i32::MAX.to_be_bytes().to_vec())]]);
-        let mut d = CopyDecoder::new(&columns, 10).unwrap();
-        assert_eq!(
-            d.push(&stream).unwrap_err().to_string(),
-            "decoding day: date is ±infinity, which Arrow Date32 cannot hold"
         );
         let mut d = CopyDecoder::new(&columns, 10).unwrap();
         d.push(&copy_stream(&[])[..20]).unwrap();

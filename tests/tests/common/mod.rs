@@ -143,10 +143,16 @@ fn canonical_sql(col: &str, pg_type: &str) -> String {
         "real" => format!("encode(float4send({c}), 'hex')"),
         "double precision" => format!("encode(float8send({c}), 'hex')"),
         "boolean" => format!("CASE WHEN {c} THEN 't' ELSE 'f' END"),
-        "date" => format!("({c} - date '1970-01-01')::text"),
-        "timestamp without time zone" | "timestamp with time zone" => {
-            format!("(extract(epoch from {c}) * 1000000)::bigint::text")
-        }
+        // ±infinity load as the ends of BigQuery's ranges (README, Types).
+        "date" => format!(
+            "CASE WHEN {c} = 'infinity' THEN '2932896' WHEN {c} = '-infinity' THEN '-719162'
+             ELSE ({c} - date '1970-01-01')::text END"
+        ),
+        "timestamp without time zone" | "timestamp with time zone" => format!(
+            "CASE WHEN {c} = 'infinity' THEN '253402300799999999'
+             WHEN {c} = '-infinity' THEN '-62135596800000000'
+             ELSE (extract(epoch from {c}) * 1000000)::bigint::text END"
+        ),
         "bytea" => format!("encode({c}, 'hex')"),
         // The type's output function: keeps char(n) padding, jsonb's normal form, numeric scale.
         _ => format!("format('%s', {c})"),
