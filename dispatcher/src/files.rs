@@ -11,13 +11,16 @@ use shardflow::source::file_schema::{self, DetectedSchema};
 use shardflow::source::files::{self, FileInfo, FileLocation, FilePart};
 use shardflow::source::postgres::{Estimate, Split};
 use shardflow::source::{ShardBounds, SourceColumn};
-use shardflow::spec::{JobSpec, SchemaPolicy};
+use shardflow::spec::{Compression, FileFormat, JobSpec, SchemaPolicy, SourceType, TextEncoding};
+use shardflow::warehouse::NativeFormat;
 use shardflow::{Error, Result};
 
 use crate::{PlanOptions, StreamState};
 
 /// Bytes of each file past the newest one that the drift check reads.
 const CHECK_BYTES: usize = 256 * 1024;
+/// BigQuery's limit for one gzip-compressed CSV or JSON file.
+const BIGQUERY_MAX_GZIP_BYTES: u64 = 4 << 30;
 
 /// What the plan says about the files.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -36,6 +39,129 @@ pub struct FilesPlan {
     /// Columns added to the destination under `schema_policy: "add_columns"`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub added_columns: Vec<String>,
+    /// `direct`: BigQuery loads the files where they lie, no worker reads them; `workers`:
+    /// workers read, check and convert them to Parquet.
+    pub load_path: &'static str,
+    pub load_path_reason: String,
+    /// The direct load, when `load_path` is `direct`.
+    #[serde(skip)]
+    pub direct: Option<DirectLoad>,
+}
+
+/// The fast path: one load job over the source URIs.
+#[derive(Clone, Debug)]
+pub struct DirectLoad {
+    pub format: NativeFormat,
+    pub uris: Vec<String>,
+    pub files: Vec<FileInfo>,
+}
+
+/// A Parquet column BigQuery would read differently from the workers: nanoseconds (it
+/// truncates them; the workers refuse to) and unsigned integers (the workers widen them).
+fn needs_conversion(arrow_type: &str) -> bool {
+    use arrow_schema::{DataType, TimeUnit};
+    match arrow_type.parse::<DataType>() {
+        Ok(
+            DataType::Timestamp(TimeUnit::Nanosecond, _) | DataType::Time64(TimeUnit::Nanosecond),
+        ) => true,
+        Ok(t) => t.is_unsigned_integer() || t.is_nested(),
+        // A type this code cannot name is left to the workers.
+        Err(_) => true,
+    }
+}
+
+/// Whether BigQuery can load these files as they lie with the same result the workers would
+/// give: same columns in the same order, options it supports, nothing to convert. Err says
+/// why the workers read them instead.
+pub(crate) fn native_format(
+    spec: &JobSpec,
+    warehouse_loads_gcs: bool,
+    files: &[(&FileInfo, &DetectedSchema)],
+    columns: &[(String, String)],
+    added_columns: bool,
+) -> std::result::Result<NativeFormat, String> {
+    let Some(f) = &spec.files else {
+        return Err("not a file job".into());
+    };
+    if files.is_empty() {
+        return Err("no new file".into());
+    }
+    if spec.source_type != SourceType::Gcs {
+        return Err(format!(
+            "the files are on {:?}; BigQuery loads only gs:// files itself",
+            spec.source_type
+        ));
+    }
+    if !warehouse_loads_gcs {
+        return Err("the warehouse is not BigQuery".into());
+    }
+    if added_columns {
+        return Err(
+            "columns were added under schema_policy \"add_columns\"; the workers load the files \
+             that lack them with NULLs"
+                .into(),
+        );
+    }
+    let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
+    for (file, detected) in files {
+        let path = &file.path;
+        match files::compression_of(f.options.compression, path) {
+            Compression::Zstd => {
+                return Err(format!(
+                    "{path} is zstd-compressed, which BigQuery does not read"
+                ));
+            }
+            Compression::Gzip if file.size > BIGQUERY_MAX_GZIP_BYTES => {
+                return Err(format!("{path} is a gzip file over 4 GB, BigQuery's limit"));
+            }
+            _ => {}
+        }
+        if detected.json_array {
+            return Err(format!(
+                "{path} is a JSON array; BigQuery loads JSON lines only"
+            ));
+        }
+        let found: Vec<&str> = detected.columns.iter().map(|c| c.name.as_str()).collect();
+        let same = match f.format {
+            // Without a header, columns are positional on both paths.
+            FileFormat::Csv if !f.options.has_header => found.len() == names.len(),
+            // BigQuery matches JSON keys by name; a key the table lacks would fail the load.
+            FileFormat::Json => found.iter().all(|n| names.contains(n)),
+            FileFormat::Csv | FileFormat::Parquet => found == names,
+        };
+        if !same {
+            return Err(format!(
+                "{path} has columns [{}], not the table's [{}] in that order; the workers match \
+                 them by name",
+                found.join(", "),
+                names.join(", ")
+            ));
+        }
+        if f.format == FileFormat::Parquet
+            && let Some(c) = detected
+                .columns
+                .iter()
+                .find(|c| needs_conversion(&c.arrow_type))
+        {
+            return Err(format!(
+                "{path} column {} is {}, which the workers convert checking for loss",
+                c.name, c.arrow_type
+            ));
+        }
+    }
+    Ok(match f.format {
+        FileFormat::Csv => NativeFormat::Csv {
+            delimiter: f.options.delimiter as char,
+            quote: f.options.quote as char,
+            skip_leading_rows: u32::from(f.options.has_header),
+            encoding: match f.options.encoding {
+                TextEncoding::Utf8 => "UTF-8",
+                TextEncoding::Latin1 => "ISO-8859-1",
+            },
+        },
+        FileFormat::Json => NativeFormat::JsonLines,
+        FileFormat::Parquet => NativeFormat::Parquet,
+    })
 }
 
 /// A file job's survey: columns, estimate and shards.
@@ -198,6 +324,35 @@ pub(crate) async fn survey_files(
         }
     }
 
+    let fast = native_format(
+        spec,
+        opts.warehouse_loads_gcs,
+        &selected.iter().copied().zip(&detected).collect::<Vec<_>>(),
+        &columns,
+        !added_columns.is_empty(),
+    );
+    let (load_path, load_path_reason, direct) = match fast {
+        Ok(format) => (
+            "direct",
+            format!(
+                "BigQuery loads the {} files from GCS itself ({}); no worker reads them",
+                selected.len(),
+                match &format {
+                    NativeFormat::Csv { .. } =>
+                        "CSV with the job's delimiter, quote, header and encoding",
+                    NativeFormat::JsonLines => "JSON lines",
+                    NativeFormat::Parquet => "Parquet",
+                }
+            ),
+            Some(DirectLoad {
+                format,
+                uris: selected.iter().map(|f| location.uri(&f.path)).collect(),
+                files: selected.iter().map(|f| (*f).clone()).collect(),
+            }),
+        ),
+        Err(why) => ("workers", why, None),
+    };
+
     let estimates: Vec<FileEstimate> = detected
         .iter()
         .map(|d| FileEstimate {
@@ -207,7 +362,11 @@ pub(crate) async fn survey_files(
         .collect();
     let total: u64 = estimates.iter().map(|e| e.rows).sum();
     let (mode, _) = plan::choose_mode(spec.processing_mode, total, spec.row_count_threshold);
-    let groups = plan::file_shards(&estimates, opts.shard_rows, mode == Mode::Standard);
+    let groups = if direct.is_some() {
+        Vec::new()
+    } else {
+        plan::file_shards(&estimates, opts.shard_rows, mode == Mode::Standard)
+    };
     let shards: Vec<(ShardBounds, u64)> = groups
         .into_iter()
         .map(|group| {
@@ -242,6 +401,7 @@ pub(crate) async fn survey_files(
         },
         split: Split {
             method: match shards.len() {
+                _ if direct.is_some() => "none (one BigQuery load job over the files)".into(),
                 0 => "none (no new file)".into(),
                 1 => "none".into(),
                 _ => "files (small files grouped, large Parquet files by row groups)".into(),
@@ -257,6 +417,164 @@ pub(crate) async fn survey_files(
             schema_from,
             schema_fingerprint: fingerprint,
             added_columns,
+            load_path,
+            load_path_reason,
+            direct,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardflow::source::file_schema::DetectedColumn;
+
+    fn job(source_type: &str, format: &str, options: serde_json::Value) -> JobSpec {
+        JobSpec::from_json(
+            &serde_json::json!({
+                "source_type": source_type, "dest_table_name": "t", "load_type": "transactional",
+                "connection_params": {"bucket": "b"}, "file_path_prefix": "in/",
+                "file_pattern": "*", "file_format": format, "file_format_options": options,
+            })
+            .to_string(),
+        )
+        .unwrap()
+    }
+
+    fn file(path: &str) -> FileInfo {
+        FileInfo {
+            path: path.into(),
+            size: 10,
+            last_modified: chrono::Utc::now(),
+            e_tag: None,
+            version: Some("1".into()),
+        }
+    }
+
+    fn detected(names: &[(&str, &str)], json_array: bool) -> DetectedSchema {
+        DetectedSchema {
+            file: "f".into(),
+            columns: names
+                .iter()
+                .map(|(name, arrow_type)| DetectedColumn {
+                    name: name.to_string(),
+                    arrow_type: arrow_type.to_string(),
+                    bigquery_type: "STRING".into(),
+                    bigquery_mode: "NULLABLE".into(),
+                    sample_values: Vec::new(),
+                    nullable: true,
+                })
+                .collect(),
+            total_rows: 1,
+            schema_fingerprint: String::new(),
+            file_size: 10,
+            estimated_rows: 1,
+            row_groups: Vec::new(),
+            json_array,
+        }
+    }
+
+    fn columns(names: &[&str]) -> Vec<(String, String)> {
+        names
+            .iter()
+            .map(|n| (n.to_string(), "STRING".to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_fast_path_needs_gcs_bigquery_and_files_bigquery_reads_as_the_workers_do() {
+        let ab = [("a", "Utf8"), ("b", "Int64")];
+        let table = columns(&["a", "b"]);
+        let decide = |spec: &JobSpec, path: &str, d: &DetectedSchema, bigquery: bool| {
+            native_format(spec, bigquery, &[(&file(path), d)], &table, false)
+        };
+        let csv = job(
+            "gcs",
+            "csv",
+            serde_json::json!({"delimiter": "|", "encoding": "latin-1"}),
+        );
+        assert_eq!(
+            decide(&csv, "in/x.csv.gz", &detected(&ab, false), true),
+            Ok(NativeFormat::Csv {
+                delimiter: '|',
+                quote: '"',
+                skip_leading_rows: 1,
+                encoding: "ISO-8859-1"
+            })
+        );
+        assert_eq!(
+            decide(&csv, "in/x.csv", &detected(&ab, false), false).unwrap_err(),
+            "the warehouse is not BigQuery"
+        );
+        assert_eq!(
+            decide(
+                &job("s3", "csv", serde_json::json!({})),
+                "in/x.csv",
+                &detected(&ab, false),
+                true
+            )
+            .unwrap_err(),
+            "the files are on S3; BigQuery loads only gs:// files itself"
+        );
+        assert_eq!(
+            decide(&csv, "in/x.csv.zst", &detected(&ab, false), true).unwrap_err(),
+            "in/x.csv.zst is zstd-compressed, which BigQuery does not read"
+        );
+        assert_eq!(
+            decide(
+                &csv,
+                "in/x.csv",
+                &detected(&[("b", "Int64"), ("a", "Utf8")], false),
+                true
+            )
+            .unwrap_err(),
+            "in/x.csv has columns [b, a], not the table's [a, b] in that order; the workers match \
+             them by name"
+        );
+        // Without a header only the count matters; JSON keys are matched by name.
+        let headless = job("gcs", "csv", serde_json::json!({"has_header": false}));
+        let positional = [("column_1", "Utf8"), ("column_2", "Int64")];
+        assert!(decide(&headless, "in/x.csv", &detected(&positional, false), true).is_ok());
+        let json = job("gcs", "json", serde_json::json!({}));
+        assert_eq!(
+            decide(
+                &json,
+                "in/x.json",
+                &detected(&[("b", "Int64")], false),
+                true
+            ),
+            Ok(NativeFormat::JsonLines)
+        );
+        assert_eq!(
+            decide(&json, "in/x.json", &detected(&ab, true), true).unwrap_err(),
+            "in/x.json is a JSON array; BigQuery loads JSON lines only"
+        );
+        let parquet = job("gcs", "parquet", serde_json::json!({}));
+        assert_eq!(
+            decide(&parquet, "in/x.parquet", &detected(&ab, false), true),
+            Ok(NativeFormat::Parquet)
+        );
+        assert_eq!(
+            decide(
+                &parquet,
+                "in/x.parquet",
+                &detected(&[("a", "Utf8"), ("b", "UInt64")], false),
+                true
+            )
+            .unwrap_err(),
+            "in/x.parquet column b is UInt64, which the workers convert checking for loss"
+        );
+        assert_eq!(
+            native_format(
+                &csv,
+                true,
+                &[(&file("in/x.csv"), &detected(&ab, false))],
+                &table,
+                true
+            )
+            .unwrap_err(),
+            "columns were added under schema_policy \"add_columns\"; the workers load the files \
+             that lack them with NULLs"
+        );
+    }
 }

@@ -47,6 +47,9 @@ pub struct PlanOptions {
     pub workers: Option<usize>,
     pub exact_count: bool,
     pub retry: RetryPolicy,
+    /// The warehouse loads gs:// source files itself (BigQuery): a GCS file job it can read
+    /// as is takes the fast path.
+    pub warehouse_loads_gcs: bool,
 }
 
 impl Default for PlanOptions {
@@ -56,6 +59,7 @@ impl Default for PlanOptions {
             workers: None,
             exact_count: false,
             retry: RetryPolicy::default(),
+            warehouse_loads_gcs: false,
         }
     }
 }

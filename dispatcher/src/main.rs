@@ -450,6 +450,8 @@ async fn main() -> ExitCode {
                 workers: None,
                 exact_count: args.exact_count,
                 retry,
+                // The plan a fleet run makes: its warehouse, BigQuery, loads GCS files itself.
+                warehouse_loads_gcs: true,
             };
             match plan_job(&spec, &opts).await {
                 Ok(plan) => {
@@ -517,6 +519,8 @@ async fn main() -> ExitCode {
                         workers: None,
                         exact_count: false,
                         retry,
+                        // The engine asks its warehouse.
+                        warehouse_loads_gcs: false,
                     },
                     batch_rows: args.batch_size,
                     heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
@@ -578,6 +582,8 @@ async fn main() -> ExitCode {
                             workers: Some(workers),
                             exact_count: plan.exact_count,
                             retry,
+                            // The engine asks its warehouse.
+                            warehouse_loads_gcs: false,
                         },
                         workers,
                         dest,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arrow::array::{Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::util::display::array_value_to_string;
-use common::{read_table, scratch, table_listing};
+use common::{env_or_fail, read_table, scratch, table_listing};
 use md5::{Digest as _, Md5};
 use shardflow::retry::RetryPolicy;
 use shardflow::spec::JobSpec;
@@ -172,6 +172,7 @@ fn options(dir: &Path) -> RunOptions {
             workers: None,
             exact_count: false,
             retry: RetryPolicy::none(),
+            warehouse_loads_gcs: false,
         },
         workers: 2,
         dest: dir.join("warehouse").display().to_string(),
@@ -762,16 +763,10 @@ async fn list_files_and_detect_schema_print_what_django_expects() {
     );
 }
 
-fn s3_endpoint() -> String {
-    std::env::var("SHARDFLOW_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
-        panic!("SHARDFLOW_TEST_S3_ENDPOINT is not set: start moto with `bash tests/emulators.sh start` and export what it prints")
-    })
-}
-
 #[tokio::test]
 async fn s3_files_load_through_moto() {
     use object_store::{ObjectStoreExt as _, PutPayload};
-    let endpoint = s3_endpoint();
+    let endpoint = env_or_fail("SHARDFLOW_TEST_S3_ENDPOINT");
     let bucket = format!("sf-{}", uuid::Uuid::new_v4().simple());
     let created = reqwest::Client::new()
         .put(format!("{endpoint}/{bucket}"))
@@ -832,5 +827,313 @@ async fn s3_files_load_through_moto() {
     assert_eq!(loaded(&dir), expected(&want));
     // Run again: nothing new.
     let report = run_job(job("*.parquet", "parquet"), options(&dir)).await;
+    assert_eq!(report.files_loaded, Some(0));
+}
+
+/// A new bucket in fake-gcs-server holding `files`.
+async fn gcs_bucket_with(files: &[(&str, Vec<u8>)]) -> String {
+    let gcs = env_or_fail("STORAGE_EMULATOR_HOST");
+    let bucket = format!("src-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let client = reqwest::Client::new();
+    let created = client
+        .post(format!("{gcs}/storage/v1/b"))
+        .json(&serde_json::json!({ "name": bucket }))
+        .send()
+        .await
+        .expect("fake-gcs-server answers");
+    assert!(
+        created.status().is_success(),
+        "create bucket: {}",
+        created.status()
+    );
+    for (name, bytes) in files {
+        gcs_put(&bucket, name, bytes.clone()).await;
+    }
+    bucket
+}
+
+async fn gcs_put(bucket: &str, name: &str, bytes: Vec<u8>) {
+    let gcs = env_or_fail("STORAGE_EMULATOR_HOST");
+    let put = reqwest::Client::new()
+        .post(format!("{gcs}/upload/storage/v1/b/{bucket}/o"))
+        .query(&[("uploadType", "media"), ("name", name)])
+        .body(bytes)
+        .send()
+        .await
+        .expect("fake-gcs-server answers");
+    assert!(put.status().is_success(), "upload {name}: {}", put.status());
+}
+
+fn gcs_job(bucket: &str, pattern: &str, format: &str, extra: serde_json::Value) -> JobSpec {
+    let base = serde_json::json!({
+        "source_type": "gcs", "dest_table_name": "loaded", "load_type": "transactional",
+        "connection_params": {"bucket": bucket, "endpoint": env_or_fail("STORAGE_EMULATOR_HOST")},
+        "file_path_prefix": "drops/", "file_pattern": pattern, "file_format": format,
+        "load_latest_only": false, "processing_mode": "dataflow",
+    });
+    JobSpec::from_json(&common::with_fields(base, extra).to_string()).expect("valid job")
+}
+
+/// What the plan says of a file job's path for a BigQuery warehouse.
+async fn planned_path(spec: &JobSpec) -> (String, String) {
+    let opts = PlanOptions {
+        warehouse_loads_gcs: true,
+        ..PlanOptions::default()
+    };
+    let plan = shardflow_dispatcher::plan_job(spec, &opts)
+        .await
+        .expect("plan");
+    let files = plan.files.expect("a file plan");
+    (files.load_path.to_string(), files.load_path_reason)
+}
+
+#[tokio::test]
+async fn gcs_files_load_through_fake_gcs_server_by_workers() {
+    let bucket = gcs_bucket_with(&[
+        (
+            "drops/2024/tx_1.csv.gz",
+            compress(csv(ROWS, ';', true).as_bytes(), "gz").await,
+        ),
+        (
+            "drops/tx_2.parquet",
+            parquet(&ROWS[..2], parquet::basic::Compression::LZ4_RAW),
+        ),
+        (
+            "drops/tx_3.jsonl.zst",
+            compress(json_values(&ROWS[2..]).join("\n").as_bytes(), "zst").await,
+        ),
+        ("elsewhere/tx_9.csv", csv(ROWS, ',', true).into_bytes()),
+    ])
+    .await;
+    let dir = scratch("files-gcs");
+    let csv_job = gcs_job(
+        &bucket,
+        "*.csv.gz",
+        "csv",
+        serde_json::json!({"file_format_options": {"delimiter": ";"}}),
+    );
+    ok(&run_job(csv_job, options(&dir)).await);
+    ok(&run_job(
+        gcs_job(&bucket, "*.parquet", "parquet", serde_json::json!({})),
+        options(&dir),
+    )
+    .await);
+    ok(&run_job(
+        gcs_job(&bucket, "*.jsonl.zst", "json", serde_json::json!({})),
+        options(&dir),
+    )
+    .await);
+    let mut want = ROWS.to_vec();
+    want.extend_from_slice(&ROWS[..2]);
+    want.extend_from_slice(&ROWS[2..]);
+    assert_eq!(loaded(&dir), expected(&want));
+    // Even for BigQuery, these go through the workers, and the plan says why.
+    let (path, why) = planned_path(&gcs_job(
+        &bucket,
+        "*.parquet",
+        "parquet",
+        serde_json::json!({}),
+    ))
+    .await;
+    assert_eq!(
+        (path.as_str(), why.as_str()),
+        (
+            "workers",
+            "drops/tx_2.parquet column at is Timestamp(ns, \"+00:00\"), which the workers convert checking for loss"
+        )
+    );
+    let (path, why) = planned_path(&gcs_job(
+        &bucket,
+        "*.jsonl.zst",
+        "json",
+        serde_json::json!({}),
+    ))
+    .await;
+    assert_eq!(
+        (path.as_str(), why.as_str()),
+        (
+            "workers",
+            "drops/tx_3.jsonl.zst is zstd-compressed, which BigQuery does not read"
+        )
+    );
+}
+
+#[tokio::test]
+async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
+    let bucket = gcs_bucket_with(&[
+        ("drops/tx_1.csv", csv(&ROWS[..3], '|', true).into_bytes()),
+        (
+            "drops/tx_2.csv.gz",
+            compress(csv(&ROWS[3..], '|', true).as_bytes(), "gz").await,
+        ),
+    ])
+    .await;
+    let dataset = format!("ds_fast{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let dir = scratch("files-fast");
+    let run = |spec: JobSpec| {
+        let dest = format!("bigquery://{}/{dataset}", common::BIGQUERY_PROJECT);
+        let mut opts = options(&dir);
+        opts.dest = dest;
+        opts.staging = Some(format!("gs://{bucket}/staging"));
+        run_job(spec, opts)
+    };
+    let job = || {
+        gcs_job(
+            &bucket,
+            "tx_*",
+            "csv",
+            serde_json::json!({"file_format_options": {"delimiter": "|"}, "bigquery_schema": bigquery_schema()}),
+        )
+    };
+    let (path, why) = planned_path(&job()).await;
+    assert_eq!(
+        (path.as_str(), why.as_str()),
+        (
+            "direct",
+            "BigQuery loads the 2 files from GCS itself (CSV with the job's delimiter, quote, header and encoding); no worker reads them"
+        )
+    );
+    let report = run(job()).await;
+    ok(&report);
+    assert_eq!(
+        (report.shards, report.files_loaded, report.rows_loaded),
+        (0, Some(2), 5)
+    );
+    let table = format!("`{}.{dataset}.loaded`", common::BIGQUERY_PROJECT);
+    let select = format!(
+        "SELECT id, amount, name, FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%E6S', `at`) FROM {table} ORDER BY id"
+    );
+    let rows_in_bigquery = || async {
+        common::bigquery_rows(&select)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .enumerate()
+                    .map(|(i, c)| match (i, c) {
+                        (_, None) => "NULL".to_string(),
+                        // FLOAT64 as a number: BigQuery prints 1.0E-7, the emulator 1e-07.
+                        (1, Some(v)) => v.parse::<f64>().expect("a FLOAT64").to_string(),
+                        (_, Some(v)) => v,
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect::<Vec<_>>()
+    };
+    let in_bigquery = rows_in_bigquery().await;
+    let want = [
+        "1|1.5|café|2024-01-01T10:00:00.000000",
+        "2|-2.25|comma, \"quoted\"|2024-01-02T00:00:00.000000",
+        "3|NULL|NULL|NULL",
+        "4|0.0000001|four bytes 😀|1999-12-31T23:59:59.123456",
+        "5|0|plain|2038-01-19T03:14:08.000000",
+    ];
+    assert_eq!(in_bigquery, want);
+
+    // A new file: the next run appends it alone; then nothing is new.
+    gcs_put(
+        &bucket,
+        "drops/tx_3.csv",
+        csv(&ROWS[..1], '|', true).into_bytes(),
+    )
+    .await;
+    let report = run(job()).await;
+    ok(&report);
+    assert_eq!((report.files_loaded, report.rows_loaded), (Some(1), 1));
+    let report = run(job()).await;
+    ok(&report);
+    assert_eq!((report.files_loaded, report.rows_loaded), (Some(0), 0));
+    let mut all = vec![want[0]];
+    all.extend(want);
+    assert_eq!(rows_in_bigquery().await, all);
+}
+
+/// Creates a container in azurite, signing the request with the emulator's well-known key
+/// (object_store reads and writes blobs but creates no containers).
+async fn azurite_container(endpoint: &str, container: &str) {
+    use base64::Engine as _;
+    use hmac::{KeyInit as _, Mac as _};
+    const ACCOUNT: &str = "devstoreaccount1";
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(AZURITE_KEY)
+        .unwrap();
+    let date = chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    let version = "2021-08-06";
+    // Verb, eleven empty standard headers, the x-ms headers, the resource.
+    let to_sign = format!(
+        "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{ACCOUNT}/{ACCOUNT}/{container}\nrestype:container"
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(to_sign.as_bytes());
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let created = reqwest::Client::new()
+        .put(format!("{endpoint}/{container}?restype=container"))
+        .header("x-ms-date", date)
+        .header("x-ms-version", version)
+        .header("content-length", "0")
+        .header("authorization", format!("SharedKey {ACCOUNT}:{signature}"))
+        .send()
+        .await
+        .expect("azurite answers");
+    assert!(
+        created.status().is_success(),
+        "create container: {}",
+        created.status()
+    );
+}
+
+/// The development storage account's published key, which azurite accepts.
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+#[tokio::test]
+async fn azure_blobs_load_through_azurite() {
+    use object_store::{ObjectStoreExt as _, PutPayload};
+    let endpoint = env_or_fail("SHARDFLOW_TEST_AZURE_ENDPOINT");
+    let container = format!("c{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    azurite_container(&endpoint, &container).await;
+    let store = object_store::azure::MicrosoftAzureBuilder::new()
+        .with_account("devstoreaccount1")
+        .with_access_key(AZURITE_KEY)
+        .with_container_name(&container)
+        .with_endpoint(endpoint.clone())
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    store
+        .put(
+            &"drops/a/tx_1.csv".into(),
+            PutPayload::from(csv(&ROWS[..3], '\t', true).into_bytes()),
+        )
+        .await
+        .unwrap();
+    store
+        .put(
+            &"drops/tx_2.csv.zst".into(),
+            PutPayload::from(compress(csv(&ROWS[3..], '\t', true).as_bytes(), "zst").await),
+        )
+        .await
+        .unwrap();
+    let connection_string = format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};BlobEndpoint={endpoint};"
+    );
+    let config = serde_json::json!({
+        "source_type": "azure_blob", "dest_table_name": "loaded", "load_type": "transactional",
+        "connection_params": {"container": container, "connection_string": connection_string},
+        "file_path_prefix": "drops/", "file_pattern": "tx_*", "file_format": "csv",
+        "file_format_options": {"delimiter": "\t"}, "load_latest_only": false
+    });
+    let spec = JobSpec::from_json(&config.to_string()).unwrap();
+    let dir = scratch("files-azure");
+    let report = run_job(spec.clone(), options(&dir)).await;
+    ok(&report);
+    assert_eq!(report.files_loaded, Some(2));
+    assert!(!format!("{report:?}").contains(AZURITE_KEY));
+    assert_eq!(loaded(&dir), expected(ROWS));
+    let report = run_job(spec, options(&dir)).await;
+    ok(&report);
     assert_eq!(report.files_loaded, Some(0));
 }

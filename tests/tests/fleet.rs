@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{fresh_schema, job_json, pg};
+use common::{env_or_fail, fresh_schema, job_json, pg};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Request, Response};
@@ -21,16 +21,7 @@ use shardflow::queue::{Message, Queue};
 use shardflow::retry::RetryPolicy;
 use shardflow_dispatcher::{PlanOptions, RunOptions, RunReport, run_job};
 
-const PROJECT: &str = "test-proj";
-
-fn env_or_fail(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: start the emulators with eval \"$(bash tests/emulators.sh start)\" \
-             (tests/run.sh does it)"
-        )
-    })
-}
+const PROJECT: &str = common::BIGQUERY_PROJECT;
 
 fn bin(name: &str) -> std::path::PathBuf {
     let path =
@@ -374,27 +365,7 @@ impl Fleet {
 
     /// Runs a query on bqemulator and returns its rows as arrays of strings.
     async fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
-        let bq = env_or_fail("BIGQUERY_EMULATOR_HOST");
-        let response: Value = reqwest::Client::new()
-            .post(format!("{bq}/bigquery/v2/projects/{PROJECT}/queries"))
-            .json(&json!({"query": sql, "useLegacySql": false, "maxResults": 1_000_000}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let rows = response["rows"].as_array().cloned().unwrap_or_default();
-        rows.iter()
-            .map(|r| {
-                r["f"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|c| c["v"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .collect()
+        common::bigquery_rows(sql).await
     }
 }
 
@@ -594,6 +565,7 @@ async fn embedded_run(schema: &str, extra: Value, shard_rows: u64) -> RunReport 
             workers: None,
             exact_count: true,
             retry: RetryPolicy::none(),
+            warehouse_loads_gcs: false,
         },
         workers: 2,
         dest: dir.join("warehouse").display().to_string(),

@@ -21,6 +21,7 @@ fn options(dir: &std::path::Path, shard_rows: u64) -> RunOptions {
             workers: None,
             exact_count: true,
             retry: RetryPolicy::none(),
+            warehouse_loads_gcs: false,
         },
         workers: 2,
         dest: dir.join("warehouse").display().to_string(),

@@ -52,6 +52,9 @@ pub struct DetectedSchema {
     /// Parquet: rows per row group.
     #[serde(skip)]
     pub row_groups: Vec<u64>,
+    /// JSON: the file is one top-level array rather than JSON lines.
+    #[serde(skip)]
+    pub json_array: bool,
 }
 
 /// MD5 hex of `name:TYPE|name:TYPE|…`, exactly as the seed computes it.
@@ -251,12 +254,15 @@ pub async fn detect(
 ) -> Result<DetectedSchema> {
     let uri = location.uri(&file.path);
     let spec = &location.spec;
+    let mut json_array = false;
     let (columns, total_rows, estimated_rows, row_groups) = match spec.format {
         FileFormat::Parquet => detect_parquet(location, file, &uri).await?,
         FileFormat::Csv | FileFormat::Json => {
             let mut text = location.open_text(file).await?;
             let (mut sample, whole) =
                 files::read_head(text.as_mut(), spec.options.encoding, budget, &uri).await?;
+            json_array = spec.format == FileFormat::Json
+                && sample.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
             if !whole {
                 // Only whole records: cut after the last newline.
                 let keep = sample
@@ -299,6 +305,7 @@ pub async fn detect(
         file_size: file.size,
         estimated_rows,
         row_groups,
+        json_array,
     })
 }
 

@@ -143,7 +143,9 @@ pub struct ProcessedFile {
     /// The generation or ETag the file had: a file rewritten since is new again.
     pub version: String,
     pub last_modified: String,
-    pub rows: u64,
+    /// None when BigQuery loaded several files in one job (the fast path) and counted only
+    /// their total.
+    pub rows: Option<u64>,
     pub run_id: String,
 }
 
@@ -438,15 +440,26 @@ pub(crate) mod conformance {
             checksum: Some("00000000000000ff".into()),
             watermark: Some("2024-05-01T00:00:00+00:00".into()),
             error_message: None,
-            processed_files: vec![ProcessedFile {
-                stream_key: "files->t".into(),
-                path: "in/a.csv".into(),
-                size: 10,
-                version: "17".into(),
-                last_modified: "2024-05-01T00:00:00+00:00".into(),
-                rows: 3,
-                run_id: "run-2".into(),
-            }],
+            processed_files: vec![
+                ProcessedFile {
+                    stream_key: "files->t".into(),
+                    path: "in/a.csv".into(),
+                    size: 10,
+                    version: "17".into(),
+                    last_modified: "2024-05-01T00:00:00+00:00".into(),
+                    rows: Some(3),
+                    run_id: "run-2".into(),
+                },
+                ProcessedFile {
+                    stream_key: "files->t".into(),
+                    path: "in/b.csv".into(),
+                    size: 20,
+                    version: "18".into(),
+                    last_modified: "2024-05-01T00:00:00+00:00".into(),
+                    rows: None,
+                    run_id: "run-2".into(),
+                },
+            ],
         };
         assert!(store.processed_files("files->t").await.unwrap().is_empty());
         store.finish_run("run-2", &end).await.unwrap();

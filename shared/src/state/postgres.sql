@@ -59,11 +59,12 @@ CREATE TABLE IF NOT EXISTS shardflow_processed_files (
     version         TEXT NOT NULL,
     size            BIGINT NOT NULL,
     last_modified   TEXT NOT NULL,
-    rows_loaded     BIGINT NOT NULL,
+    rows_loaded     BIGINT,
     run_id          TEXT NOT NULL,
     processed_at    TEXT NOT NULL,
     PRIMARY KEY (stream_key, path, version)
 );
+ALTER TABLE shardflow_processed_files ALTER COLUMN rows_loaded DROP NOT NULL;
 ALTER TABLE shardflow_shards ADD COLUMN IF NOT EXISTS schema_json TEXT;
 ALTER TABLE shardflow_shards ADD COLUMN IF NOT EXISTS max_value TEXT;
 

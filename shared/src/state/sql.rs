@@ -328,7 +328,7 @@ impl StateStore for SqlStateStore {
             .bind(&f.version)
             .bind(f.size as i64)
             .bind(&f.last_modified)
-            .bind(f.rows as i64)
+            .bind(f.rows.map(|r| r as i64))
             .bind(&f.run_id)
             .bind(&now)
             .execute(&mut *tx)
@@ -369,7 +369,9 @@ impl StateStore for SqlStateStore {
                     version: r.try_get("version")?,
                     size: r.try_get::<i64, _>("size")? as u64,
                     last_modified: r.try_get("last_modified")?,
-                    rows: r.try_get::<i64, _>("rows_loaded")? as u64,
+                    rows: r
+                        .try_get::<Option<i64>, _>("rows_loaded")?
+                        .map(|n| n as u64),
                     run_id: r.try_get("run_id")?,
                 })
             })

@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS shardflow_processed_files (
     version         TEXT NOT NULL,
     size            INTEGER NOT NULL,
     last_modified   TEXT NOT NULL,
-    rows_loaded     INTEGER NOT NULL,
+    rows_loaded     INTEGER,
     run_id          TEXT NOT NULL,
     processed_at    TEXT NOT NULL,
     PRIMARY KEY (stream_key, path, version)

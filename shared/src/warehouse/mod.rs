@@ -54,9 +54,48 @@ pub struct LoadOutcome {
     pub location: String,
 }
 
+/// How a warehouse reads source files where they lie, without a worker converting them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "format", rename_all = "snake_case")]
+pub enum NativeFormat {
+    Csv {
+        delimiter: char,
+        quote: char,
+        skip_leading_rows: u32,
+        /// `UTF-8` or `ISO-8859-1`, as BigQuery names them.
+        encoding: &'static str,
+    },
+    JsonLines,
+    Parquet,
+}
+
+/// One load of source files straight into the table (the fast path).
+pub struct SourceFilesLoad<'a> {
+    pub table: &'a str,
+    /// The columns, in the files' order, from which a missing table is created.
+    pub schema: &'a arrow::datatypes::Schema,
+    /// As in `LoadRequest`: the run id for a replace, the job key for an append.
+    pub load_key: &'a str,
+    pub uris: &'a [String],
+    pub format: NativeFormat,
+    /// Replace or Append.
+    pub mode: WriteMode,
+}
+
 #[async_trait]
 pub trait Warehouse: Send + Sync {
     /// Refuses, before any data moves, a table name this warehouse cannot hold.
     fn check_table_name(&self, table: &str) -> Result<()>;
     async fn load(&self, request: LoadRequest<'_>) -> Result<LoadOutcome>;
+    /// Whether `load_source_files` reads `gs://` URIs itself (BigQuery does).
+    fn loads_gcs_files(&self) -> bool {
+        false
+    }
+    async fn load_source_files(&self, request: SourceFilesLoad<'_>) -> Result<LoadOutcome> {
+        Err(crate::Error::Warehouse(format!(
+            "this warehouse cannot load {} source files into {} itself",
+            request.uris.len(),
+            request.table
+        )))
+    }
 }

@@ -390,6 +390,50 @@ pub fn dispatcher_bin() -> PathBuf {
 
 /// MySQL/MariaDB: the test server, a fresh database per test, and the same column checks
 /// computed by the server.
+/// An emulator's address from the environment `tests/emulators.sh` prints.
+pub fn env_or_fail(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: start the emulators with eval \"$(bash tests/emulators.sh start)\" \
+             (tests/run.sh does it)"
+        )
+    })
+}
+
+/// The project the emulators serve.
+pub const BIGQUERY_PROJECT: &str = "test-proj";
+
+/// A query's rows from bqemulator, each cell as the REST API sends it.
+pub async fn bigquery_rows(sql: &str) -> Vec<Vec<Option<String>>> {
+    let bq = env_or_fail("BIGQUERY_EMULATOR_HOST");
+    let response: serde_json::Value = reqwest::Client::new()
+        .post(format!(
+            "{bq}/bigquery/v2/projects/{BIGQUERY_PROJECT}/queries"
+        ))
+        .json(&serde_json::json!({"query": sql, "useLegacySql": false, "maxResults": 1_000_000}))
+        .send()
+        .await
+        .expect("bqemulator answers")
+        .json()
+        .await
+        .expect("a JSON answer");
+    assert!(
+        response.get("error").is_none() && response.get("errors").is_none(),
+        "{sql}: {response}"
+    );
+    let rows = response["rows"].as_array().cloned().unwrap_or_default();
+    rows.iter()
+        .map(|r| {
+            r["f"]
+                .as_array()
+                .expect("cells")
+                .iter()
+                .map(|c| c["v"].as_str().map(str::to_string))
+                .collect()
+        })
+        .collect()
+}
+
 pub mod my {
     use super::*;
     use sqlx::mysql::MySqlConnection;
