@@ -21,7 +21,7 @@ use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
 use shardflow::source::postgres::{self, PgConnector};
 use shardflow::source::{ShardBounds, Window};
-use shardflow::spec::{JobSpec, LoadType, SourceType};
+use shardflow::spec::{JobSpec, LoadType, SchemaPolicy, SourceType};
 use shardflow::staging::Staging;
 use shardflow::state::{
     Created, NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, StateStore,
@@ -729,6 +729,10 @@ impl Engine {
                 expected_rows: report.rows_extracted,
                 merge_keys: &plan.merge_keys,
                 latest_by: spec.timestamp_column.as_deref(),
+                allow_new_columns: spec
+                    .files
+                    .as_ref()
+                    .is_some_and(|f| f.schema_policy == SchemaPolicy::AddColumns),
             })
             .await?;
         report.rows_loaded = outcome.rows_loaded;

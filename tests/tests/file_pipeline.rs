@@ -1137,3 +1137,120 @@ async fn azure_blobs_load_through_azurite() {
     ok(&report);
     assert_eq!(report.files_loaded, Some(0));
 }
+
+/// `id|name|note|at` of every row of the Parquet table, by column name (NULL where a file
+/// lacks the column), sorted by id.
+fn loaded_by_name(dir: &Path) -> Vec<String> {
+    let mut out: Vec<(i64, String)> = Vec::new();
+    for b in read_table(&dir.join("warehouse/loaded")) {
+        for row in 0..b.num_rows() {
+            let cell = |name: &str| match b.column_by_name(name) {
+                Some(c) if !c.is_null(row) => {
+                    let c = match c.data_type() {
+                        // Printed with a `Z`.
+                        DataType::Timestamp(unit, Some(_)) => arrow::compute::cast(
+                            c,
+                            &DataType::Timestamp(*unit, Some("+00:00".into())),
+                        )
+                        .unwrap(),
+                        _ => c.clone(),
+                    };
+                    array_value_to_string(&c, row).unwrap()
+                }
+                _ => "NULL".to_string(),
+            };
+            let id = cell("id");
+            out.push((
+                id.parse().unwrap(),
+                format!("{id}|{}|{}|{}", cell("name"), cell("note"), cell("at")),
+            ));
+        }
+    }
+    out.sort();
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+#[tokio::test]
+async fn add_columns_widens_the_table_and_loads_missing_columns_as_null() {
+    // Each warehouse: where it is, and how its rows read back.
+    let dataset = format!("ds_add{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let bucket = gcs_bucket_with(&[]).await;
+    for bigquery in [false, true] {
+        let dir = scratch(&format!("files-add-columns-{bigquery}"));
+        let run = |policy: &str| {
+            let mut opts = options(&dir);
+            if bigquery {
+                opts.dest = format!("bigquery://{}/{dataset}", common::BIGQUERY_PROJECT);
+                opts.staging = Some(format!("gs://{bucket}/staging"));
+            }
+            let job = local_job(
+                &dir.join("in"),
+                "*.csv",
+                "csv",
+                serde_json::json!({"bigquery_schema": bigquery_schema(), "schema_policy": policy}),
+            );
+            run_job(job, opts)
+        };
+        let rows = || async {
+            if !bigquery {
+                return loaded_by_name(&dir);
+            }
+            let table = format!("`{}.{dataset}.loaded`", common::BIGQUERY_PROJECT);
+            common::bigquery_rows(&format!(
+                "SELECT id, name, note, FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%SZ', `at`) FROM {table} ORDER BY id"
+            ))
+            .await
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|c| c.unwrap_or_else(|| "NULL".into()))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect()
+        };
+        write(&dir.join("in/a.csv"), csv(&ROWS[..2], ',', true).as_bytes());
+        ok(&run("add_columns").await);
+        // A new file brings `note` and lacks `at`.
+        write(
+            &dir.join("in/b.csv"),
+            b"id,amount,name,note\n7,2.5,seven,hello\n",
+        );
+        let refused = run("fail").await;
+        let uri = format!("file://{}/in/b.csv", dir.canonicalize().unwrap().display());
+        assert_eq!(
+            refused.error_message.unwrap_or_default(),
+            format!(
+                "schema drift in {uri}: added: note STRING; removed: at; nothing was loaded \
+                 (schema_policy \"add_columns\" adds new columns and loads removed ones as NULL)"
+            ),
+            "bigquery: {bigquery}"
+        );
+        let widened = run("add_columns").await;
+        ok(&widened);
+        assert_eq!((widened.files_loaded, widened.rows_loaded), (Some(1), 1));
+        assert_eq!(
+            rows().await,
+            [
+                "1|café|NULL|2024-01-01T10:00:00Z",
+                "2|comma, \"quoted\"|NULL|2024-01-02T00:00:00Z",
+                "7|seven|hello|NULL",
+            ],
+            "bigquery: {bigquery}"
+        );
+        // A column that changes type is refused under either policy.
+        write(
+            &dir.join("in/c.csv"),
+            b"id,amount,name,note\n8,true,eight,x\n",
+        );
+        let changed = run("add_columns").await;
+        assert!(
+            changed
+                .error_message
+                .as_deref()
+                .is_some_and(|e| e.contains("changed: amount FLOAT64 -> BOOL")),
+            "{changed:?}"
+        );
+        assert_eq!(rows().await.len(), 3, "nothing loaded");
+    }
+}

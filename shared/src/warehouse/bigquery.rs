@@ -59,7 +59,7 @@
 //! `statistics.load.outputRows` (it reports the table's total, not the rows the job added) and
 //! `tables.get numRows` (not updated by a copy into an existing table).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -354,57 +354,12 @@ fn type_name(ty: &FieldType) -> &'static str {
     }
 }
 
-/// Refuses an existing table whose columns (names, case-insensitive as in BigQuery, and types)
-/// differ from the ones the run staged; modes and order are not compared.
-pub fn check_schema_drift(
-    table: &str,
-    existing: &[TableFieldSchema],
-    staged: &[TableFieldSchema],
-) -> Result<()> {
-    let columns = |fields: &[TableFieldSchema]| -> BTreeMap<String, (String, &'static str)> {
-        fields
-            .iter()
-            .map(|f| {
-                (
-                    f.name.to_lowercase(),
-                    (f.name.clone(), type_name(&f.r#type)),
-                )
-            })
-            .collect()
-    };
-    let (old, new) = (columns(existing), columns(staged));
-    let mut added = Vec::new();
-    let mut changed = Vec::new();
-    for (key, (name, ty)) in &new {
-        match old.get(key) {
-            None => added.push(format!("{name} {ty}")),
-            Some((_, was)) if was != ty => changed.push(format!("{name} {was} -> {ty}")),
-            Some(_) => {}
-        }
-    }
-    let removed: Vec<String> = old
+/// The columns as `check_columns` compares them.
+fn named_types(fields: &[TableFieldSchema]) -> Vec<(String, String)> {
+    fields
         .iter()
-        .filter(|(key, _)| !new.contains_key(*key))
-        .map(|(_, (name, ty))| format!("{name} {ty}"))
-        .collect();
-    if added.is_empty() && removed.is_empty() && changed.is_empty() {
-        return Ok(());
-    }
-    let mut parts = Vec::new();
-    for (label, list) in [
-        ("added", &added),
-        ("removed", &removed),
-        ("changed", &changed),
-    ] {
-        if !list.is_empty() {
-            parts.push(format!("{label}: {}", list.join(", ")));
-        }
-    }
-    Err(Error::Warehouse(format!(
-        "schema drift: table {table} exists with other columns than the staged parts ({}); \
-         nothing was loaded",
-        parts.join("; ")
-    )))
+        .map(|f| (f.name.clone(), type_name(&f.r#type).to_string()))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -702,6 +657,8 @@ impl BigQueryWarehouse {
         table: &str,
         columns: &[TableFieldSchema],
         expires: Option<SystemTime>,
+        allow_new_columns: bool,
+        location: Option<&str>,
     ) -> Result<()> {
         let full = self.full_name(table);
         let existing = match self.get_table(table).await? {
@@ -728,7 +685,53 @@ impl BigQueryWarehouse {
             }
         };
         let fields = existing.schema.fields.unwrap_or_default();
-        check_schema_drift(&full, &fields, columns)
+        super::check_columns(
+            &full,
+            &named_types(&fields),
+            &named_types(columns),
+            allow_new_columns,
+        )?;
+        let new: Vec<&TableFieldSchema> = columns
+            .iter()
+            .filter(|c| !fields.iter().any(|f| f.name.eq_ignore_ascii_case(&c.name)))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        // schema_policy "add_columns": the new columns are added before the load, by DDL
+        // rather than the load's ALLOW_FIELD_ADDITION, which a staging table's copy job lacks
+        // and bqemulator ignores. If the load then fails, they stay, empty.
+        let added: Vec<String> = new
+            .iter()
+            .map(|c| {
+                format!(
+                    "ADD COLUMN IF NOT EXISTS {} {}",
+                    quoted(&c.name),
+                    type_name(&c.r#type)
+                )
+            })
+            .collect();
+        let names: Vec<&str> = new.iter().map(|c| c.name.as_str()).collect();
+        tracing::info!(table = %full, columns = ?names, "adding columns");
+        // One job per table version and column set: a retry waits for it instead of adding
+        // twice.
+        let base = job_id(
+            &self.dataset,
+            existing.creation_time.as_deref().unwrap_or("0"),
+            table,
+            &format!("add_{}", names.join("_")),
+        );
+        let config = JobConfiguration {
+            query: Some(JobConfigurationQuery {
+                query: format!("ALTER TABLE {} {}", quoted(&full), added.join(", ")),
+                use_legacy_sql: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let what = format!("adding columns {} to {full}", names.join(", "));
+        self.run_job(&base, &what, location, config, None).await?;
+        Ok(())
     }
 
     async fn get_job(&self, id: &str, location: Option<&str>) -> Result<Option<Job>> {
@@ -1043,7 +1046,8 @@ impl BigQueryWarehouse {
         staging: &str,
     ) -> Result<()> {
         let expires = SystemTime::now() + STAGING_TTL;
-        self.ensure_table(staging, columns, Some(expires)).await?;
+        self.ensure_table(staging, columns, Some(expires), false, location)
+            .await?;
         let steps = uris.chunks(self.max_uris_per_job.max(1));
         let count = steps.len();
         for (n, chunk) in steps.enumerate() {
@@ -1251,7 +1255,8 @@ impl Warehouse for BigQueryWarehouse {
         let columns = bigquery_schema(req.schema)?;
         let location = self.ensure_dataset().await?;
         let location = location.as_deref();
-        self.ensure_table(req.table, &columns, None).await?;
+        self.ensure_table(req.table, &columns, None, req.allow_new_columns, location)
+            .await?;
         let uris: Vec<String> = req.parts.iter().map(|p| req.staging.uri(&p.path)).collect();
         let rows_loaded = if req.mode == WriteMode::Merge {
             self.load_merge(&req, &uris, &columns, location).await?
@@ -1282,7 +1287,8 @@ impl Warehouse for BigQueryWarehouse {
         let columns = bigquery_schema(req.schema)?;
         let location = self.ensure_dataset().await?;
         let location = location.as_deref();
-        self.ensure_table(req.table, &columns, None).await?;
+        self.ensure_table(req.table, &columns, None, false, location)
+            .await?;
         let base = job_id(&self.dataset, req.load_key, req.table, "files");
         let what = format!("load of {} source files into {full}", req.uris.len());
         let config = self.source_files_job(req.table, req.uris, &req.format, req.mode);
@@ -1488,21 +1494,40 @@ mod tests {
             column("name", FieldType::String),
             column("gone", FieldType::Date),
         ];
-        check_schema_drift("p.d.t", &existing, &same).unwrap();
+        let check = |staged: &[TableFieldSchema], allow| {
+            super::super::check_columns(
+                "p.d.t",
+                &named_types(&existing),
+                &named_types(staged),
+                allow,
+            )
+        };
+        check(&same, false).unwrap();
         let staged = [
             column("id", FieldType::Int64),
             column("name", FieldType::String),
             column("amount", FieldType::Bignumeric),
             column("extra", FieldType::Json),
         ];
-        let err = check_schema_drift("p.d.t", &existing, &staged)
-            .unwrap_err()
-            .to_string();
+        let err = check(&staged, true).unwrap_err().to_string();
         assert_eq!(
             err,
             "warehouse: schema drift: table p.d.t exists with other columns than the staged \
              parts (added: extra JSON; removed: gone DATE; changed: amount NUMERIC -> BIGNUMERIC); \
              nothing was loaded"
+        );
+        // schema_policy "add_columns": new columns are added, missing ones load as NULL.
+        let widened = [
+            column("id", FieldType::Int64),
+            column("name", FieldType::String),
+            column("amount", FieldType::Numeric),
+            column("extra", FieldType::Json),
+        ];
+        check(&widened, true).unwrap();
+        assert_eq!(
+            check(&widened, false).unwrap_err().to_string(),
+            "warehouse: schema drift: table p.d.t exists with other columns than the staged \
+             parts (added: extra JSON; removed: gone DATE); nothing was loaded"
         );
     }
 
@@ -1807,6 +1832,7 @@ mod tests {
                 expected_rows,
                 merge_keys: &[],
                 latest_by: None,
+                allow_new_columns: false,
             }
         }
 
@@ -2123,6 +2149,7 @@ mod tests {
             let merge = |parts| LoadRequest {
                 merge_keys: &keys,
                 latest_by: Some("day"),
+                allow_new_columns: false,
                 ..request(&env, "people", "r2", parts, WriteMode::Merge, 5)
             };
             let outcome = env.wh.load(merge(&changes)).await.unwrap();

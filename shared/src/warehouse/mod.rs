@@ -43,6 +43,60 @@ pub struct LoadRequest<'a> {
     pub merge_keys: &'a [String],
     /// Merge: the column whose greatest value picks a key's latest staged row.
     pub latest_by: Option<&'a str>,
+    /// Columns the table lacks are added (nullable), and the table's columns the parts lack
+    /// load as NULL (`schema_policy: "add_columns"`); otherwise any difference fails the load.
+    pub allow_new_columns: bool,
+}
+
+/// Refuses a table whose columns (names case-insensitive, as in BigQuery; types) differ from
+/// the staged ones, unless `allow_new_columns` and no column changed type. Columns are
+/// `(name, type)`; order is not compared.
+pub fn check_columns(
+    table: &str,
+    existing: &[(String, String)],
+    staged: &[(String, String)],
+    allow_new_columns: bool,
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    let by_key = |columns: &[(String, String)]| -> BTreeMap<String, (String, String)> {
+        columns
+            .iter()
+            .map(|(name, ty)| (name.to_lowercase(), (name.clone(), ty.clone())))
+            .collect()
+    };
+    let (old, new) = (by_key(existing), by_key(staged));
+    let mut added = Vec::new();
+    let mut changed = Vec::new();
+    for (key, (name, ty)) in &new {
+        match old.get(key) {
+            None => added.push(format!("{name} {ty}")),
+            Some((_, was)) if was != ty => changed.push(format!("{name} {was} -> {ty}")),
+            Some(_) => {}
+        }
+    }
+    let removed: Vec<String> = old
+        .iter()
+        .filter(|(key, _)| !new.contains_key(*key))
+        .map(|(_, (name, ty))| format!("{name} {ty}"))
+        .collect();
+    if changed.is_empty() && (allow_new_columns || (added.is_empty() && removed.is_empty())) {
+        return Ok(());
+    }
+    let mut parts = Vec::new();
+    for (label, list) in [
+        ("added", &added),
+        ("removed", &removed),
+        ("changed", &changed),
+    ] {
+        if !list.is_empty() {
+            parts.push(format!("{label}: {}", list.join(", ")));
+        }
+    }
+    Err(crate::Error::Warehouse(format!(
+        "schema drift: table {table} exists with other columns than the staged parts ({}); \
+         nothing was loaded",
+        parts.join("; ")
+    )))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

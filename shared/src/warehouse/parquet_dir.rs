@@ -69,6 +69,22 @@ fn parquet_rows(path: &Path) -> Result<u64> {
     Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
 }
 
+/// A file's Arrow columns as `check_columns` compares them, from its footer.
+fn parquet_columns(path: &Path) -> Result<Vec<(String, String)>> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::Warehouse(format!("cannot open {}: {e}", path.display())))?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?;
+    Ok(named_types(builder.schema()))
+}
+
+fn named_types(schema: &arrow::datatypes::Schema) -> Vec<(String, String)> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().to_string()))
+        .collect()
+}
+
 fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
     std::fs::hard_link(from, to)
         .or_else(|_| std::fs::copy(from, to).map(|_| ()))
@@ -148,11 +164,30 @@ impl ParquetDirWarehouse {
             return Ok(done);
         }
         if req.mode == WriteMode::Append && live.exists() {
+            // The table's columns: every file's, as files written under schema_policy
+            // "add_columns" may differ.
+            let mut columns: Vec<(String, String)> = Vec::new();
             for f in table_files(live)? {
                 let name = f.file_name().map(|n| n.to_os_string()).unwrap_or_default();
                 link_or_copy(&f, &build.join(name))?;
                 rows += parquet_rows(&f)?;
                 files += 1;
+                for column in parquet_columns(&f)? {
+                    if !columns
+                        .iter()
+                        .any(|(n, _)| n.eq_ignore_ascii_case(&column.0))
+                    {
+                        columns.push(column);
+                    }
+                }
+            }
+            if files > 0 {
+                super::check_columns(
+                    &live.display().to_string(),
+                    &columns,
+                    &named_types(req.schema),
+                    req.allow_new_columns,
+                )?;
             }
         }
         let existing = rows;
@@ -611,6 +646,7 @@ mod tests {
             expected_rows,
             merge_keys: &keys,
             latest_by: Some("at"),
+            allow_new_columns: false,
         };
 
         let base = stage(
