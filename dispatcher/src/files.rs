@@ -95,6 +95,11 @@ pub(crate) fn native_format(
     if !warehouse_loads_gcs {
         return Err("the warehouse is not BigQuery".into());
     }
+    if spec.selected_columns.is_some() {
+        return Err(
+            "selected_columns picks some of the files' columns; the workers project them".into(),
+        );
+    }
     if added_columns {
         return Err(
             "columns were added under schema_policy \"add_columns\"; the workers load the files \
@@ -224,15 +229,12 @@ pub async fn detect_schema(spec: &JobSpec) -> Result<serde_json::Value> {
 
 fn no_files(location: &FileLocation) -> Error {
     Error::Source(format!(
-        "no file under {}/{} matches {:?}",
-        location.root(),
-        location
-            .spec
-            .path_prefix
-            .trim_start_matches(location.root()),
+        "no file under {} matches {:?}",
+        location.prefix_uri(),
         location.spec.pattern
     ))
 }
+
 
 pub(crate) async fn survey_files(
     spec: &JobSpec,
@@ -389,8 +391,24 @@ pub(crate) async fn survey_files(
     let exact = matches!(spec_files.format, shardflow::spec::FileFormat::Parquet);
     let fingerprint =
         file_schema::fingerprint(columns.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    // selected_columns: a subset of the files' columns, each checked (timestamp_column means
+    // nothing to a file job).
+    let file_columns = files::source_columns(&columns);
+    let columns = if spec.selected_columns.is_some() {
+        let selecting = JobSpec {
+            timestamp_column: None,
+            ..spec.clone()
+        };
+        shardflow::source::project(
+            &file_columns,
+            &format!("the files under {}", location.prefix_uri()),
+            &selecting,
+        )?
+    } else {
+        file_columns
+    };
     Ok(FileSurvey {
-        columns: files::source_columns(&columns),
+        columns,
         estimate: Estimate {
             rows: total,
             source: if exact {

@@ -218,7 +218,7 @@ fn loaded(dir: &Path) -> Vec<String> {
                 };
                 array_value_to_string(&c, row).unwrap()
             };
-            // By name where the columns have theirs (JSON's come in name order); by position
+            // By name where the columns have theirs (JSON's come in key order); by position
             // for a CSV without a header.
             let order: Vec<usize> = match ["id", "amount", "name", "at"]
                 .iter()
@@ -1253,4 +1253,201 @@ async fn add_columns_widens_the_table_and_loads_missing_columns_as_null() {
         );
         assert_eq!(rows().await.len(), 3, "nothing loaded");
     }
+}
+
+/// Rows of the generated large file.
+const BIG_ROWS: u64 = 22_000_000;
+
+/// The generator both the test and `bench/files_load.sh` use: row n is
+/// `n,{n % 100000}.{n % 100},customer n of the generated file with some text,2024-MM-DDTHH:MM:SS`.
+fn generate_big_csv(path: &Path, rows: u64) {
+    let script = format!(
+        r#"BEGIN {{ print "id,amount,name,at";
+          for (n = 0; n < {rows}; n++)
+            printf "%d,%d.%02d,customer %d of the generated file with some text,2024-%02d-%02dT%02d:%02d:%02d\n",
+                   n, n % 100000, n % 100, n, n % 12 + 1, n % 28 + 1, n % 24, n % 60, n % 60 }}"#
+    );
+    let file = std::fs::File::create(path).unwrap();
+    let status = std::process::Command::new("awk")
+        .arg(script)
+        .stdout(file)
+        .status()
+        .expect("awk");
+    assert!(status.success());
+}
+
+/// Runs the dispatcher binary, sampling its peak resident memory (VmHWM) until it exits.
+fn run_measuring_peak_rss(args: &[String]) -> (serde_json::Value, u64) {
+    use std::io::Read as _;
+    let mut child = std::process::Command::new(common::dispatcher_bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run the dispatcher");
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0u64;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file)
+            && let Some(kb) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak_kb = peak_kb.max(kb);
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let report = stdout.lines().last().unwrap_or_default();
+    (
+        serde_json::from_str(report).unwrap_or_else(|e| panic!("{e}: {stdout}")),
+        peak_kb * 1024,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_gigabyte_file_streams_through_in_bounded_memory() {
+    let dir = scratch("files-big");
+    let file = dir.join("in/big.csv");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    generate_big_csv(&file, BIG_ROWS);
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(size > 2_000_000_000, "{size} bytes");
+    let job = dir.join("job.json");
+    std::fs::write(
+        &job,
+        serde_json::json!({
+            "source_type": "local", "dest_table_name": "loaded", "load_type": "catalog",
+            "file_path_prefix": format!("{}/", dir.join("in").display()), "file_pattern": "*.csv",
+            "file_format": "csv", "processing_mode": "dataflow", "load_latest_only": false
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let args = common::dispatcher_run_args(&dir, &job, &["--no-progress"]);
+    let (report, peak) = tokio::task::spawn_blocking(move || run_measuring_peak_rss(&args))
+        .await
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["rows_loaded"], BIG_ROWS, "{report}");
+    // Bounded: a fraction of the file, whatever its size.
+    assert!(
+        peak < 300 << 20,
+        "peak RSS {} MB for a {} MB file",
+        peak >> 20,
+        size >> 20
+    );
+
+    // Every row back, each value as the generator wrote it.
+    let mut seen = 0u64;
+    let mut id_sum = 0u64;
+    for path in
+        shardflow::warehouse::parquet_dir::table_files(&dir.join("warehouse/loaded")).unwrap()
+    {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&path).unwrap(),
+        )
+        .unwrap()
+        .with_batch_size(65_536)
+        .build()
+        .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            use arrow::array::AsArray as _;
+            let ids = batch
+                .column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            let amounts = batch
+                .column(1)
+                .as_primitive::<arrow::datatypes::Float64Type>();
+            let names = batch.column(2).as_string::<i32>();
+            let ats = batch
+                .column(3)
+                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+            for i in 0..batch.num_rows() {
+                let n = ids.value(i) as u64;
+                // In cents: the nearest double to a 2-decimal value below 1e7, times 100,
+                // rounds back to the integer exactly.
+                let cents = (amounts.value(i) * 100.0).round() as u64;
+                let at =
+                    chrono::NaiveDate::from_ymd_opt(2024, (n % 12 + 1) as u32, (n % 28 + 1) as u32)
+                        .unwrap()
+                        .and_hms_opt((n % 24) as u32, (n % 60) as u32, (n % 60) as u32)
+                        .unwrap()
+                        .and_utc()
+                        .timestamp_micros();
+                assert_eq!(
+                    (cents, ats.value(i)),
+                    ((n % 100_000) * 100 + n % 100, at),
+                    "row {n}"
+                );
+                if n.is_multiple_of(1000) {
+                    assert_eq!(
+                        names.value(i),
+                        format!("customer {n} of the generated file with some text")
+                    );
+                }
+                id_sum += n;
+            }
+            seen += batch.num_rows() as u64;
+        }
+    }
+    assert_eq!((seen, id_sum), (BIG_ROWS, BIG_ROWS * (BIG_ROWS - 1) / 2));
+}
+
+#[tokio::test]
+async fn selected_columns_load_only_those_columns_of_the_files() {
+    let dir = scratch("files-selected");
+    write(&dir.join("in/a.csv"), csv(ROWS, ',', true).as_bytes());
+    let job = |selected: serde_json::Value| {
+        local_job(
+            &dir.join("in"),
+            "*.csv",
+            "csv",
+            serde_json::json!({"selected_columns": selected, "timestamp_column": "not_a_column"}),
+        )
+    };
+    let missing = run_job(job(serde_json::json!(["name", "nope"])), options(&dir)).await;
+    let prefix = format!("file://{}/in/", dir.canonicalize().unwrap().display());
+    assert_eq!(
+        missing.error_message.as_deref(),
+        Some(format!("column \"nope\" not found in the files under {prefix} (columns: id, amount, name, at)").as_str())
+    );
+    ok(&run_job(job(serde_json::json!(["name", "id"])), options(&dir)).await);
+    let batches = read_table(&dir.join("warehouse/loaded"));
+    let mut rows: Vec<String> = Vec::new();
+    for b in &batches {
+        let names: Vec<&str> = b
+            .schema_ref()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(names, ["id", "name"]);
+        for i in 0..b.num_rows() {
+            rows.push(format!(
+                "{}|{}",
+                array_value_to_string(b.column(0), i).unwrap(),
+                array_value_to_string(b.column(1), i).unwrap()
+            ));
+        }
+    }
+    rows.sort();
+    let mut want: Vec<String> = ROWS
+        .iter()
+        .map(|r| format!("{}|{}", r.0, r.2.unwrap_or("")))
+        .collect();
+    want.sort();
+    assert_eq!(rows, want);
 }

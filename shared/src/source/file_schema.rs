@@ -394,6 +394,46 @@ fn sample_csv(
     Ok((columns, rows))
 }
 
+/// The keys of the sampled objects in the order they first appear.
+fn key_order(lines: &[u8]) -> Vec<String> {
+    /// One object's keys, in order; the values are skipped.
+    struct Keys(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct Visitor;
+            impl<'de> serde::de::Visitor<'de> for Visitor {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> std::result::Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some(key) = map.next_key::<String>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        keys.push(key);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_map(Visitor)
+        }
+    }
+    let mut order: Vec<String> = Vec::new();
+    for line in lines.split(|&b| b == b'\n') {
+        if let Ok(Keys(keys)) = serde_json::from_slice::<Keys>(line) {
+            for key in keys {
+                if !order.contains(&key) {
+                    order.push(key);
+                }
+            }
+        }
+    }
+    order
+}
+
 fn sample_json(sample: &[u8], uri: &str) -> Result<(Vec<DetectedColumn>, u64)> {
     let lines = files::json_lines(sample);
     let (inferred, _) = arrow::json::reader::infer_json_schema(Cursor::new(&lines), None)
@@ -407,7 +447,16 @@ fn sample_json(sample: &[u8], uri: &str) -> Result<(Vec<DetectedColumn>, u64)> {
             )));
         }
     }
-    let schema = Arc::new(inferred);
+    // Inference sorts the keys; the columns follow the objects' own order instead.
+    let order = key_order(&lines);
+    let mut fields: Vec<_> = inferred.fields().iter().cloned().collect();
+    fields.sort_by_key(|f| {
+        order
+            .iter()
+            .position(|k| k == f.name())
+            .unwrap_or(usize::MAX)
+    });
+    let schema = Arc::new(Schema::new(fields));
     // Mixed numbers and text infer as text: read the numbers as their text too.
     let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
         .with_coerce_primitive(true)
@@ -570,6 +619,28 @@ mod tests {
         assert!(!loads_as("Timestamp(s)", "TIMESTAMP", "DATE"));
         assert!(loads_as("Timestamp(s)", "TIMESTAMP", "DATETIME"));
         assert!(!loads_as("Utf8", "STRING", "BOOL"));
+    }
+
+    #[test]
+    fn json_columns_follow_the_objects_key_order() {
+        let sample = br#"{"zeta": 1, "alpha": "a", "mid": true}
+{"zeta": 2, "later": 1.5, "alpha": "b"}
+"#;
+        let (columns, rows) = sample_json(sample, "mem://x.json").unwrap();
+        let named: Vec<(&str, &str)> = columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.bigquery_type.as_str()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("zeta", "INT64"),
+                ("alpha", "STRING"),
+                ("mid", "BOOL"),
+                ("later", "FLOAT64")
+            ]
+        );
+        assert_eq!(rows, 2);
     }
 
     #[test]

@@ -246,6 +246,11 @@ impl FileLocation {
         &self.root
     }
 
+    /// The URI of `file_path_prefix`: where the job's files are.
+    pub fn prefix_uri(&self) -> String {
+        format!("{}/{}", self.root, self.prefix)
+    }
+
     /// Every file under the prefix (recursively) whose name matches the pattern, newest first.
     pub async fn list(&self) -> Result<Vec<FileInfo>> {
         // object_store lists whole path segments; a prefix that ends inside a name
