@@ -235,7 +235,6 @@ fn no_files(location: &FileLocation) -> Error {
     ))
 }
 
-
 pub(crate) async fn survey_files(
     spec: &JobSpec,
     opts: &PlanOptions,

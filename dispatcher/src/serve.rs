@@ -322,6 +322,7 @@ async fn report_final(django: Option<&DjangoClient>, report: &RunReport) {
         duration_seconds: Some(report.duration_seconds),
         error_message: report.error_message.clone(),
         watermark: report.watermark.clone(),
+        files_loaded: report.files_loaded,
         ..Default::default()
     };
     if let Err(e) = django.update_run(id, &update).await {

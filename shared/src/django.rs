@@ -40,6 +40,9 @@ pub struct RunUpdate {
     /// The timestamp column's high-water mark actually loaded (sent with `completed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watermark: Option<String>,
+    /// A file job: the files the run loaded (sent with `completed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_loaded: Option<usize>,
 }
 
 impl DjangoClient {

@@ -1097,3 +1097,137 @@ async fn mysql_jobs_load_and_merge_into_bigquery_exactly() {
     assert_eq!(second["watermark"], "2025-01-01T06:39:53Z", "{second}");
     check().await;
 }
+
+/// The `id|name` rows of a BigQuery table, by id.
+async fn id_name_rows(fleet: &Fleet, table: &str) -> Vec<String> {
+    fleet
+        .query(&format!(
+            "SELECT id, name FROM `{PROJECT}.{}.{table}` ORDER BY id",
+            fleet.dataset
+        ))
+        .await
+        .into_iter()
+        .map(|r| {
+            format!(
+                "{}|{}",
+                r[0].clone().unwrap_or_default(),
+                r[1].clone().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_jobs_run_on_the_fleet_and_load_each_file_once() {
+    let fleet = Fleet::start("files", 2, &[]).await;
+    let gcs = env_or_fail("STORAGE_EMULATOR_HOST");
+    let bucket = format!("stage-{}", fleet.id);
+    let put = |name: String, body: Vec<u8>| {
+        let url = format!("{gcs}/upload/storage/v1/b/{bucket}/o");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .query(&[("uploadType", "media"), ("name", name.as_str())])
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                response.status().is_success(),
+                "{name}: {}",
+                response.status()
+            );
+        }
+    };
+    let csv = |from: u32, to: u32| {
+        let mut text = "id,name\n".to_string();
+        for i in from..=to {
+            text.push_str(&format!("{i},name {i}\n"));
+        }
+        text
+    };
+    // zstd files: BigQuery cannot read them, the workers do (three files, three shards).
+    for (n, (from, to)) in [(1, 1000), (1001, 2500), (2501, 3000)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut packed = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(
+            &mut async_compression::tokio::bufread::ZstdEncoder::new(csv(from, to).as_bytes()),
+            &mut packed,
+        )
+        .await
+        .unwrap();
+        put(format!("drops/z/part_{n}.csv.zst"), packed).await;
+    }
+    // Plain CSV: BigQuery loads it itself.
+    put("drops/plain/part_0.csv".into(), csv(1, 700).into_bytes()).await;
+    let config = |folder: &str, dest: &str| {
+        json!({
+            "source_type": "gcs", "dest_table_name": dest, "load_type": "transactional",
+            "connection_params": {"bucket": bucket, "endpoint": gcs},
+            "file_path_prefix": format!("drops/{folder}/"), "file_pattern": "part_*",
+            "file_format": "csv", "load_latest_only": false, "processing_mode": "dataflow",
+            "bigquery_schema": [
+                {"name": "id", "bigquery_type": "INT64", "bigquery_mode": "NULLABLE"},
+                {"name": "name", "bigquery_type": "STRING", "bigquery_mode": "NULLABLE"}
+            ]
+        })
+    };
+    fleet.serve_config(401, config("z", "files_z"));
+    fleet.serve_config(402, config("plain", "files_plain"));
+    fleet.publish_job(401, 14001).await;
+    fleet.publish_job(402, 14002).await;
+    let z = fleet
+        .django
+        .final_status(14001, Duration::from_secs(240))
+        .await;
+    let plain = fleet
+        .django
+        .final_status(14002, Duration::from_secs(240))
+        .await;
+    assert_completed(&z, 3000);
+    assert_completed(&plain, 700);
+    assert_eq!(
+        (z["files_loaded"].as_u64(), plain["files_loaded"].as_u64()),
+        (Some(3), Some(1))
+    );
+    let want = |to: u32| {
+        (1..=to)
+            .map(|i| format!("{i}|name {i}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(id_name_rows(&fleet, "files_z").await, want(3000));
+    assert_eq!(id_name_rows(&fleet, "files_plain").await, want(700));
+
+    // The state store (PostgreSQL here) knows the files: a new file alone is loaded next,
+    // then nothing.
+    put("drops/plain/part_1.csv".into(), csv(701, 900).into_bytes()).await;
+    fleet.publish_job(402, 14003).await;
+    fleet.publish_job(401, 14004).await;
+    let next = fleet
+        .django
+        .final_status(14003, Duration::from_secs(240))
+        .await;
+    let again = fleet
+        .django
+        .final_status(14004, Duration::from_secs(240))
+        .await;
+    assert_completed(&next, 200);
+    assert_eq!(next["files_loaded"].as_u64(), Some(1), "{next}");
+    assert_eq!(
+        (again["status"].as_str(), again["files_loaded"].as_u64()),
+        (Some("completed"), Some(0)),
+        "{again}"
+    );
+    assert_eq!(id_name_rows(&fleet, "files_plain").await, want(900));
+    assert_eq!(id_name_rows(&fleet, "files_z").await, want(3000));
+    let recorded: i64 = fleet
+        .state()
+        .await
+        .query_one("SELECT count(*) FROM shardflow_processed_files", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 5);
+}
