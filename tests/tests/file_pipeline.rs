@@ -101,15 +101,16 @@ fn json_values(rows: &[Row]) -> Vec<String> {
 }
 
 fn parquet(rows: &[Row], compression: parquet::basic::Compression) -> Vec<u8> {
+    parquet_in(rows, compression, TimeUnit::Nanosecond)
+}
+
+/// The rows as Parquet, `at` in `unit`.
+fn parquet_in(rows: &[Row], compression: parquet::basic::Compression, unit: TimeUnit) -> Vec<u8> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int32, false),
         Field::new("amount", DataType::Float64, true),
         Field::new("name", DataType::Utf8, true),
-        Field::new(
-            "at",
-            DataType::Timestamp(TimeUnit::Nanosecond, Some("+00:00".into())),
-            true,
-        ),
+        Field::new("at", DataType::Timestamp(unit, Some("+00:00".into())), true),
     ]));
     let micros = |t: &str| {
         chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
@@ -125,12 +126,14 @@ fn parquet(rows: &[Row], compression: parquet::basic::Compression) -> Vec<u8> {
             )),
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.1))),
             Arc::new(StringArray::from_iter(rows.iter().map(|r| r.2))),
-            Arc::new(
-                arrow::array::TimestampNanosecondArray::from_iter(
+            arrow::compute::cast(
+                &arrow::array::TimestampNanosecondArray::from_iter(
                     rows.iter().map(|r| r.3.map(|t| micros(t) * 1000)),
                 )
                 .with_timezone("+00:00"),
-            ),
+                schema.field(3).data_type(),
+            )
+            .unwrap(),
         ],
     )
     .unwrap();
@@ -999,37 +1002,7 @@ async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
         (report.shards, report.files_loaded, report.rows_loaded),
         (0, Some(2), 5)
     );
-    let table = format!("`{}.{dataset}.loaded`", common::BIGQUERY_PROJECT);
-    let select = format!(
-        "SELECT id, amount, name, FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%E6S', `at`) FROM {table} ORDER BY id"
-    );
-    let rows_in_bigquery = || async {
-        common::bigquery_rows(&select)
-            .await
-            .into_iter()
-            .map(|r| {
-                r.into_iter()
-                    .enumerate()
-                    .map(|(i, c)| match (i, c) {
-                        (_, None) => "NULL".to_string(),
-                        // FLOAT64 as a number: BigQuery prints 1.0E-7, the emulator 1e-07.
-                        (1, Some(v)) => v.parse::<f64>().expect("a FLOAT64").to_string(),
-                        (_, Some(v)) => v,
-                    })
-                    .collect::<Vec<_>>()
-                    .join("|")
-            })
-            .collect::<Vec<_>>()
-    };
-    let in_bigquery = rows_in_bigquery().await;
-    let want = [
-        "1|1.5|café|2024-01-01T10:00:00.000000",
-        "2|-2.25|comma, \"quoted\"|2024-01-02T00:00:00.000000",
-        "3|NULL|NULL|NULL",
-        "4|0.0000001|four bytes 😀|1999-12-31T23:59:59.123456",
-        "5|0|plain|2038-01-19T03:14:08.000000",
-    ];
-    assert_eq!(in_bigquery, want);
+    assert_eq!(rows_in_bigquery(&dataset, "loaded").await, ROWS_IN_BIGQUERY);
 
     // A new file: the next run appends it alone; then nothing is new.
     gcs_put(
@@ -1044,9 +1017,102 @@ async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
     let report = run(job()).await;
     ok(&report);
     assert_eq!((report.files_loaded, report.rows_loaded), (Some(0), 0));
-    let mut all = vec![want[0]];
-    all.extend(want);
-    assert_eq!(rows_in_bigquery().await, all);
+    let mut all = vec![ROWS_IN_BIGQUERY[0]];
+    all.extend(ROWS_IN_BIGQUERY);
+    assert_eq!(rows_in_bigquery(&dataset, "loaded").await, all);
+}
+
+/// `ROWS` as `rows_in_bigquery` reads them back.
+const ROWS_IN_BIGQUERY: [&str; 5] = [
+    "1|1.5|café|2024-01-01T10:00:00.000000",
+    "2|-2.25|comma, \"quoted\"|2024-01-02T00:00:00.000000",
+    "3|NULL|NULL|NULL",
+    "4|0.0000001|four bytes 😀|1999-12-31T23:59:59.123456",
+    "5|0|plain|2038-01-19T03:14:08.000000",
+];
+
+/// `id|amount|name|at` of a bqemulator table, by id.
+async fn rows_in_bigquery(dataset: &str, table: &str) -> Vec<String> {
+    let select = format!(
+        "SELECT id, amount, name, FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%E6S', `at`) \
+         FROM `{}.{dataset}.{table}` ORDER BY id",
+        common::BIGQUERY_PROJECT
+    );
+    common::bigquery_rows(&select)
+        .await
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .enumerate()
+                .map(|(i, c)| match (i, c) {
+                    (_, None) => "NULL".to_string(),
+                    // FLOAT64 as a number: BigQuery prints 1.0E-7, the emulator 1e-07.
+                    (1, Some(v)) => v.parse::<f64>().expect("a FLOAT64").to_string(),
+                    (_, Some(v)) => v,
+                })
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn gcs_json_lines_and_parquet_load_into_bigquery_directly() {
+    let bucket = gcs_bucket_with(&[
+        (
+            "drops/j/tx_1.jsonl",
+            json_values(ROWS).join("\n").into_bytes(),
+        ),
+        (
+            "drops/p/tx_1.parquet",
+            parquet_in(
+                ROWS,
+                parquet::basic::Compression::SNAPPY,
+                TimeUnit::Microsecond,
+            ),
+        ),
+    ])
+    .await;
+    let dataset = format!(
+        "ds_fastjp{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let dir = scratch("files-fast-json-parquet");
+    let cases = [
+        ("j", "json", "loaded_json", "JSON lines"),
+        ("p", "parquet", "loaded_parquet", "Parquet"),
+    ];
+    for (folder, format, table, how) in cases {
+        let job = gcs_job(
+            &bucket,
+            "tx_*",
+            format,
+            serde_json::json!({"file_path_prefix": format!("drops/{folder}/"), "dest_table_name": table}),
+        );
+        let (path, why) = planned_path(&job).await;
+        assert_eq!(
+            (path.as_str(), why.as_str()),
+            (
+                "direct",
+                format!("BigQuery loads the 1 files from GCS itself ({how}); no worker reads them")
+                    .as_str()
+            )
+        );
+        let mut opts = options(&dir);
+        opts.dest = format!("bigquery://{}/{dataset}", common::BIGQUERY_PROJECT);
+        opts.staging = Some(format!("gs://{bucket}/staging"));
+        let report = run_job(job, opts).await;
+        ok(&report);
+        assert_eq!(
+            (report.shards, report.files_loaded, report.rows_loaded),
+            (0, Some(1), 5)
+        );
+        assert_eq!(
+            rows_in_bigquery(&dataset, table).await,
+            ROWS_IN_BIGQUERY,
+            "{format}"
+        );
+    }
 }
 
 /// Creates a container in azurite, signing the request with the emulator's well-known key
