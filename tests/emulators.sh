@@ -156,8 +156,8 @@ stop() {
         fi
     done
     # setsid forks when its caller leads a process group, so a recorded pid can be the parent
-    # that already exited: whatever still runs from this directory goes too.
-    pkill -f -- "$EMU/" 2>/dev/null || true
+    # that already exited: the emulators still running from this directory's installs go too.
+    pkill -f -- "$EMU/(venv|node|pubsub-patch)/" 2>/dev/null || true
 }
 
 case "${1:-start}" in

@@ -1297,7 +1297,15 @@ impl Warehouse for BigQueryWarehouse {
         let after = self.count_rows(req.table, location).await?;
         let loaded = match req.mode {
             WriteMode::Replace => after,
-            WriteMode::Append | WriteMode::Merge => after.saturating_sub(rows_before(&job)?),
+            WriteMode::Append | WriteMode::Merge => {
+                let before = rows_before(&job)?;
+                after.checked_sub(before).ok_or_else(|| {
+                    Error::Warehouse(format!(
+                        "table {full} shrank from {before} to {after} rows around BigQuery job {}",
+                        job_name(&job)
+                    ))
+                })?
+            }
         };
         // No worker counted these rows. The table cannot have gained more than the job read
         // (more means another writer appended meanwhile). bqemulator reports the table's
