@@ -205,37 +205,56 @@ fn loaded(dir: &Path) -> Vec<String> {
     let batches = read_table(&dir.join("warehouse/loaded"));
     let mut out = Vec::new();
     for b in &batches {
+        let b = printable(b);
+        // By name where the columns have theirs (JSON's come in key order); by position
+        // for a CSV without a header.
+        let order: Vec<usize> = match ["id", "amount", "name", "at"]
+            .iter()
+            .map(|n| b.schema().index_of(n).ok())
+            .collect::<Option<Vec<usize>>>()
+        {
+            Some(order) => order,
+            None => (0..b.num_columns()).collect(),
+        };
         for row in 0..b.num_rows() {
-            let cell = |i: usize| {
-                let c = b.column(i);
-                if c.is_null(row) {
-                    return "NULL".to_string();
-                }
-                let c = match c.data_type() {
-                    // Printed with a `Z`.
-                    DataType::Timestamp(unit, Some(_)) => {
-                        arrow::compute::cast(c, &DataType::Timestamp(*unit, Some("+00:00".into())))
-                            .unwrap()
-                    }
-                    _ => c.clone(),
-                };
-                array_value_to_string(&c, row).unwrap()
-            };
-            // By name where the columns have theirs (JSON's come in key order); by position
-            // for a CSV without a header.
-            let order: Vec<usize> = match ["id", "amount", "name", "at"]
-                .iter()
-                .map(|n| b.schema().index_of(n).ok())
-                .collect::<Option<Vec<usize>>>()
-            {
-                Some(order) => order,
-                None => (0..b.num_columns()).collect(),
-            };
-            out.push(order.into_iter().map(cell).collect::<Vec<_>>().join("|"));
+            let line: Vec<String> = order.iter().map(|&i| cell_text(b.column(i), row)).collect();
+            out.push(line.join("|"));
         }
     }
     out.sort();
     out
+}
+
+/// The batch with its zoned timestamps in `+00:00`, which arrow prints with a `Z`.
+fn printable(batch: &RecordBatch) -> RecordBatch {
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Timestamp(unit, Some(_)) => {
+                arrow::compute::cast(c, &DataType::Timestamp(*unit, Some("+00:00".into()))).unwrap()
+            }
+            _ => c.clone(),
+        })
+        .collect();
+    let fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(&columns)
+        .map(|(f, c): (_, &arrow::array::ArrayRef)| {
+            Field::new(f.name(), c.data_type().clone(), f.is_nullable())
+        })
+        .collect();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+}
+
+/// One value as arrow prints it, `NULL` for null.
+fn cell_text(column: &arrow::array::ArrayRef, row: usize) -> String {
+    if column.is_null(row) {
+        return "NULL".to_string();
+    }
+    array_value_to_string(column, row).unwrap()
 }
 
 fn write(path: &Path, bytes: &[u8]) {
@@ -1038,17 +1057,24 @@ async fn rows_in_bigquery(dataset: &str, table: &str) -> Vec<String> {
          FROM `{}.{dataset}.{table}` ORDER BY id",
         common::BIGQUERY_PROJECT
     );
-    common::bigquery_rows(&select)
+    bigquery_lines(&select, Some(1)).await
+}
+
+/// A bqemulator query's rows as `a|b|…`, NULL for null; the `float_column` printed as a
+/// number (BigQuery prints 1.0E-7, the emulator 1e-07).
+async fn bigquery_lines(sql: &str, float_column: Option<usize>) -> Vec<String> {
+    common::bigquery_rows(sql)
         .await
         .into_iter()
         .map(|r| {
             r.into_iter()
                 .enumerate()
-                .map(|(i, c)| match (i, c) {
-                    (_, None) => "NULL".to_string(),
-                    // FLOAT64 as a number: BigQuery prints 1.0E-7, the emulator 1e-07.
-                    (1, Some(v)) => v.parse::<f64>().expect("a FLOAT64").to_string(),
-                    (_, Some(v)) => v,
+                .map(|(i, c)| match c {
+                    None => "NULL".to_string(),
+                    Some(v) if Some(i) == float_column => {
+                        v.parse::<f64>().expect("a FLOAT64").to_string()
+                    }
+                    Some(v) => v,
                 })
                 .collect::<Vec<_>>()
                 .join("|")
@@ -1202,6 +1228,11 @@ async fn azure_blobs_load_through_azurite() {
     let report = run_job(spec, options(&dir)).await;
     ok(&report);
     assert_eq!(report.files_loaded, Some(0));
+    assert_eq!(
+        loaded(&dir),
+        expected(ROWS),
+        "the empty run left the table as it was"
+    );
 }
 
 /// `id|name|note|at` of every row of the Parquet table, by column name (NULL where a file
@@ -1209,21 +1240,11 @@ async fn azure_blobs_load_through_azurite() {
 fn loaded_by_name(dir: &Path) -> Vec<String> {
     let mut out: Vec<(i64, String)> = Vec::new();
     for b in read_table(&dir.join("warehouse/loaded")) {
+        let b = printable(&b);
         for row in 0..b.num_rows() {
             let cell = |name: &str| match b.column_by_name(name) {
-                Some(c) if !c.is_null(row) => {
-                    let c = match c.data_type() {
-                        // Printed with a `Z`.
-                        DataType::Timestamp(unit, Some(_)) => arrow::compute::cast(
-                            c,
-                            &DataType::Timestamp(*unit, Some("+00:00".into())),
-                        )
-                        .unwrap(),
-                        _ => c.clone(),
-                    };
-                    array_value_to_string(&c, row).unwrap()
-                }
-                _ => "NULL".to_string(),
+                Some(c) => cell_text(c, row),
+                None => "NULL".to_string(),
             };
             let id = cell("id");
             out.push((
@@ -1262,18 +1283,13 @@ async fn add_columns_widens_the_table_and_loads_missing_columns_as_null() {
                 return loaded_by_name(&dir);
             }
             let table = format!("`{}.{dataset}.loaded`", common::BIGQUERY_PROJECT);
-            common::bigquery_rows(&format!(
-                "SELECT id, name, note, FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%SZ', `at`) FROM {table} ORDER BY id"
-            ))
+            bigquery_lines(
+                &format!(
+                    "SELECT id, name, note, FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%SZ', `at`) FROM {table} ORDER BY id"
+                ),
+                None,
+            )
             .await
-            .into_iter()
-            .map(|r| {
-                r.into_iter()
-                    .map(|c| c.unwrap_or_else(|| "NULL".into()))
-                    .collect::<Vec<_>>()
-                    .join("|")
-            })
-            .collect()
         };
         write(&dir.join("in/a.csv"), csv(&ROWS[..2], ',', true).as_bytes());
         ok(&run("add_columns").await);
@@ -1295,15 +1311,12 @@ async fn add_columns_widens_the_table_and_loads_missing_columns_as_null() {
         let widened = run("add_columns").await;
         ok(&widened);
         assert_eq!((widened.files_loaded, widened.rows_loaded), (Some(1), 1));
-        assert_eq!(
-            rows().await,
-            [
-                "1|café|NULL|2024-01-01T10:00:00Z",
-                "2|comma, \"quoted\"|NULL|2024-01-02T00:00:00Z",
-                "7|seven|hello|NULL",
-            ],
-            "bigquery: {bigquery}"
-        );
+        let widened_rows = [
+            "1|café|NULL|2024-01-01T10:00:00Z",
+            "2|comma, \"quoted\"|NULL|2024-01-02T00:00:00Z",
+            "7|seven|hello|NULL",
+        ];
+        assert_eq!(rows().await, widened_rows, "bigquery: {bigquery}");
         // A column that changes type is refused under either policy.
         write(
             &dir.join("in/c.csv"),
@@ -1317,7 +1330,7 @@ async fn add_columns_widens_the_table_and_loads_missing_columns_as_null() {
                 .is_some_and(|e| e.contains("changed: amount FLOAT64 -> BOOL")),
             "{changed:?}"
         );
-        assert_eq!(rows().await.len(), 3, "nothing loaded");
+        assert_eq!(rows().await, widened_rows, "nothing loaded");
     }
 }
 

@@ -1222,12 +1222,28 @@ async fn file_jobs_run_on_the_fleet_and_load_each_file_once() {
     );
     assert_eq!(id_name_rows(&fleet, "files_plain").await, want(900));
     assert_eq!(id_name_rows(&fleet, "files_z").await, want(3000));
-    let recorded: i64 = fleet
+    // Each file once, with its rows; the direct loads of one file each know theirs.
+    let recorded: Vec<(String, Option<i64>)> = fleet
         .state()
         .await
-        .query_one("SELECT count(*) FROM shardflow_processed_files", &[])
+        .query(
+            "SELECT path, rows_loaded FROM shardflow_processed_files ORDER BY path",
+            &[],
+        )
         .await
         .unwrap()
-        .get(0);
-    assert_eq!(recorded, 5);
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let file = |path: &str, rows: i64| (path.to_string(), Some(rows));
+    assert_eq!(
+        recorded,
+        [
+            file("drops/plain/part_0.csv", 700),
+            file("drops/plain/part_1.csv", 200),
+            file("drops/z/part_0.csv.zst", 1000),
+            file("drops/z/part_1.csv.zst", 1500),
+            file("drops/z/part_2.csv.zst", 500),
+        ]
+    );
 }

@@ -191,35 +191,15 @@ impl FileLocation {
                     prefix,
                 )
             }
-            SourceType::Gcs => {
+            cloud @ (SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob) => {
                 let (bucket, prefix) =
-                    split_location(SourceType::Gcs, bucket_param(spec), &files.path_prefix)?;
-                (
-                    Arc::new(gcs_store(spec, &bucket)?),
-                    format!("gs://{bucket}"),
-                    prefix,
-                )
-            }
-            SourceType::S3 => {
-                let (bucket, prefix) =
-                    split_location(SourceType::S3, bucket_param(spec), &files.path_prefix)?;
-                (
-                    Arc::new(s3_store(spec, &bucket)?),
-                    format!("s3://{bucket}"),
-                    prefix,
-                )
-            }
-            SourceType::AzureBlob => {
-                let (container, prefix) = split_location(
-                    SourceType::AzureBlob,
-                    bucket_param(spec),
-                    &files.path_prefix,
-                )?;
-                (
-                    Arc::new(azure_store(spec, &container)?),
-                    format!("az://{container}"),
-                    prefix,
-                )
+                    split_location(cloud, bucket_param(spec), &files.path_prefix)?;
+                let store: Arc<dyn ObjectStore> = match cloud {
+                    SourceType::Gcs => Arc::new(gcs_store(spec, &bucket)?),
+                    SourceType::S3 => Arc::new(s3_store(spec, &bucket)?),
+                    _ => Arc::new(azure_store(spec, &bucket)?),
+                };
+                (store, format!("{}://{bucket}", schemes(cloud)[0]), prefix)
             }
             other => return Err(Error::Source(format!("{other:?} is not a file source"))),
         };
