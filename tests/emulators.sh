@@ -3,7 +3,10 @@
 # fake-gcs-server (GCS over its JSON API, which shardflow's staging and file sources speak),
 # bqemulator, which reads gs:// URIs from fake-gcs-server's storage directory, moto (S3) and
 # azurite (Azure Blob). Idempotent: an emulator already answering on its port is kept.
+# BigQuery is reached through the strict rules layer (target/debug/bq-rules, built by cargo
+# from tests/src/bq_rules): BIGQUERY_EMULATOR_HOST points at it, never at bqemulator itself.
 #   bash tests/emulators.sh start   # start what is missing, then print the env to export
+#   bash tests/emulators.sh rules   # (re)start the rules layer after a build
 #   bash tests/emulators.sh env     # print the env only
 #   bash tests/emulators.sh stop    # stop what this script started
 set -euo pipefail
@@ -14,6 +17,8 @@ PUBSUB_PORT=${SHARDFLOW_PUBSUB_PORT:-8085}
 GCS_PORT=${SHARDFLOW_GCS_PORT:-4443}
 BQ_PORT=${SHARDFLOW_BQ_PORT:-9050}
 BQ_GRPC_PORT=${SHARDFLOW_BQ_GRPC_PORT:-9060}
+RULES_PORT=${SHARDFLOW_BQ_RULES_PORT:-9051}
+RULES_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/bq-rules
 S3_PORT=${SHARDFLOW_S3_PORT:-5055}
 AZURE_PORT=${SHARDFLOW_AZURE_PORT:-10000}
 NODE_DIR=$EMU/node
@@ -29,7 +34,9 @@ print_env() {
     cat <<EOF
 export PUBSUB_EMULATOR_HOST=127.0.0.1:$PUBSUB_PORT
 export STORAGE_EMULATOR_HOST=http://127.0.0.1:$GCS_PORT
-export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$BQ_PORT
+export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$RULES_PORT
+export SHARDFLOW_BQEMULATOR_URL=http://127.0.0.1:$BQ_PORT
+export BIGQUERY_LOCATION=US
 export GCP_PROJECT_ID=$BQ_PROJECT
 export SHARDFLOW_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 export SHARDFLOW_TEST_AZURE_ENDPOINT=http://127.0.0.1:$AZURE_PORT/devstoreaccount1
@@ -145,11 +152,33 @@ start() {
     wait_for "bqemulator" "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets" "$EMU/bq.log" 180
     wait_for "moto (S3)" "http://127.0.0.1:$S3_PORT/" "$EMU/s3.log"
     wait_for "azurite" "http://127.0.0.1:$AZURE_PORT/" "$EMU/azure.log"
+    if [ -x "$RULES_BIN" ]; then
+        rules
+    else
+        echo "emulators.sh: $RULES_BIN is not built yet; after cargo build, run: bash tests/emulators.sh rules" >&2
+    fi
     print_env
 }
 
+# The strict rules layer in front of bqemulator, restarted so it runs the binary just built.
+rules() {
+    if [ ! -x "$RULES_BIN" ]; then
+        echo "emulators.sh: $RULES_BIN is missing; build it: cargo build -p shardflow-tests --bin bq-rules" >&2
+        exit 1
+    fi
+    if answers "http://127.0.0.1:$RULES_PORT/rules"; then
+        pkill -f -- "$RULES_BIN 127.0.0.1:$RULES_PORT" 2>/dev/null || true
+        rm -f "$EMU/rules.pid"
+        for _ in $(seq 20); do answers "http://127.0.0.1:$RULES_PORT/rules" || break; sleep 0.2; done
+    fi
+    setsid "$RULES_BIN" "127.0.0.1:$RULES_PORT" "http://127.0.0.1:$BQ_PORT" \
+        "http://127.0.0.1:$GCS_PORT" "$GCS_ROOT" >"$EMU/rules.log" 2>&1 &
+    echo $! >"$EMU/rules.pid"
+    wait_for "bq-rules" "http://127.0.0.1:$RULES_PORT/rules" "$EMU/rules.log" 40
+}
+
 stop() {
-    for name in pubsub gcs bq s3 azure; do
+    for name in rules pubsub gcs bq s3 azure; do
         if [ -f "$EMU/$name.pid" ]; then
             kill -- -"$(cat "$EMU/$name.pid")" 2>/dev/null || kill "$(cat "$EMU/$name.pid")" 2>/dev/null || true
             rm -f "$EMU/$name.pid"
@@ -158,11 +187,13 @@ stop() {
     # setsid forks when its caller leads a process group, so a recorded pid can be the parent
     # that already exited: the emulators still running from this directory's installs go too.
     pkill -f -- "$EMU/(venv|node|pubsub-patch)/" 2>/dev/null || true
+    pkill -f -- "$RULES_BIN 127.0.0.1:$RULES_PORT" 2>/dev/null || true
 }
 
 case "${1:-start}" in
     start) start ;;
+    rules) rules ;;
     env) print_env ;;
     stop) stop ;;
-    *) echo "usage: $0 start|env|stop" >&2; exit 2 ;;
+    *) echo "usage: $0 start|rules|env|stop" >&2; exit 2 ;;
 esac

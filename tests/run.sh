@@ -29,7 +29,8 @@ if ! mysqladmin -h 127.0.0.1 -P 3306 -u root --silent ping >/dev/null 2>&1; then
 fi
 
 # The Pub/Sub emulator, the GCS emulator and bqemulator (installed into target/emulators on
-# first use); the fleet tests read their addresses from the environment.
+# first use), and after the build the rules layer in front of bqemulator; the fleet tests read
+# their addresses from the environment.
 emulators_env="$(mktemp)"
 if ! bash tests/emulators.sh start >"$emulators_env" </dev/null; then
   echo "tests/run.sh: the emulators did not start (see target/emulators/*.log)" >&2
@@ -47,10 +48,13 @@ cargo fmt --all --check
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 # One build of everything (the end-to-end tests also run the dispatcher binary).
 cargo build --locked --workspace --bins --tests
+# Every BigQuery request of the suite goes through the strict rules layer just built.
+bash tests/emulators.sh rules
 export SHARDFLOW_DISPATCHER_BIN="$target_dir/debug/dispatcher"
 log="$(mktemp)"
 status=0
-cargo test --locked --workspace --lib --bins --tests 2>&1 | tee "$log" || status=$?
+# --no-fail-fast: one failing test binary does not hide the others' results.
+cargo test --locked --no-fail-fast --workspace --lib --bins --tests 2>&1 | tee "$log" || status=$?
 # One closing line for the whole suite (cargo's last line is that of whichever crate ran last).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "shardflow: %d passed, %d failed\n", p, f }' "$log"

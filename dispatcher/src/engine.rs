@@ -19,6 +19,7 @@ use shardflow::messages::{self, ShardResult, ShardTask, StagedFile, WIRE_VERSION
 use shardflow::metrics::Metrics;
 use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
+use shardflow::source::files::{FileInfo, FileLocation};
 use shardflow::source::postgres::{self, PgConnector};
 use shardflow::source::{ShardBounds, Window};
 use shardflow::spec::{JobSpec, LoadType, SchemaPolicy, SourceType};
@@ -596,6 +597,8 @@ impl Engine {
         let spec = &job.spec;
         let opts = PlanOptions {
             warehouse_loads_gcs: self.warehouse.loads_gcs_files(),
+            warehouse_location: self.warehouse.location().await?,
+            column_names: self.warehouse.column_names(),
             ..self.settings.plan.clone()
         };
         let plan = plan_job_in_stream(spec, &opts, stream).await?;
@@ -638,6 +641,7 @@ impl Engine {
                 schema_name: spec.schema_name.clone(),
                 table_name: spec.table_name.clone(),
                 columns: plan.source_columns.clone(),
+                destination_names: plan.destination_names.clone(),
                 bounds: shard.bounds.clone(),
                 snapshot: snapshot.as_ref().map(|s| s.id.clone()),
                 batch_rows: self.settings.batch_rows,
@@ -705,8 +709,17 @@ impl Engine {
             parts.extend(r.files.iter().cloned());
         }
         report.rows_extracted = report.shard_rows.iter().sum();
-        let schema = shardflow::source::arrow_schema(spec.source_type, &plan.source_columns);
-        let summary = summarize_shards(&records, &schema, timestamp_column)?;
+        let schema = shardflow::source::staged_schema(
+            spec.source_type,
+            &plan.source_columns,
+            &plan.destination_names,
+        );
+        let destination = |name: &str| plan.destination_name(name).to_string();
+        let staged_timestamp = timestamp_column.map(destination);
+        let summary = summarize_shards(&records, &schema, staged_timestamp.as_deref())?;
+        let merge_keys: Vec<String> = plan.merge_keys.iter().map(|k| destination(k)).collect();
+        let latest_by = spec.timestamp_column.as_deref().map(destination);
+        report.renamed_columns = plan.renamed_columns.clone();
         let mode = match spec.load_type {
             LoadType::Catalog => WriteMode::Replace,
             LoadType::Transactional => WriteMode::Append,
@@ -727,8 +740,8 @@ impl Engine {
                 staging: &self.staging,
                 mode,
                 expected_rows: report.rows_extracted,
-                merge_keys: &plan.merge_keys,
-                latest_by: spec.timestamp_column.as_deref(),
+                merge_keys: &merge_keys,
+                latest_by: latest_by.as_deref(),
                 allow_new_columns: spec
                     .files
                     .as_ref()
@@ -760,11 +773,23 @@ impl Engine {
         report: &mut RunReport,
     ) -> Result<()> {
         let spec = &job.spec;
-        let schema = shardflow::source::arrow_schema(spec.source_type, &plan.source_columns);
+        let schema = shardflow::source::staged_schema(
+            spec.source_type,
+            &plan.source_columns,
+            &plan.destination_names,
+        );
+        report.renamed_columns = plan.renamed_columns.clone();
         let mode = match spec.load_type {
             LoadType::Catalog => WriteMode::Replace,
             LoadType::Transactional | LoadType::Merge => WriteMode::Append,
         };
+        // BigQuery reads the files at load time and cannot pin a generation ("If you include a
+        // generation number in the Cloud Storage URI, then the load job fails"): a file
+        // rewritten since planning fails the run before anything moves.
+        let location = FileLocation::open(spec)?;
+        for file in &direct.files {
+            location.check_unchanged(file).await?;
+        }
         let outcome = self
             .warehouse
             .load_source_files(SourceFilesLoad {
@@ -785,8 +810,30 @@ impl Engine {
         let stream_key = stream_key(spec).unwrap_or_default();
         // One job counts only the total: a single file's rows are known, several files' not.
         let rows = (direct.files.len() == 1).then_some(outcome.rows_loaded);
-        report.processed_files = direct
-            .files
+        // A file rewritten while the job ran is recorded in the version the job read, when
+        // that can be told.
+        let mut loaded = Vec::with_capacity(direct.files.len());
+        for planned in &direct.files {
+            let now = location.current(planned).await?;
+            match read_version(planned, &now, outcome.read_window) {
+                ReadVersion::Planned => loaded.push(planned.clone()),
+                ReadVersion::Current => {
+                    tracing::warn!(file = %location.uri(&planned.path), "rewritten before BigQuery read it; recorded in its new version");
+                    loaded.push(now);
+                }
+                ReadVersion::Unknown => {
+                    let warning = format!(
+                        "{} was rewritten while BigQuery's load job read it: the table holds its \
+                         old or its new rows, which cannot be told; it is not recorded as loaded, \
+                         so the next run loads its new version",
+                        location.uri(&planned.path)
+                    );
+                    tracing::error!("{warning}");
+                    report.warnings.push(warning);
+                }
+            }
+        }
+        report.processed_files = loaded
             .iter()
             .map(|f| shardflow::state::ProcessedFile {
                 stream_key: stream_key.clone(),
@@ -923,6 +970,34 @@ fn summarize_shards(
         checksum: digest::combine_checksums(checksums)?,
         watermark,
     })
+}
+
+/// Which version of a source file a load job that ran over `read_window` (ms since the epoch)
+/// read, the file being `now` after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadVersion {
+    /// The version planned: unchanged, or rewritten after the job ended.
+    Planned,
+    /// The live one: written before the job started.
+    Current,
+    /// Written while the job ran.
+    Unknown,
+}
+
+fn read_version(
+    planned: &FileInfo,
+    now: &FileInfo,
+    read_window: Option<(i64, i64)>,
+) -> ReadVersion {
+    if now.version_key() == planned.version_key() {
+        return ReadVersion::Planned;
+    }
+    let written = now.last_modified.timestamp_millis();
+    match read_window {
+        Some((_, end)) if written > end => ReadVersion::Planned,
+        Some((start, _)) if written < start => ReadVersion::Current,
+        _ => ReadVersion::Unknown,
+    }
 }
 
 fn describe_fields(schema: &Schema) -> String {
@@ -1068,5 +1143,44 @@ mod tests {
         assert_eq!(attempt_of("etl-7.12"), 12);
         assert_eq!(attempt_of("sched-3-99.2"), 2);
         assert_eq!(attempt_of("odd"), 1);
+    }
+
+    #[test]
+    fn a_rewritten_file_is_recorded_in_the_version_the_load_read() {
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        let version = |generation: &str, written: i64| FileInfo {
+            path: "in/a.csv".into(),
+            size: 10,
+            last_modified: at(written),
+            e_tag: None,
+            version: Some(generation.into()),
+        };
+        let planned = version("1", 100);
+        let window = Some((1_000, 2_000));
+        assert_eq!(
+            read_version(&planned, &planned, window),
+            ReadVersion::Planned
+        );
+        // Rewritten after the job ended: the job read the planned version.
+        assert_eq!(
+            read_version(&planned, &version("2", 2_001), window),
+            ReadVersion::Planned
+        );
+        // Before it started: the new one.
+        assert_eq!(
+            read_version(&planned, &version("2", 999), window),
+            ReadVersion::Current
+        );
+        // While it ran, or with no window to tell: either.
+        for written in [1_000, 1_500, 2_000] {
+            assert_eq!(
+                read_version(&planned, &version("2", written), window),
+                ReadVersion::Unknown
+            );
+        }
+        assert_eq!(
+            read_version(&planned, &version("2", 5), None),
+            ReadVersion::Unknown
+        );
     }
 }

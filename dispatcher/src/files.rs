@@ -169,6 +169,152 @@ pub(crate) fn native_format(
     })
 }
 
+/// What the dispatcher's own identity found of the bucket a direct load would read: BigQuery
+/// reads the files as the identity that runs the load job ("If you are loading data from
+/// Cloud Storage, you also need IAM permissions to access the bucket that contains your data":
+/// `storage.buckets.get`, `storage.objects.get`), which is the dispatcher's, not the job's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DirectAccess {
+    /// The bucket's location (`buckets.get`), or why the dispatcher could not read it.
+    pub bucket_location: std::result::Result<String, String>,
+    /// The warehouse's (the dataset's) location, when known.
+    pub warehouse_location: Option<String>,
+    /// Why the dispatcher's identity cannot read the files, when it cannot.
+    pub unreadable: Option<String>,
+}
+
+/// Beyond reading the files as the workers would, what a direct load needs: at most 10,000
+/// URIs ("A job configuration can have up to 10,000 source URIs"), one compression ("You
+/// cannot include both compressed and uncompressed files in the same load job"), columns
+/// BigQuery matches by name keeping their names, no JSON column from Parquet ("the source
+/// data must be in CSV, Avro, or JSON format"), a bucket in the dataset's location ("the
+/// dataset that contains the table must be in the same regional or multi-regional location as
+/// the Cloud Storage bucket") that the dispatcher's identity can read. Some says why not.
+pub(crate) fn direct_load_problem(
+    spec: &JobSpec,
+    files: &[&FileInfo],
+    columns: &[(String, String)],
+    destination_names: &[String],
+    access: &DirectAccess,
+) -> Option<String> {
+    let f = spec.files.as_ref()?;
+    let max = shardflow::warehouse::bigquery::DEFAULT_MAX_URIS_PER_JOB;
+    if files.len() > max {
+        return Some(format!(
+            "{} files are more than one BigQuery load job takes ({max})",
+            files.len()
+        ));
+    }
+    let gzip = |file: &FileInfo| {
+        files::compression_of(f.options.compression, &file.path) == Compression::Gzip
+    };
+    let packed = files.iter().find(|x| gzip(x));
+    let plain = files.iter().find(|x| !gzip(x));
+    if let (Some(packed), Some(plain)) = (packed, plain) {
+        return Some(format!(
+            "{} is gzip-compressed and {} is not; BigQuery takes one or the other in a load job",
+            packed.path, plain.path
+        ));
+    }
+    if f.format != FileFormat::Csv
+        && let Some(((source, _), destination)) = columns
+            .iter()
+            .zip(destination_names)
+            .find(|((source, _), destination)| source != *destination)
+    {
+        return Some(format!(
+            "column {source:?} loads as {destination:?} (BigQuery cannot take its name), and \
+             BigQuery matches {} columns by name; the workers rename it",
+            if f.format == FileFormat::Json {
+                "JSON"
+            } else {
+                "Parquet"
+            }
+        ));
+    }
+    if f.format == FileFormat::Parquet
+        && let Some((name, _)) = columns
+            .iter()
+            .find(|(_, ty)| ty.eq_ignore_ascii_case("JSON"))
+    {
+        return Some(format!(
+            "column {name} is JSON, which BigQuery does not load from Parquet; the workers \
+             stage it for a conversion"
+        ));
+    }
+    let bucket = match &access.bucket_location {
+        Ok(location) => location,
+        Err(why) => return Some(why.clone()),
+    };
+    if let Some(dataset) = &access.warehouse_location
+        && !shardflow::warehouse::bigquery::colocated(dataset, bucket)
+    {
+        return Some(format!(
+            "the bucket is in {bucket} and the dataset in {dataset}; BigQuery loads only from a \
+             bucket in the dataset's location"
+        ));
+    }
+    access.unreadable.clone()
+}
+
+/// Asks, as the dispatcher's own identity, where the bucket is and (for a job that reaches its
+/// files with credentials of its own) whether it may read them.
+async fn direct_access(
+    location: &FileLocation,
+    files: &[&FileInfo],
+    warehouse_location: Option<String>,
+) -> DirectAccess {
+    let mut access = DirectAccess {
+        bucket_location: Err("the files are in no bucket".into()),
+        warehouse_location,
+        unreadable: None,
+    };
+    let Some(bucket) = location.bucket() else {
+        return access;
+    };
+    let own_base = shardflow::gcs::default_base();
+    if location
+        .endpoint()
+        .is_some_and(|e| e.trim_end_matches('/') != own_base.trim_end_matches('/'))
+    {
+        access.bucket_location = Err(
+            "the job reads its files at an endpoint of its own (connection_params.endpoint), \
+             not in the Cloud Storage BigQuery reads"
+                .into(),
+        );
+        return access;
+    }
+    let own = match shardflow::gcs::GcsStore::from_env(bucket) {
+        Ok(store) => store,
+        Err(e) => {
+            access.bucket_location = Err(format!(
+                "the dispatcher has no GCS credentials of its own: {e}"
+            ));
+            return access;
+        }
+    };
+    access.bucket_location = own.bucket_info().await.map(|b| b.location).map_err(|e| {
+        format!(
+            "the dispatcher's identity cannot read bucket gs://{bucket} (storage.buckets.get), \
+             which the load job would need: {e}"
+        )
+    });
+    if location.own_access()
+        && let Some(first) = files.first()
+        && let Err(e) = own
+            .object_version(&object_store::path::Path::from(first.path.as_str()))
+            .await
+    {
+        access.unreadable = Some(format!(
+            "the job reads its files with credentials of its own, and the dispatcher's identity, \
+             which the load job would read them as, cannot read gs://{bucket}/{} \
+             (storage.objects.get): {e}",
+            first.path
+        ));
+    }
+    access
+}
+
 /// A file job's survey: columns, estimate and shards.
 pub(crate) struct FileSurvey {
     pub columns: Vec<SourceColumn>,
@@ -325,13 +471,31 @@ pub(crate) async fn survey_files(
         }
     }
 
-    let fast = native_format(
+    let mut fast = native_format(
         spec,
         opts.warehouse_loads_gcs,
         &selected.iter().copied().zip(&detected).collect::<Vec<_>>(),
         &columns,
         !added_columns.is_empty(),
     );
+    if fast.is_ok() {
+        let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
+        let destination_names = (opts.column_names)(&names);
+        let access = if location.bucket().is_some() && spec.source_type == SourceType::Gcs {
+            direct_access(&location, &selected, opts.warehouse_location.clone()).await
+        } else {
+            DirectAccess {
+                bucket_location: Err("the files are in no GCS bucket".into()),
+                warehouse_location: None,
+                unreadable: None,
+            }
+        };
+        if let Some(why) =
+            direct_load_problem(spec, &selected, &columns, &destination_names, &access)
+        {
+            fast = Err(why);
+        }
+    }
     let (load_path, load_path_reason, direct) = match fast {
         Ok(format) => (
             "direct",
@@ -593,5 +757,103 @@ mod tests {
             "columns were added under schema_policy \"add_columns\"; the workers load the files \
              that lack them with NULLs"
         );
+    }
+
+    #[test]
+    fn a_direct_load_needs_one_job_one_compression_names_and_a_readable_colocated_bucket() {
+        let ok_access = DirectAccess {
+            bucket_location: Ok("US-CENTRAL1".into()),
+            warehouse_location: Some("US".into()),
+            unreadable: None,
+        };
+        let names =
+            |cols: &[(String, String)]| cols.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let table = columns(&["a", "b"]);
+        let csv = job("gcs", "csv", serde_json::json!({}));
+        let (a, b) = (file("in/a.csv"), file("in/b.csv"));
+        let check = |spec: &JobSpec,
+                     files: &[&FileInfo],
+                     cols: &[(String, String)],
+                     dest: &[String],
+                     access: &DirectAccess| {
+            direct_load_problem(spec, files, cols, dest, access)
+        };
+        assert_eq!(
+            check(&csv, &[&a, &b], &table, &names(&table), &ok_access),
+            None
+        );
+
+        let many: Vec<FileInfo> = (0..10_001).map(|i| file(&format!("in/{i}.csv"))).collect();
+        let many_refs: Vec<&FileInfo> = many.iter().collect();
+        assert_eq!(
+            check(&csv, &many_refs, &table, &names(&table), &ok_access).unwrap(),
+            "10001 files are more than one BigQuery load job takes (10000)"
+        );
+        assert!(
+            check(
+                &csv,
+                &many_refs[..10_000],
+                &table,
+                &names(&table),
+                &ok_access
+            )
+            .is_none()
+        );
+
+        let gz = file("in/c.csv.gz");
+        assert_eq!(
+            check(&csv, &[&a, &gz], &table, &names(&table), &ok_access).unwrap(),
+            "in/c.csv.gz is gzip-compressed and in/a.csv is not; BigQuery takes one or the other in a load job"
+        );
+
+        // A renamed column: CSV loads by position, JSON and Parquet by name.
+        let odd = vec![("order id".to_string(), "STRING".to_string())];
+        let renamed = vec!["order_id".to_string()];
+        assert_eq!(check(&csv, &[&a], &odd, &renamed, &ok_access), None);
+        let json = job("gcs", "json", serde_json::json!({}));
+        assert!(
+            check(&json, &[&a], &odd, &renamed, &ok_access)
+                .unwrap()
+                .contains("loads as \"order_id\"")
+        );
+
+        let parquet = job("gcs", "parquet", serde_json::json!({}));
+        let doc = vec![("doc".to_string(), "JSON".to_string())];
+        assert_eq!(
+            check(&parquet, &[&a], &doc, &names(&doc), &ok_access).unwrap(),
+            "column doc is JSON, which BigQuery does not load from Parquet; the workers stage it for a conversion"
+        );
+        assert_eq!(check(&json, &[&a], &doc, &names(&doc), &ok_access), None);
+
+        let elsewhere = DirectAccess {
+            warehouse_location: Some("EU".into()),
+            ..ok_access.clone()
+        };
+        assert_eq!(
+            check(&csv, &[&a], &table, &names(&table), &elsewhere).unwrap(),
+            "the bucket is in US-CENTRAL1 and the dataset in EU; BigQuery loads only from a bucket in the dataset's location"
+        );
+        let hidden = DirectAccess {
+            bucket_location: Err("cannot read bucket".into()),
+            ..ok_access.clone()
+        };
+        assert_eq!(
+            check(&csv, &[&a], &table, &names(&table), &hidden).unwrap(),
+            "cannot read bucket"
+        );
+        let unreadable = DirectAccess {
+            unreadable: Some("no objects.get".into()),
+            ..ok_access.clone()
+        };
+        assert_eq!(
+            check(&csv, &[&a], &table, &names(&table), &unreadable).unwrap(),
+            "no objects.get"
+        );
+        // An unknown dataset location (a plan made without a warehouse) is not held against it.
+        let unknown = DirectAccess {
+            warehouse_location: None,
+            ..ok_access
+        };
+        assert_eq!(check(&csv, &[&a], &table, &names(&table), &unknown), None);
     }
 }

@@ -50,6 +50,11 @@ pub struct PlanOptions {
     /// The warehouse loads gs:// source files itself (BigQuery): a GCS file job it can read
     /// as is takes the fast path.
     pub warehouse_loads_gcs: bool,
+    /// The warehouse's location (a BigQuery dataset's): source files it loads itself must be in
+    /// a bucket there.
+    pub warehouse_location: Option<String>,
+    /// How the warehouse names each source column (BigQuery renames what it cannot take).
+    pub column_names: fn(&[String]) -> Vec<String>,
 }
 
 impl Default for PlanOptions {
@@ -60,6 +65,8 @@ impl Default for PlanOptions {
             exact_count: false,
             retry: RetryPolicy::default(),
             warehouse_loads_gcs: false,
+            warehouse_location: None,
+            column_names: shardflow::warehouse::names_as_they_are,
         }
     }
 }
@@ -70,6 +77,16 @@ pub struct PlannedColumn {
     pub source_type: String,
     pub arrow_type: String,
     pub nullable: bool,
+    /// The destination's name for it, when the warehouse cannot take the source's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_name: Option<String>,
+}
+
+/// A source column the warehouse holds under another name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RenamedColumn {
+    pub source: String,
+    pub destination: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -99,6 +116,12 @@ pub struct Plan {
     pub shards: Vec<PlannedShard>,
     #[serde(skip)]
     pub source_columns: Vec<SourceColumn>,
+    /// The destination's name for each of `source_columns`, in order.
+    #[serde(skip)]
+    pub destination_names: Vec<String>,
+    /// The columns the destination holds under another name (the warehouse's naming rule).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub renamed_columns: Vec<RenamedColumn>,
     /// For a transactional load: the rows this run reads. `None` with no shard at all when
     /// the window is empty.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -113,6 +136,17 @@ pub struct Plan {
     /// For a file job: which files the run reads and where its columns came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files: Option<files::FilesPlan>,
+}
+
+impl Plan {
+    /// The destination's name of a source column (itself when not renamed, or not read).
+    pub fn destination_name<'a>(&'a self, source: &'a str) -> &'a str {
+        self.source_columns
+            .iter()
+            .zip(&self.destination_names)
+            .find(|(c, _)| c.name == source)
+            .map_or(source, |(_, d)| d.as_str())
+    }
 }
 
 /// What the state store knows about an incremental stream, beyond the job config.
@@ -383,6 +417,17 @@ pub async fn plan_job_in_stream(
         estimate.rows,
         spec.row_count_threshold,
     );
+    let source_names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+    let destination_names = (opts.column_names)(&source_names);
+    let renamed_columns: Vec<RenamedColumn> = source_names
+        .iter()
+        .zip(&destination_names)
+        .filter(|(s, d)| s != d)
+        .map(|(s, d)| RenamedColumn {
+            source: s.clone(),
+            destination: d.clone(),
+        })
+        .collect();
     Ok(Plan {
         data_source_id: spec.data_source_id,
         source: match &files_plan {
@@ -407,7 +452,8 @@ pub async fn plan_job_in_stream(
         split_column: split.column,
         columns: columns
             .iter()
-            .map(|c| {
+            .zip(&destination_names)
+            .map(|(c, destination)| {
                 let (source_type, arrow_type) =
                     shardflow::source::column_types(spec.source_type, c);
                 PlannedColumn {
@@ -415,6 +461,7 @@ pub async fn plan_job_in_stream(
                     source_type,
                     arrow_type: arrow_type.to_string(),
                     nullable: c.nullable,
+                    destination_name: (destination != &c.name).then(|| destination.clone()),
                 }
             })
             .collect(),
@@ -429,6 +476,8 @@ pub async fn plan_job_in_stream(
             })
             .collect(),
         source_columns: columns,
+        destination_names,
+        renamed_columns,
         window,
         resumes_after,
         merge_keys,
@@ -548,6 +597,12 @@ pub struct RunReport {
     /// A file job: the files the run loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files_loaded: Option<usize>,
+    /// Source columns the destination holds under another name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub renamed_columns: Vec<RenamedColumn>,
+    /// What went wrong without failing the run, for a person to look at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// A file job: what the state store records once the load committed.
     #[serde(skip)]
     pub processed_files: Vec<shardflow::state::ProcessedFile>,

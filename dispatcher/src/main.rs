@@ -450,8 +450,11 @@ async fn main() -> ExitCode {
                 workers: None,
                 exact_count: args.exact_count,
                 retry,
-                // The plan a fleet run makes: its warehouse, BigQuery, loads GCS files itself.
+                // The plan a fleet run makes: its warehouse, BigQuery, loads GCS files itself
+                // and renames the columns it cannot take (its location is not known here).
                 warehouse_loads_gcs: true,
+                column_names: shardflow::warehouse::bigquery::names::bigquery_column_names,
+                ..Default::default()
             };
             match plan_job(&spec, &opts).await {
                 Ok(plan) => {
@@ -521,6 +524,7 @@ async fn main() -> ExitCode {
                         retry,
                         // The engine asks its warehouse.
                         warehouse_loads_gcs: false,
+                        ..Default::default()
                     },
                     batch_rows: args.batch_size,
                     heartbeat: Duration::from_secs(args.heartbeat_secs.max(1)),
@@ -584,6 +588,7 @@ async fn main() -> ExitCode {
                             retry,
                             // The engine asks its warehouse.
                             warehouse_loads_gcs: false,
+                            ..Default::default()
                         },
                         workers,
                         dest,

@@ -27,6 +27,12 @@ use tokio::sync::watch;
 
 const STORE: &str = "GCS";
 const PRODUCTION_BASE: &str = "https://storage.googleapis.com";
+
+/// The Cloud Storage this process reaches with its own identity: the emulator named by
+/// `STORAGE_EMULATOR_HOST`, else Google's.
+pub fn default_base() -> String {
+    crate::staging::storage_emulator_url().unwrap_or_else(|| PRODUCTION_BASE.to_string())
+}
 const READ_WRITE_SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
 /// Resumable uploads take chunks in multiples of 256 KiB, but for the last.
 const CHUNK_ALIGN: usize = 256 * 1024;
@@ -391,7 +397,62 @@ fn range_header(range: &GetRange, size: u64) -> object_store::Result<(String, Ra
     ))
 }
 
+/// What `buckets.get` says of a bucket's place.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketInfo {
+    /// `US`, `EU`, `US-CENTRAL1`, `NAM4`, …
+    pub location: String,
+    /// `multi-region`, `dual-region` or `region`.
+    #[serde(default)]
+    pub location_type: Option<String>,
+}
+
+/// One live generation of an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectVersion {
+    pub generation: String,
+    pub size: u64,
+    /// When this generation was written (`timeCreated`: each generation is a new object).
+    pub time_created: DateTime<Utc>,
+}
+
 impl GcsStore {
+    /// `buckets.get`: where the bucket is. Needs `storage.buckets.get`.
+    pub async fn bucket_info(&self) -> object_store::Result<BucketInfo> {
+        let inner = &self.inner;
+        let url = inner.url(&["storage", "v1", "b", &inner.bucket])?;
+        let what = format!("gs://{}", inner.bucket);
+        let response = inner
+            .send(&what, || inner.request(Method::GET, url.clone()))
+            .await?;
+        json::<BucketInfo>(response, &what).await
+    }
+
+    /// The live generation of an object (`objects.get`, metadata only).
+    pub async fn object_version(&self, location: &Path) -> object_store::Result<ObjectVersion> {
+        let inner = &self.inner;
+        let url = inner.object_url(location)?;
+        let response = inner
+            .send(location.as_ref(), || {
+                inner.request(Method::GET, url.clone())
+            })
+            .await?;
+        let resource = json::<ObjectResource>(response, location.as_ref()).await?;
+        let meta = resource.meta()?;
+        let created = resource.time_created.as_deref().unwrap_or_default();
+        Ok(ObjectVersion {
+            generation: meta
+                .version
+                .clone()
+                .ok_or_else(|| generic(format!("{location}: GCS reported no generation")))?,
+            size: meta.size,
+            time_created: DateTime::parse_from_rfc3339(created)
+                .map_err(|e| generic(format!("{location}: timeCreated \"{created}\": {e}")))?
+                .with_timezone(&Utc),
+        })
+    }
+
     async fn metadata(&self, location: &Path) -> object_store::Result<ObjectMeta> {
         let inner = &self.inner;
         let url = inner.object_url(location)?;

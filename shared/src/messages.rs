@@ -9,7 +9,8 @@ use crate::source::{ShardBounds, SourceColumn};
 use crate::{Error, Result};
 
 /// 2: shard tasks name the timestamp column; results carry a checksum, schema and maximum.
-pub const WIRE_VERSION: u32 = 2;
+/// 3: shard tasks name the destination's columns, which the staged parts must carry.
+pub const WIRE_VERSION: u32 = 3;
 
 /// One unit of extraction work: a key range, ctid range or the whole table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -24,6 +25,9 @@ pub struct ShardTask {
     pub table_name: String,
     /// The columns to read, in output order, with their source types.
     pub columns: Vec<SourceColumn>,
+    /// The destination's name for each column, in the same order; empty: the source's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_names: Vec<String>,
     pub bounds: ShardBounds,
     /// The exported snapshot every shard of the run reads (PostgreSQL).
     pub snapshot: Option<String>,
@@ -154,7 +158,7 @@ mod tests {
         let err = decode::<ShardResult>("shard result", future.as_bytes()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "message: shard result has wire version 99, this build speaks 2"
+            "message: shard result has wire version 99, this build speaks 3"
         );
         let err = decode::<ShardResult>("shard result", b"{").unwrap_err();
         assert!(

@@ -19,6 +19,8 @@ pub struct Staging {
     store: Arc<dyn ObjectStore>,
     /// The directory behind the store, when it is local.
     local_root: Option<PathBuf>,
+    /// The bucket behind the store, when it is GCS.
+    gcs: Option<GcsStore>,
     url: String,
 }
 
@@ -34,18 +36,19 @@ impl Staging {
             store: Arc::new(store),
             url: format!("file://{}", root.display()),
             local_root: Some(root),
+            gcs: None,
         })
     }
 
     /// `gs://bucket/prefix` or a local directory (a path or `file://` URL).
     pub fn from_url(url: &str) -> Result<Self> {
         match url.strip_prefix("gs://") {
-            Some(rest) => Self::gcs(rest),
+            Some(rest) => Self::on_gcs(rest),
             None => Self::local(Path::new(url.strip_prefix("file://").unwrap_or(url))),
         }
     }
 
-    fn gcs(bucket_and_prefix: &str) -> Result<Self> {
+    fn on_gcs(bucket_and_prefix: &str) -> Result<Self> {
         let (bucket, prefix) = bucket_and_prefix
             .split_once('/')
             .unwrap_or((bucket_and_prefix, ""));
@@ -60,15 +63,16 @@ impl Staging {
         } else {
             format!("gs://{bucket}/{prefix}")
         };
-        let store: Arc<dyn ObjectStore> = Arc::new(GcsStore::from_env(bucket)?);
+        let gcs = GcsStore::from_env(bucket)?;
         let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
-            store
+            Arc::new(gcs.clone())
         } else {
-            Arc::new(PrefixStore::new(store, prefix))
+            Arc::new(PrefixStore::new(gcs.clone(), prefix))
         };
         Ok(Staging {
             store,
             local_root: None,
+            gcs: Some(gcs),
             url,
         })
     }
@@ -85,6 +89,11 @@ impl Staging {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The GCS bucket behind the store, when staging is on GCS.
+    pub fn gcs_bucket(&self) -> Option<&GcsStore> {
+        self.gcs.as_ref()
     }
 
     /// The file behind a staged path, for a local store.

@@ -176,6 +176,7 @@ fn options(dir: &Path) -> RunOptions {
             exact_count: false,
             retry: RetryPolicy::none(),
             warehouse_loads_gcs: false,
+            ..Default::default()
         },
         workers: 2,
         dest: dir.join("warehouse").display().to_string(),
@@ -983,7 +984,10 @@ async fn gcs_files_load_through_fake_gcs_server_by_workers() {
 #[tokio::test]
 async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
     let bucket = gcs_bucket_with(&[
-        ("drops/tx_1.csv", csv(&ROWS[..3], '|', true).into_bytes()),
+        (
+            "drops/tx_1.csv.gz",
+            compress(csv(&ROWS[..3], '|', true).as_bytes(), "gz").await,
+        ),
         (
             "drops/tx_2.csv.gz",
             compress(csv(&ROWS[3..], '|', true).as_bytes(), "gz").await,
@@ -1039,6 +1043,99 @@ async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
     let mut all = vec![ROWS_IN_BIGQUERY[0]];
     all.extend(ROWS_IN_BIGQUERY);
     assert_eq!(rows_in_bigquery(&dataset, "loaded").await, all);
+
+    // A plain and a gzip file together: BigQuery takes one compression per load job ("You
+    // cannot include both compressed and uncompressed files in the same load job"), so the
+    // workers read them.
+    gcs_put(
+        &bucket,
+        "drops/tx_4.csv",
+        csv(&ROWS[1..2], '|', true).into_bytes(),
+    )
+    .await;
+    gcs_put(
+        &bucket,
+        "drops/tx_5.csv.gz",
+        compress(csv(&ROWS[2..3], '|', true).as_bytes(), "gz").await,
+    )
+    .await;
+    // (A plan made outside the stream sees every file, loaded or not.)
+    let (path, why) = planned_path(&job()).await;
+    assert_eq!(
+        (path.as_str(), why.as_str()),
+        (
+            "workers",
+            "drops/tx_1.csv.gz is gzip-compressed and drops/tx_3.csv is not; BigQuery takes one or the other in a load job"
+        )
+    );
+    let report = run(job()).await;
+    ok(&report);
+    assert_eq!((report.files_loaded, report.rows_loaded), (Some(2), 2));
+    assert!(report.shards >= 1, "{report:?}");
+    let mut all = all.clone();
+    all.extend([ROWS_IN_BIGQUERY[1], ROWS_IN_BIGQUERY[2]]);
+    all.sort_by_key(|row| row.split('|').next().unwrap().parse::<i64>().unwrap());
+    assert_eq!(rows_in_bigquery(&dataset, "loaded").await, all);
+}
+
+#[tokio::test]
+async fn a_file_rewritten_while_bigquery_loads_it_is_recorded_in_the_version_it_read() {
+    // BigQuery reads gs:// files when its load job runs and cannot pin a generation. The rules
+    // layer's test hook rewrites the file just before bqemulator runs the job (the job reads
+    // the new version) or just after (it read the old one).
+    for when in ["before", "after"] {
+        let bucket =
+            gcs_bucket_with(&[("drops/tx_1.csv", csv(&ROWS[..2], ',', true).into_bytes())]).await;
+        let dataset = format!("ds_rw{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let dir = scratch(&format!("files-rewrite-{when}"));
+        let run = |spec: JobSpec| {
+            let mut opts = options(&dir);
+            opts.dest = format!("bigquery://{}/{dataset}", common::BIGQUERY_PROJECT);
+            opts.staging = Some(format!("gs://{bucket}/staging"));
+            run_job(spec, opts)
+        };
+        let job = || {
+            gcs_job(
+                &bucket,
+                "tx_*",
+                "csv",
+                serde_json::json!({"bigquery_schema": bigquery_schema()}),
+            )
+        };
+        let bq = common::bigquery_host().await;
+        let hooked = reqwest::Client::new()
+            .post(format!("{bq}/rules/rewrite-during-load"))
+            .json(&serde_json::json!({
+                "uri": format!("gs://{bucket}/drops/tx_1.csv"),
+                "content": csv(&ROWS[2..4], ',', true),
+                "when": when,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert!(hooked.status().is_success());
+        let report = run(job()).await;
+        ok(&report);
+        assert_eq!(report.shards, 0, "the fast path: {report:?}");
+        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+        let again = run(job()).await;
+        ok(&again);
+        if when == "before" {
+            // The job read the new version, which is recorded: nothing is loaded again.
+            assert_eq!(
+                rows_in_bigquery(&dataset, "loaded").await,
+                ROWS_IN_BIGQUERY[2..4]
+            );
+            assert_eq!(again.files_loaded, Some(0));
+        } else {
+            // It read the planned version, which is recorded: the new one loads next.
+            assert_eq!(again.files_loaded, Some(1));
+            assert_eq!(
+                rows_in_bigquery(&dataset, "loaded").await,
+                ROWS_IN_BIGQUERY[..4]
+            );
+        }
+    }
 }
 
 /// `ROWS` as `rows_in_bigquery` reads them back.

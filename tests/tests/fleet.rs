@@ -174,7 +174,7 @@ impl Fleet {
     async fn start(name: &str, workers: usize, extra_env: &[(&str, &str)]) -> Fleet {
         let pubsub = env_or_fail("PUBSUB_EMULATOR_HOST");
         let gcs = env_or_fail("STORAGE_EMULATOR_HOST");
-        let bq = env_or_fail("BIGQUERY_EMULATOR_HOST");
+        let bq = common::bigquery_host().await;
         let id = format!("{name}{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let django = Django::default();
         let django_url = django.start().await;
@@ -189,6 +189,8 @@ impl Fleet {
             ("PUBSUB_EMULATOR_HOST", pubsub.as_str()),
             ("STORAGE_EMULATOR_HOST", gcs.as_str()),
             ("BIGQUERY_EMULATOR_HOST", bq.as_str()),
+            // The emulator's buckets are in US-CENTRAL1, which a US dataset loads from.
+            ("BIGQUERY_LOCATION", "US"),
             ("GCP_PROJECT_ID", PROJECT),
             ("DJANGO_API_URL", django_url.as_str()),
             ("ETL_API_TOKEN", "test-token"),
@@ -566,6 +568,7 @@ async fn embedded_run(schema: &str, extra: Value, shard_rows: u64) -> RunReport 
             exact_count: true,
             retry: RetryPolicy::none(),
             warehouse_loads_gcs: false,
+            ..Default::default()
         },
         workers: 2,
         dest: dir.join("warehouse").display().to_string(),

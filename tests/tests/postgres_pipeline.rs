@@ -32,6 +32,7 @@ fn options(dir: &std::path::Path, shard_rows: u64) -> RunOptions {
             exact_count: false,
             retry: RetryPolicy::none(),
             warehouse_loads_gcs: false,
+            ..Default::default()
         },
         workers: 2,
         dest: dir.join("warehouse").display().to_string(),

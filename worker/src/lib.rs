@@ -374,15 +374,21 @@ impl Worker {
                 stream
             }
         };
-        let schema = shardflow::source::arrow_schema(job.source_type, &task.columns);
-        let mut digest = ContentDigest::new(&schema, task.timestamp_column.as_deref())?;
+        // The parts carry the destination's column names; the digest reads the same columns.
+        let schema = shardflow::source::staged_schema(
+            job.source_type,
+            &task.columns,
+            &task.destination_names,
+        );
+        let extracted = shardflow::source::arrow_schema(job.source_type, &task.columns);
+        let mut digest = ContentDigest::new(&extracted, task.timestamp_column.as_deref())?;
         let rows = self.rows.clone();
         let files = write_parts(
             self.staging.store(),
             &task.run_id,
             &task.shard_id,
             schema.clone(),
-            stream,
+            shardflow::source::renamed(stream, schema.clone()),
             &self.settings.parts,
             |batch| {
                 rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);

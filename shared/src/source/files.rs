@@ -69,6 +69,13 @@ pub struct FilePart {
 /// Where a file job's files live: a store, and the path every listing starts from.
 pub struct FileLocation {
     store: Arc<dyn ObjectStore>,
+    /// The bucket or container, for a cloud store.
+    bucket: Option<String>,
+    /// The job reaches the store with credentials (or an endpoint) of its own, not the
+    /// platform's.
+    own_access: bool,
+    /// The endpoint `connection_params` names, if any.
+    endpoint: Option<String>,
     /// `gs://bucket`, `s3://bucket`, `az://container` or `file://<base>`: prefixes URIs.
     root: String,
     /// `file_path_prefix` inside the store (no leading slash).
@@ -84,6 +91,20 @@ const BUCKET_KEYS: &[&str] = &[
     "bucket_path",
     "container",
     "container_name",
+];
+
+/// Connection parameters that give a job its own way into its store.
+const OWN_ACCESS_KEYS: &[&str] = &[
+    "endpoint",
+    "endpoint_url",
+    "service_account_json",
+    "service_account_key",
+    "credentials_json",
+    "credentials",
+    "aws_access_key_id",
+    "connection_string",
+    "account_key",
+    "sas_token",
 ];
 
 /// The bucket or container `connection_params` name, if any.
@@ -177,6 +198,7 @@ impl FileLocation {
         let pattern = globset::Glob::new(&files.pattern)
             .map_err(|e| Error::Source(format!("file_pattern {:?}: {}", files.pattern, e.kind())))?
             .compile_matcher();
+        let mut bucket_name = None;
         let (store, root, prefix): (Arc<dyn ObjectStore>, String, String) = match spec.source_type {
             SourceType::Local => {
                 let (base, prefix) = local_root(
@@ -199,17 +221,37 @@ impl FileLocation {
                     SourceType::S3 => Arc::new(s3_store(spec, &bucket)?),
                     _ => Arc::new(azure_store(spec, &bucket)?),
                 };
+                bucket_name = Some(bucket.clone());
                 (store, format!("{}://{bucket}", schemes(cloud)[0]), prefix)
             }
             other => return Err(Error::Source(format!("{other:?} is not a file source"))),
         };
         Ok(FileLocation {
             store,
+            bucket: bucket_name,
+            own_access: param(spec, OWN_ACCESS_KEYS).is_some(),
+            endpoint: param(spec, &["endpoint", "endpoint_url"]).map(str::to_string),
             root,
             prefix,
             pattern,
             spec: files,
         })
+    }
+
+    /// The bucket or container of a cloud store.
+    pub fn bucket(&self) -> Option<&str> {
+        self.bucket.as_deref()
+    }
+
+    /// The endpoint the job reaches its store at, when `connection_params` names one.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.endpoint.as_deref()
+    }
+
+    /// Whether the job reaches its files with credentials or an endpoint of its own, so that
+    /// what the platform's identity may read says nothing of them.
+    pub fn own_access(&self) -> bool {
+        self.own_access
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -314,22 +356,27 @@ impl FileLocation {
 
     /// Checks the file is still the one listed (Parquet is read by ranges, which do not pin).
     pub async fn check_unchanged(&self, file: &FileInfo) -> Result<()> {
+        let now = self.current(file).await?;
+        if now.version_key() != file.version_key() || now.size != file.size {
+            return Err(self.changed(file));
+        }
+        Ok(())
+    }
+
+    /// The file as it is now (its live generation).
+    pub async fn current(&self, file: &FileInfo) -> Result<FileInfo> {
         let meta = self
             .store
             .head(&Path::from(file.path.as_str()))
             .await
             .map_err(|e| self.read_error(file, e))?;
-        let now = FileInfo {
+        Ok(FileInfo {
             path: file.path.clone(),
             size: meta.size,
             last_modified: meta.last_modified,
             e_tag: meta.e_tag,
             version: meta.version,
-        };
-        if now.version_key() != file.version_key() || now.size != file.size {
-            return Err(self.changed(file));
-        }
-        Ok(())
+        })
     }
 
     fn changed(&self, file: &FileInfo) -> Error {

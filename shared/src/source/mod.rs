@@ -33,6 +33,58 @@ pub fn arrow_schema(source: SourceType, columns: &[SourceColumn]) -> SchemaRef {
     std::sync::Arc::new(arrow::datatypes::Schema::new(fields))
 }
 
+/// Field metadata naming the source column a staged field was renamed from.
+pub const SOURCE_NAME_KEY: &str = "shardflow.source_name";
+
+/// The schema of the staged parts: the extracted one with each field named as the
+/// destination's column (`destination_names`, in column order; empty: as in the source). A
+/// renamed field keeps its source name in `shardflow.source_name`.
+pub fn staged_schema(
+    source: SourceType,
+    columns: &[SourceColumn],
+    destination_names: &[String],
+) -> SchemaRef {
+    let schema = arrow_schema(source, columns);
+    if destination_names.len() != columns.len()
+        || schema
+            .fields()
+            .iter()
+            .zip(destination_names)
+            .all(|(f, n)| f.name() == n)
+    {
+        return schema;
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(destination_names)
+        .map(|(f, name)| {
+            if f.name() == name {
+                return f.as_ref().clone();
+            }
+            let mut metadata = f.metadata().clone();
+            metadata.insert(SOURCE_NAME_KEY.to_string(), f.name().clone());
+            f.as_ref().clone().with_name(name).with_metadata(metadata)
+        })
+        .collect();
+    std::sync::Arc::new(arrow::datatypes::Schema::new(fields))
+}
+
+/// The batches of a stream under `schema`: the same columns, named as it names them.
+pub fn renamed(stream: BatchStream, schema: SchemaRef) -> BatchStream {
+    use futures::StreamExt as _;
+    Box::pin(stream.map(move |batch| {
+        let batch = batch?;
+        if batch.schema().fields() == schema.fields() {
+            return Ok(batch);
+        }
+        Ok(RecordBatch::try_new(
+            schema.clone(),
+            batch.columns().to_vec(),
+        )?)
+    }))
+}
+
 /// A column's source type as people read it, and the Arrow type it is extracted as.
 pub fn column_types(source: SourceType, column: &SourceColumn) -> (String, DataType) {
     match source {
@@ -166,6 +218,43 @@ pub fn quote_ident(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staged_schemas_carry_the_destination_names() {
+        let column = |name: &str| SourceColumn {
+            name: name.into(),
+            type_oid: 23,
+            type_name: "integer".into(),
+            typmod: -1,
+            nullable: true,
+        };
+        let columns = [column("id"), column("order id")];
+        let same = staged_schema(SourceType::Postgresql, &columns, &[]);
+        assert_eq!(same, arrow_schema(SourceType::Postgresql, &columns));
+        let staged = staged_schema(
+            SourceType::Postgresql,
+            &columns,
+            &["id".into(), "order_id".into()],
+        );
+        assert_eq!(staged.field(0), same.field(0));
+        let renamed_field = staged.field(1);
+        assert_eq!(renamed_field.name(), "order_id");
+        assert_eq!(renamed_field.data_type(), &DataType::Int32);
+        assert_eq!(
+            renamed_field
+                .metadata()
+                .get(SOURCE_NAME_KEY)
+                .map(String::as_str),
+            Some("order id")
+        );
+        assert_eq!(
+            renamed_field
+                .metadata()
+                .get(pg_binary::SOURCE_TYPE_KEY)
+                .map(String::as_str),
+            Some("integer")
+        );
+    }
 
     #[test]
     fn identifiers_are_always_quoted() {

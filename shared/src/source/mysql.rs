@@ -991,6 +991,7 @@ mod tests {
                 typmod: -1,
                 nullable: false,
             }],
+            destination_names: Vec::new(),
             bounds,
             snapshot: None,
             batch_rows: 10,

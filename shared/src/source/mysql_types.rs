@@ -8,9 +8,9 @@
 //! | tinyint unsigned, smallint | Int16 | |
 //! | smallint unsigned, mediumint (both), int | Int32 | |
 //! | int unsigned, bigint | Int64 | |
-//! | bigint unsigned | UInt64 | up to 18446744073709551615 (BigQuery NUMERIC) |
+//! | bigint unsigned | Decimal128(20, 0) | up to 18446744073709551615 (BigQuery NUMERIC; a Parquet UINT_64 would load as INT64) |
 //! | bit(1) | Boolean | |
-//! | bit(2..=63) / bit(64) | Int64 / UInt64 | the bits as a number |
+//! | bit(2..=63) / bit(64) | Int64 / Decimal128(20, 0) | the bits as a number |
 //! | year | Int16 | |
 //! | float / double | Float32 / Float64 | bit-exact |
 //! | decimal(p,s), p <= 38 / p > 38 | Decimal128(p,s) / Decimal256(p,s) | decimal(65,30) is BigQuery BIGNUMERIC |
@@ -28,7 +28,7 @@ use std::sync::Arc;
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Decimal256Builder,
     Float32Builder, Float64Builder, Int8Builder, Int16Builder, Int32Builder, Int64Builder,
-    StringBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+    StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Decimal128Type, Decimal256Type, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
@@ -156,7 +156,9 @@ impl Decoding {
             Decoding::Int16 => DataType::Int16,
             Decoding::Int32 => DataType::Int32,
             Decoding::Int64 | Decoding::Bits { unsigned: false } => DataType::Int64,
-            Decoding::UInt64 | Decoding::Bits { unsigned: true } => DataType::UInt64,
+            // Exact, and a decimal BigQuery loads as NUMERIC (a Parquet UINT_64 loads as INT64
+            // only, failing past 2^63 - 1).
+            Decoding::UInt64 | Decoding::Bits { unsigned: true } => DataType::Decimal128(20, 0),
             Decoding::Bit1 => DataType::Boolean,
             Decoding::Float32 => DataType::Float32,
             Decoding::Float64 => DataType::Float64,
@@ -200,7 +202,6 @@ enum Builder {
     Int16(Int16Builder),
     Int32(Int32Builder),
     Int64(Int64Builder),
-    UInt64(UInt64Builder),
     Bool(BooleanBuilder),
     Float32(Float32Builder),
     Float64(Float64Builder),
@@ -221,13 +222,10 @@ impl Builder {
             Decoding::Int64 | Decoding::Bits { unsigned: false } => {
                 Builder::Int64(Int64Builder::with_capacity(capacity))
             }
-            Decoding::UInt64 | Decoding::Bits { unsigned: true } => {
-                Builder::UInt64(UInt64Builder::with_capacity(capacity))
-            }
             Decoding::Bit1 => Builder::Bool(BooleanBuilder::with_capacity(capacity)),
             Decoding::Float32 => Builder::Float32(Float32Builder::with_capacity(capacity)),
             Decoding::Float64 => Builder::Float64(Float64Builder::with_capacity(capacity)),
-            Decoding::Decimal128 { .. } => {
+            Decoding::Decimal128 { .. } | Decoding::UInt64 | Decoding::Bits { unsigned: true } => {
                 Builder::Decimal128(Decimal128Builder::with_capacity(capacity))
             }
             Decoding::Decimal256 { .. } => {
@@ -250,7 +248,6 @@ impl Builder {
             Builder::Int16(b) => b.append_null(),
             Builder::Int32(b) => b.append_null(),
             Builder::Int64(b) => b.append_null(),
-            Builder::UInt64(b) => b.append_null(),
             Builder::Bool(b) => b.append_null(),
             Builder::Float32(b) => b.append_null(),
             Builder::Float64(b) => b.append_null(),
@@ -269,7 +266,6 @@ impl Builder {
             Builder::Int16(b) => Arc::new(b.finish()),
             Builder::Int32(b) => Arc::new(b.finish()),
             Builder::Int64(b) => Arc::new(b.finish()),
-            Builder::UInt64(b) => Arc::new(b.finish()),
             Builder::Bool(b) => Arc::new(b.finish()),
             Builder::Float32(b) => Arc::new(b.finish()),
             Builder::Float64(b) => Arc::new(b.finish()),
@@ -277,7 +273,7 @@ impl Builder {
                 Decoding::Decimal128 { precision, scale } => {
                     Arc::new(b.finish().with_precision_and_scale(precision, scale)?)
                 }
-                _ => Arc::new(b.finish()),
+                _ => Arc::new(b.finish().with_precision_and_scale(20, 0)?),
             },
             Builder::Decimal256(b) => match d {
                 Decoding::Decimal256 { precision, scale } => {
@@ -516,16 +512,12 @@ fn append(d: Decoding, b: &mut Builder, bytes: &[u8]) -> std::result::Result<boo
             // int unsigned comes as four bytes.
             b.append_value(narrow(int_le(bytes, bytes.len() == 4)?, "Int64")?)
         }
-        (Decoding::UInt64, Builder::UInt64(b)) => {
-            b.append_value(narrow(int_le(bytes, true)?, "UInt64")?)
-        }
+        (Decoding::UInt64, Builder::Decimal128(b)) => b.append_value(int_le(bytes, true)?),
         (Decoding::Bit1, Builder::Bool(b)) => b.append_value(bytes.iter().any(|x| *x != 0)),
         (Decoding::Bits { .. }, Builder::Int64(b)) => {
             b.append_value(narrow(bits(bytes)?, "Int64")?)
         }
-        (Decoding::Bits { .. }, Builder::UInt64(b)) => {
-            b.append_value(narrow(bits(bytes)?, "UInt64")?)
-        }
+        (Decoding::Bits { .. }, Builder::Decimal128(b)) => b.append_value(bits(bytes)?),
         (Decoding::Float32, Builder::Float32(b)) => {
             b.append_value(f32::from_le_bytes(fixed(bytes)?))
         }
@@ -588,7 +580,7 @@ fn bits(bytes: &[u8]) -> std::result::Result<i128, String> {
 mod tests {
     use super::*;
     use arrow::array::{Array, AsArray};
-    use arrow::datatypes::{Date32Type, TimestampMicrosecondType, UInt64Type};
+    use arrow::datatypes::{Date32Type, Decimal128Type as D128, TimestampMicrosecondType};
 
     fn col(name: &str, ty: &str) -> SourceColumn {
         SourceColumn {
@@ -621,10 +613,10 @@ mod tests {
             ("smallint(5) unsigned", DataType::Int32),
             ("mediumint(8) unsigned", DataType::Int32),
             ("int(10) unsigned", DataType::Int64),
-            ("bigint(20) unsigned", DataType::UInt64),
+            ("bigint(20) unsigned", DataType::Decimal128(20, 0)),
             ("bit(1)", DataType::Boolean),
             ("bit(12)", DataType::Int64),
-            ("bit(64)", DataType::UInt64),
+            ("bit(64)", DataType::Decimal128(20, 0)),
             ("year(4)", DataType::Int16),
             ("float", DataType::Float32),
             ("double", DataType::Float64),
@@ -693,8 +685,12 @@ mod tests {
             .unwrap();
         let batch = decoder.take_batch().unwrap().unwrap();
         assert_eq!(
-            batch.column(0).as_primitive::<UInt64Type>().value(0),
-            u64::MAX
+            batch.column(0).as_primitive::<D128>().value(0),
+            i128::from(u64::MAX)
+        );
+        assert_eq!(
+            batch.schema().field(0).data_type(),
+            &DataType::Decimal128(20, 0)
         );
         assert!(batch.column(0).is_null(1));
         assert_eq!(

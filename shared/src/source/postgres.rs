@@ -877,6 +877,7 @@ mod tests {
                     nullable: true,
                 },
             ],
+            destination_names: Vec::new(),
             bounds,
             snapshot: None,
             batch_rows: 10,

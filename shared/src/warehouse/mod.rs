@@ -106,6 +106,10 @@ pub struct LoadOutcome {
     pub files: usize,
     /// Where the table lives, for the report.
     pub location: String,
+    /// When the warehouse read source files itself (`load_source_files`): the job's start and
+    /// end, in milliseconds since the epoch. A file rewritten in between may have been read
+    /// in either version.
+    pub read_window: Option<(i64, i64)>,
 }
 
 /// How a warehouse reads source files where they lie, without a worker converting them.
@@ -136,10 +140,25 @@ pub struct SourceFilesLoad<'a> {
     pub mode: WriteMode,
 }
 
+/// Column names as they are: a warehouse that takes any name.
+pub fn names_as_they_are(names: &[String]) -> Vec<String> {
+    names.to_vec()
+}
+
 #[async_trait]
 pub trait Warehouse: Send + Sync {
     /// Refuses, before any data moves, a table name this warehouse cannot hold.
     fn check_table_name(&self, table: &str) -> Result<()>;
+    /// The rule that names the destination's column for each source column, in order: a
+    /// deterministic, collision-free mapping of names the warehouse cannot take.
+    fn column_names(&self) -> fn(&[String]) -> Vec<String> {
+        names_as_they_are
+    }
+    /// Where the warehouse's data lives (a BigQuery dataset's location), when it has one;
+    /// source files it loads itself must be there.
+    async fn location(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
     async fn load(&self, request: LoadRequest<'_>) -> Result<LoadOutcome>;
     /// Whether `load_source_files` reads `gs://` URIs itself (BigQuery does).
     fn loads_gcs_files(&self) -> bool {

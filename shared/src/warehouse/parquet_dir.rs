@@ -220,6 +220,7 @@ impl ParquetDirWarehouse {
             rows_loaded: loaded,
             files,
             location: live.display().to_string(),
+            read_window: None,
         })
     }
 }
@@ -485,6 +486,7 @@ fn merge_into(req: &LoadRequest<'_>, live: &Path, build: &Path) -> Result<LoadOu
         rows_loaded: merged,
         files,
         location: live.display().to_string(),
+        read_window: None,
     })
 }
 
@@ -507,6 +509,7 @@ fn appended_before(live: &Path, load_key: &str) -> Result<Option<LoadOutcome>> {
         rows_loaded: rows,
         files,
         location: live.display().to_string(),
+        read_window: None,
     }))
 }
 

@@ -403,9 +403,27 @@ pub fn env_or_fail(name: &str) -> String {
 /// The project the emulators serve.
 pub const BIGQUERY_PROJECT: &str = "test-proj";
 
+/// `BIGQUERY_EMULATOR_HOST`, checked to be the strict rules layer in front of bqemulator (a
+/// load real BigQuery would refuse must fail the suite), never bqemulator itself.
+pub async fn bigquery_host() -> String {
+    let bq = env_or_fail("BIGQUERY_EMULATOR_HOST");
+    let answer = reqwest::get(format!("{bq}/rules")).await;
+    let marked = answer
+        .as_ref()
+        .ok()
+        .and_then(|r| r.headers().get("x-shardflow-rules"))
+        .is_some();
+    assert!(
+        marked,
+        "BIGQUERY_EMULATOR_HOST={bq} is not the strict rules layer ({answer:?}): build, then \
+         start it with `bash tests/emulators.sh rules` (tests/run.sh does both)"
+    );
+    bq
+}
+
 /// A query's rows from bqemulator, each cell as the REST API sends it.
 pub async fn bigquery_rows(sql: &str) -> Vec<Vec<Option<String>>> {
-    let bq = env_or_fail("BIGQUERY_EMULATOR_HOST");
+    let bq = bigquery_host().await;
     let response: serde_json::Value = reqwest::Client::new()
         .post(format!(
             "{bq}/bigquery/v2/projects/{BIGQUERY_PROJECT}/queries"
