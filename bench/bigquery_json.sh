@@ -10,7 +10,7 @@
 # query scans (by BigQuery's documented data sizes, computed by PostgreSQL over the same rows)
 # and shardflow's peak RSS.
 #
-#   eval "$(bash tests/emulators.sh start)"; cargo build --bins; bash tests/emulators.sh rules
+#   eval "$(bash tests/emulators.sh start)"; cargo build --bins --tests; eval "$(bash tests/emulators.sh rules)"
 #   bench/bigquery_json.sh [ROWS]     (default 1,000,000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ out="bench/out"
 mkdir -p "$out"
 : "${BIGQUERY_EMULATOR_HOST:?start the emulators: eval \"\$(bash tests/emulators.sh start)\"}"
 curl -sf -o /dev/null "$BIGQUERY_EMULATOR_HOST/rules" \
-  || { echo "BIGQUERY_EMULATOR_HOST is not the rules layer: bash tests/emulators.sh rules" >&2; exit 1; }
+  || { echo "BIGQUERY_EMULATOR_HOST is not the rules layer: eval \"\$(bash tests/emulators.sh rules)\"" >&2; exit 1; }
 
 # shellcheck source=bench/wide_table.sh
 . bench/wide_table.sh

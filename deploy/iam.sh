@@ -31,6 +31,7 @@
 #     roles/bigquery.dataEditor on the dataset                     (create / replace tables)
 #     roles/storage.objectAdmin on the staging bucket              (the load job reads staging as
 #                              the dispatcher's identity; it deletes staging after the load)
+#     roles/storage.legacyBucketReader on the staging bucket       (storage.buckets.get: its location)
 #   shardflow-worker
 #     roles/pubsub.subscriber  on etl-shards-workers               (pull, extend lease, ack, nack)
 #     roles/pubsub.publisher   on etl-shard-results                (report each shard)
@@ -126,6 +127,9 @@ fi
 project_role "$D" roles/bigquery.jobUser
 dataset_role "$DISPATCHER_SA" roles/bigquery.dataEditor
 bucket_role "$D" roles/storage.objectAdmin
+# storage.buckets.get: before a load, the dispatcher checks the staging bucket is in the
+# dataset's location (BigQuery loads only from a bucket there).
+bucket_role "$D" roles/storage.legacyBucketReader
 
 # --- worker ------------------------------------------------------------------------------
 W="serviceAccount:$WORKER_SA"

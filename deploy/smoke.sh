@@ -3,7 +3,7 @@
 # emulator variables set, against the emulators: the test suite runs it that way).
 #
 # It creates a temporary dataset, bucket and Pub/Sub topics, a PostgreSQL source table with
-# json, jsonb, numeric(50,20), timestamptz and column names BigQuery cannot take ("Amount"
+# json, jsonb, numeric(50,20), timestamptz, timestamp, date and column names BigQuery cannot take ("Amount"
 # beside amount, "order id"), then runs `dispatcher serve` and `worker serve` with a stand-in
 # of the Django API and sends them job messages as Django does:
 #   1. a catalog load, 2. a transactional load, then new rows and a second one,
@@ -104,7 +104,7 @@ cleanup() {
                 "$PUBSUB/projects/$PROJECT/$kind/$name"
         done
     done
-    psql -q -v ON_ERROR_STOP=1 -c "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
+    psql -q -v ON_ERROR_STOP=1 -c "SET client_min_messages = warning; DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null
     rm -rf "$WORK"
     exit "$status"
 }
@@ -133,7 +133,8 @@ INSERT INTO $SCHEMA.t SELECT i, i * 1.25, -i * 0.5, '$3 ' || i || CASE WHEN i % 
     CASE WHEN i % 5 = 0 THEN NULL ELSE jsonb_build_object('i', i, 'tag', '$3', 'list', jsonb_build_array(1, 'two', NULL, 3.5)) END,
     CASE WHEN i % 6 = 0 THEN NULL ELSE json_build_object('n', i::bigint * 1000000007, 'ok', i % 2 = 0) END,
     CASE WHEN i % 7 = 0 THEN NULL ELSE ('123456789012345678901234567' || i || '.12345678901234567890')::numeric(50,20) END,
-    timestamptz '$4' + i * interval '1 minute'
+    timestamptz '$4' + i * interval '1 minute', timestamp '2023-02-03 04:05:06.789012' + i * interval '1 day',
+    date '1999-12-31' + i
   FROM generate_series($1, $2) i
 ON CONFLICT (id) DO UPDATE SET "order id" = EXCLUDED."order id", doc = EXCLUDED.doc, seen = EXCLUDED.seen;
 SQL
@@ -141,7 +142,8 @@ SQL
 psql -q -v ON_ERROR_STOP=1 >/dev/null <<SQL
 CREATE SCHEMA $SCHEMA;
 CREATE TABLE $SCHEMA.t (id bigint PRIMARY KEY, "Amount" numeric(12,2), amount numeric(12,2),
-    "order id" text, doc jsonb, js json, big numeric(50,20), seen timestamptz NOT NULL);
+    "order id" text, doc jsonb, js json, big numeric(50,20), seen timestamptz NOT NULL,
+    local_at timestamp, day date);
 $(rows 1 20 first '2024-05-01 00:00:00.250001+00')
 ANALYZE $SCHEMA.t;
 SQL
@@ -196,9 +198,11 @@ bq_query() { # bq_query SQL > file: a jobs.query answer
 check() {
     psql -At -v ON_ERROR_STOP=1 -c "SELECT json_agg(json_build_array(id::text, \"Amount\"::text, amount::text,
         \"order id\", doc::text, js::text, big::text,
-        to_char(seen AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')) ORDER BY id) FROM $SCHEMA.t" >"$WORK/pg.json"
+        to_char(seen AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US'),
+        to_char(local_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), day::text) ORDER BY id) FROM $SCHEMA.t" >"$WORK/pg.json"
     bq_query "SELECT id, CAST(Amount AS STRING), CAST(amount_2 AS STRING), order_id, TO_JSON_STRING(doc),
-        TO_JSON_STRING(js), CAST(big AS STRING), FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%E6S', seen)
+        TO_JSON_STRING(js), CAST(big AS STRING), FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%E6S', seen),
+        FORMAT_DATETIME('%Y-%m-%dT%H:%M:%E6S', local_at), CAST(day AS STRING)
         FROM \`$PROJECT.$DATASET.$1\` ORDER BY id" "$LOCATION" >"$WORK/bq.json"
     python3 "$HELPERS" compare "$WORK/pg.json" "$WORK/bq.json" "$MODE" || fail "$1 differs from the source"
     say "$1: $(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$WORK/pg.json") rows, every value as in PostgreSQL"

@@ -79,7 +79,7 @@ def trim(decimal):
 
 
 def compare(pg_file, bq_file, mode):
-    """Rows are [id, Amount, amount, order id, doc, js, big, seen]: decimals (big is
+    """Rows are [id, Amount, amount, order id, doc, js, big, seen, local_at, day]: decimals (big is
     numeric(50,20), BIGNUMERIC) compared as text without trailing zeros, JSON as parsed values.
     `mode` (bigquery or emulator) only labels the messages."""
     with open(pg_file) as f:
@@ -97,12 +97,12 @@ def compare(pg_file, bq_file, mode):
     def norm_pg(r):
         doc = json.loads(r[4]) if r[4] is not None else None
         js = json.loads(r[5]) if r[5] is not None else None
-        return [str(r[0]), trim(r[1]), trim(r[2]), r[3], doc, js, trim(r[6]), r[7]]
+        return [str(r[0]), trim(r[1]), trim(r[2]), r[3], doc, js, trim(r[6]), r[7], r[8], r[9]]
 
     def norm_bq(r):
         doc = json.loads(r[4]) if r[4] is not None else None
         js = json.loads(r[5]) if r[5] is not None else None
-        return [r[0], trim(r[1]), trim(r[2]), r[3], doc, js, trim(r[6]), r[7]]
+        return [r[0], trim(r[1]), trim(r[2]), r[3], doc, js, trim(r[6]), r[7], r[8], r[9]]
 
     for p, b in zip(pg, bq):
         want, got = norm_pg(p), norm_bq(b)

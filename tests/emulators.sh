@@ -6,7 +6,7 @@
 # BigQuery is reached through the strict rules layer (target/debug/bq-rules, built by cargo
 # from tests/src/bq_rules): BIGQUERY_EMULATOR_HOST points at it, never at bqemulator itself.
 #   bash tests/emulators.sh start   # start what is missing, then print the env to export
-#   bash tests/emulators.sh rules   # (re)start the rules layer after a build
+#   bash tests/emulators.sh rules   # (re)start the rules layer after a build, print the env
 #   bash tests/emulators.sh env     # print the env only
 #   bash tests/emulators.sh stop    # stop what this script started
 set -euo pipefail
@@ -31,10 +31,17 @@ PUBSUB_HOME=/usr/lib/google-cloud-sdk/platform/pubsub-emulator
 PUBSUB_PATCH=$EMU/pubsub-patch
 
 print_env() {
+    # BigQuery through the rules layer when it runs; else bqemulator itself, which the suite's
+    # BigQuery tests refuse (they check for the layer), so the env still serves a local fleet.
+    local bigquery=http://127.0.0.1:$RULES_PORT
+    if ! answers "$bigquery/rules"; then
+        echo "emulators.sh: the rules layer is not running (bash tests/emulators.sh rules, after a build); BIGQUERY_EMULATOR_HOST is bqemulator itself" >&2
+        bigquery=http://127.0.0.1:$BQ_PORT
+    fi
     cat <<EOF
 export PUBSUB_EMULATOR_HOST=127.0.0.1:$PUBSUB_PORT
 export STORAGE_EMULATOR_HOST=http://127.0.0.1:$GCS_PORT
-export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$RULES_PORT
+export BIGQUERY_EMULATOR_HOST=$bigquery
 export SHARDFLOW_BQEMULATOR_URL=http://127.0.0.1:$BQ_PORT
 export BIGQUERY_LOCATION=US
 export GCP_PROJECT_ID=$BQ_PROJECT
@@ -154,8 +161,6 @@ start() {
     wait_for "azurite" "http://127.0.0.1:$AZURE_PORT/" "$EMU/azure.log"
     if [ -x "$RULES_BIN" ]; then
         rules
-    else
-        echo "emulators.sh: $RULES_BIN is not built yet; after cargo build, run: bash tests/emulators.sh rules" >&2
     fi
     print_env
 }
@@ -192,7 +197,7 @@ stop() {
 
 case "${1:-start}" in
     start) start ;;
-    rules) rules ;;
+    rules) rules; print_env ;;
     env) print_env ;;
     stop) stop ;;
     *) echo "usage: $0 start|rules|env|stop" >&2; exit 2 ;;

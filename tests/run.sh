@@ -42,14 +42,16 @@ fi
 if [ -z "${SHARDFLOW_KEEP_EMULATORS:-}" ]; then
   trap 'bash tests/emulators.sh stop' EXIT
 fi
-rm -f "$emulators_env"
 
 cargo fmt --all --check
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 # One build of everything (the end-to-end tests also run the dispatcher binary).
 cargo build --locked --workspace --bins --tests
 # Every BigQuery request of the suite goes through the strict rules layer just built.
-bash tests/emulators.sh rules
+bash tests/emulators.sh rules >"$emulators_env"
+# shellcheck disable=SC1090
+. "$emulators_env"
+rm -f "$emulators_env"
 export SHARDFLOW_DISPATCHER_BIN="$target_dir/debug/dispatcher"
 log="$(mktemp)"
 status=0

@@ -814,7 +814,15 @@ impl Engine {
         // that can be told.
         let mut loaded = Vec::with_capacity(direct.files.len());
         for planned in &direct.files {
-            let now = location.current(planned).await?;
+            // The job succeeded, so it read the file: one gone (or unreadable) now was read as
+            // planned, and the load that committed must still be recorded.
+            let now = match location.current(planned).await {
+                Ok(now) => now,
+                Err(e) => {
+                    tracing::warn!(file = %location.uri(&planned.path), error = %e, "cannot look at the file after its load; recorded as planned");
+                    planned.clone()
+                }
+            };
             match read_version(planned, &now, outcome.read_window) {
                 ReadVersion::Planned => loaded.push(planned.clone()),
                 ReadVersion::Current => {

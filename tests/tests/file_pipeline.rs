@@ -1019,6 +1019,22 @@ async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
             "BigQuery loads the 2 files from GCS itself (CSV with the job's delimiter, quote, header and encoding); no worker reads them"
         )
     );
+    // Into a dataset elsewhere than the bucket (fake-gcs-server's are in US-CENTRAL1), the
+    // workers read the files.
+    let opts = PlanOptions {
+        warehouse_loads_gcs: true,
+        warehouse_location: Some("EU".into()),
+        ..PlanOptions::default()
+    };
+    let plan = shardflow_dispatcher::plan_job(&job(), &opts).await.unwrap();
+    let files = plan.files.unwrap();
+    assert_eq!(
+        (files.load_path, files.load_path_reason.as_str()),
+        (
+            "workers",
+            "the bucket is in US-CENTRAL1 and the dataset in EU; BigQuery loads only from a bucket in the dataset's location"
+        )
+    );
     let report = run(job()).await;
     ok(&report);
     assert_eq!(

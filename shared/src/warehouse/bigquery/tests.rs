@@ -568,6 +568,11 @@ mod emulated {
             .collect()
     }
 
+    /// The error a load that must fail gives.
+    async fn refused(env: &Env, req: LoadRequest<'_>) -> String {
+        env.wh.load(req).await.unwrap_err().to_string()
+    }
+
     async fn count(env: &Env, table: &str) -> u64 {
         env.wh.count_rows(table, None).await.unwrap()
     }
@@ -1222,12 +1227,11 @@ mod emulated {
             (0..7).map(|i| expected(&env, i)).collect::<Vec<_>>()
         );
         // A count that does not match loads nothing.
-        let err = env
-            .wh
-            .load(request(&env, "docs", "r4", &more, WriteMode::Append, 3))
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refused(
+            &env,
+            request(&env, "docs", "r4", &more, WriteMode::Append, 3),
+        )
+        .await;
         assert!(
             err.contains("received 2 rows") && err.contains("reported 3"),
             "{err}"
@@ -1311,12 +1315,11 @@ mod emulated {
             ))
             .await
             .unwrap();
-        let err = env
-            .wh
-            .load(request(&env, "strict", "r3", &parts, WriteMode::Append, 4))
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refused(
+            &env,
+            request(&env, "strict", "r3", &parts, WriteMode::Append, 4),
+        )
+        .await;
         assert!(
             err.contains(
                 "has REQUIRED columns the source may leave NULL: name (nullable in the source)"
@@ -1325,6 +1328,54 @@ mod emulated {
         );
         assert!(job(&env, "r3", "strict", "load").await.is_none());
         assert_eq!(count(&env, "strict").await, 0);
+    }
+
+    #[tokio::test]
+    async fn datasets_are_made_only_where_configured_and_staging_must_be_there_too() {
+        let mut env = setup().await;
+        let parts = stage(&env, "r1", &[0..2]).await;
+        // No BIGQUERY_LOCATION: a missing dataset is an error naming the setting.
+        env.wh.create_in = None;
+        let err = refused(
+            &env,
+            request(&env, "t", "r1", &parts, WriteMode::Replace, 2),
+        )
+        .await;
+        assert!(
+            err.contains(
+                "does not exist: create it where the data must live, or set BIGQUERY_LOCATION"
+            ),
+            "{err}"
+        );
+        assert!(env.wh.location().await.unwrap().is_none());
+        // Created in the configured location, which is where jobs run from then on.
+        env.wh.create_in = Some("EU".into());
+        assert_eq!(env.wh.location().await.unwrap().as_deref(), Some("EU"));
+        let err = refused(
+            &env,
+            request(&env, "t", "r1", &parts, WriteMode::Replace, 2),
+        )
+        .await;
+        // The emulator's buckets are in US-CENTRAL1: not where an EU dataset loads from.
+        assert!(
+            err.contains("is in US-CENTRAL1 and dataset")
+                && err
+                    .contains("in EU: BigQuery loads only from a bucket in the dataset's location"),
+            "{err}"
+        );
+        assert!(job(&env, "r1", "t", "load").await.is_none());
+        assert_eq!(env.wh.location().await.unwrap().as_deref(), Some("EU"));
+        // A dataset elsewhere than BIGQUERY_LOCATION says is refused: its location is fixed.
+        env.wh.create_in = Some("US".into());
+        let err = refused(
+            &env,
+            request(&env, "t", "r1", &parts, WriteMode::Replace, 2),
+        )
+        .await;
+        assert!(
+            err.contains("is in EU, but BIGQUERY_LOCATION is US"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -1426,12 +1477,11 @@ mod emulated {
             )
             .await
             .unwrap();
-        let err = env
-            .wh
-            .load(request(&env, "people", "r1", &parts, WriteMode::Replace, 5))
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refused(
+            &env,
+            request(&env, "people", "r1", &parts, WriteMode::Replace, 5),
+        )
+        .await;
         let id = job_id(env.wh.dataset(), "r1", "people", "load");
         let prefix = format!(
             "warehouse: BigQuery job {id} (load of 2 parts into {}) failed: invalid: ",
