@@ -176,6 +176,11 @@ rules() {
         rm -f "$EMU/rules.pid"
         for _ in $(seq 20); do answers "http://127.0.0.1:$RULES_PORT/rules" || break; sleep 0.2; done
     fi
+    # Another checkout's layer (or anything else) on the port would answer for this one.
+    if answers "http://127.0.0.1:$RULES_PORT/"; then
+        echo "emulators.sh: port $RULES_PORT is held by another process, not $RULES_BIN; stop it or set SHARDFLOW_BQ_RULES_PORT" >&2
+        exit 1
+    fi
     setsid "$RULES_BIN" "127.0.0.1:$RULES_PORT" "http://127.0.0.1:$BQ_PORT" \
         "http://127.0.0.1:$GCS_PORT" "$GCS_ROOT" >"$EMU/rules.log" 2>&1 &
     echo $! >"$EMU/rules.pid"

@@ -597,7 +597,12 @@ impl Engine {
         let spec = &job.spec;
         let opts = PlanOptions {
             warehouse_loads_gcs: self.warehouse.loads_gcs_files(),
-            warehouse_location: self.warehouse.location().await?,
+            // Only a file job's direct load needs it; a database job does not ask.
+            warehouse_location: if spec.files.is_some() && self.warehouse.loads_gcs_files() {
+                self.warehouse.location().await?
+            } else {
+                None
+            },
             column_names: self.warehouse.column_names(),
             ..self.settings.plan.clone()
         };
@@ -781,15 +786,23 @@ impl Engine {
         report.renamed_columns = plan.renamed_columns.clone();
         let mode = match spec.load_type {
             LoadType::Catalog => WriteMode::Replace,
-            LoadType::Transactional | LoadType::Merge => WriteMode::Append,
+            LoadType::Transactional => WriteMode::Append,
+            // The planner sends merges to the workers: one load job cannot match keys.
+            LoadType::Merge => {
+                return Err(Error::Other(
+                    "a merge file job cannot be loaded by one load job over the files".into(),
+                ));
+            }
         };
         // BigQuery reads the files at load time and cannot pin a generation ("If you include a
         // generation number in the Cloud Storage URI, then the load job fails"): a file
         // rewritten since planning fails the run before anything moves.
         let location = FileLocation::open(spec)?;
-        for file in &direct.files {
-            location.check_unchanged(file).await?;
+        for files in direct.files.chunks(FILE_CHECKS_AT_ONCE) {
+            futures::future::try_join_all(files.iter().map(|f| location.check_unchanged(f)))
+                .await?;
         }
+        let checked_at = chrono::Utc::now().timestamp_millis();
         let outcome = self
             .warehouse
             .load_source_files(SourceFilesLoad {
@@ -808,26 +821,44 @@ impl Engine {
         report.rows_loaded = outcome.rows_loaded;
         report.destination = Some(outcome.location);
         let stream_key = stream_key(spec).unwrap_or_default();
+        let read = outcome.source_read.as_ref();
+        // The job that committed may be an earlier attempt's, which read other files: only
+        // those it read are recorded.
+        let read_files: Vec<&FileInfo> = direct
+            .files
+            .iter()
+            .filter(|f| read.is_none_or(|r| r.uris.contains(&location.uri(&f.path))))
+            .collect();
         // One job counts only the total: a single file's rows are known, several files' not.
-        let rows = (direct.files.len() == 1).then_some(outcome.rows_loaded);
-        // A file rewritten while the job ran is recorded in the version the job read, when
-        // that can be told.
-        let mut loaded = Vec::with_capacity(direct.files.len());
-        for planned in &direct.files {
-            // The job succeeded, so it read the file: one gone (or unreadable) now was read as
-            // planned, and the load that committed must still be recorded.
-            let now = match location.current(planned).await {
-                Ok(now) => now,
-                Err(e) => {
-                    tracing::warn!(file = %location.uri(&planned.path), error = %e, "cannot look at the file after its load; recorded as planned");
-                    planned.clone()
-                }
-            };
-            match read_version(planned, &now, outcome.read_window) {
+        let rows = (read_files.len() == 1).then_some(outcome.rows_loaded);
+        let mut now: Vec<FileInfo> = Vec::with_capacity(read_files.len());
+        for files in read_files.chunks(FILE_CHECKS_AT_ONCE) {
+            let current =
+                futures::future::join_all(files.iter().map(|f| location.current(f))).await;
+            for (planned, current) in files.iter().zip(current) {
+                // The job succeeded, so it read the file: one gone (or unreadable) now was
+                // read as planned, and the load that committed must still be recorded.
+                now.push(current.unwrap_or_else(|e| {
+                    tracing::warn!(file = %location.uri(&planned.path), error = %e, "cannot look at the file after its load; taken as planned");
+                    (*planned).clone()
+                }));
+            }
+        }
+        // A file rewritten around the job is recorded in the version the job read, when that
+        // can be told.
+        let window = read.map(|r| (r.started_ms, r.ended_ms));
+        let mut loaded = Vec::with_capacity(read_files.len());
+        for (planned, now) in read_files.into_iter().zip(now) {
+            match read_version(planned, &now, window, checked_at) {
                 ReadVersion::Planned => loaded.push(planned.clone()),
                 ReadVersion::Current => {
-                    tracing::warn!(file = %location.uri(&planned.path), "rewritten before BigQuery read it; recorded in its new version");
+                    if now.version_key() != planned.version_key() {
+                        tracing::warn!(file = %location.uri(&planned.path), "rewritten before BigQuery read it; recorded in its new version");
+                    }
                     loaded.push(now);
+                }
+                ReadVersion::NotRead => {
+                    tracing::info!(file = %location.uri(&planned.path), "rewritten after an earlier attempt's load read it; its new version loads next");
                 }
                 ReadVersion::Unknown => {
                     let warning = format!(
@@ -980,31 +1011,50 @@ fn summarize_shards(
     })
 }
 
-/// Which version of a source file a load job that ran over `read_window` (ms since the epoch)
-/// read, the file being `now` after it.
+/// Source files checked (HEAD requests) at once around a direct load.
+const FILE_CHECKS_AT_ONCE: usize = 16;
+
+/// Which version of a source file the committed load job read, the file being `now` after
+/// it. The job ran over `window` (ms since the epoch); this attempt checked the files were
+/// as planned at `checked_at`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReadVersion {
-    /// The version planned: unchanged, or rewritten after the job ended.
+    /// The version planned.
     Planned,
-    /// The live one: written before the job started.
+    /// The live one, written before the job started.
     Current,
-    /// Written while the job ran.
+    /// An older one than the live version, which it does not name: the job is an earlier
+    /// attempt's and the file was rewritten after it ended.
+    NotRead,
+    /// Written while the job ran, or no time to tell by.
     Unknown,
 }
 
 fn read_version(
     planned: &FileInfo,
     now: &FileInfo,
-    read_window: Option<(i64, i64)>,
+    window: Option<(i64, i64)>,
+    checked_at: i64,
 ) -> ReadVersion {
-    if now.version_key() == planned.version_key() {
-        return ReadVersion::Planned;
-    }
+    let unchanged = now.version_key() == planned.version_key();
     let written = now.last_modified.timestamp_millis();
-    match read_window {
-        Some((_, end)) if written > end => ReadVersion::Planned,
+    match window {
+        None if unchanged => ReadVersion::Planned,
+        None => ReadVersion::Unknown,
+        // This attempt's job: it started after the files were checked as planned.
+        Some((start, end)) if start >= checked_at => {
+            if unchanged || written > end {
+                ReadVersion::Planned
+            } else if written < start {
+                ReadVersion::Current
+            } else {
+                ReadVersion::Unknown
+            }
+        }
+        // An earlier attempt's job, found by its id: only the times tell what it read.
         Some((start, _)) if written < start => ReadVersion::Current,
-        _ => ReadVersion::Unknown,
+        Some((_, end)) if written > end => ReadVersion::NotRead,
+        Some(_) => ReadVersion::Unknown,
     }
 }
 
@@ -1165,30 +1215,30 @@ mod tests {
         };
         let planned = version("1", 100);
         let window = Some((1_000, 2_000));
-        assert_eq!(
-            read_version(&planned, &planned, window),
-            ReadVersion::Planned
-        );
+        // This attempt's job (it started after the check at 900).
+        let ours = |now: &FileInfo| read_version(&planned, now, window, 900);
+        assert_eq!(ours(&planned), ReadVersion::Planned);
         // Rewritten after the job ended: the job read the planned version.
-        assert_eq!(
-            read_version(&planned, &version("2", 2_001), window),
-            ReadVersion::Planned
-        );
-        // Before it started: the new one.
-        assert_eq!(
-            read_version(&planned, &version("2", 999), window),
-            ReadVersion::Current
-        );
+        assert_eq!(ours(&version("2", 2_001)), ReadVersion::Planned);
+        // Before it started (after the check): the new one.
+        assert_eq!(ours(&version("2", 950)), ReadVersion::Current);
         // While it ran, or with no window to tell: either.
         for written in [1_000, 1_500, 2_000] {
-            assert_eq!(
-                read_version(&planned, &version("2", written), window),
-                ReadVersion::Unknown
-            );
+            assert_eq!(ours(&version("2", written)), ReadVersion::Unknown);
         }
         assert_eq!(
-            read_version(&planned, &version("2", 5), None),
+            read_version(&planned, &version("2", 5), None, 900),
             ReadVersion::Unknown
         );
+        assert_eq!(
+            read_version(&planned, &planned, None, 900),
+            ReadVersion::Planned
+        );
+        // An earlier attempt's job (it ran before this attempt's check at 5,000): only the times
+        // tell, even for the version planned now.
+        let earlier = |now: &FileInfo| read_version(now, now, window, 5_000);
+        assert_eq!(earlier(&version("1", 100)), ReadVersion::Current);
+        assert_eq!(earlier(&version("2", 3_000)), ReadVersion::NotRead);
+        assert_eq!(earlier(&version("2", 1_500)), ReadVersion::Unknown);
     }
 }

@@ -198,6 +198,13 @@ pub(crate) fn direct_load_problem(
     access: &DirectAccess,
 ) -> Option<String> {
     let f = spec.files.as_ref()?;
+    if spec.load_type == shardflow::spec::LoadType::Merge {
+        return Some(
+            "a merge replaces rows by key, which a load job cannot; the workers stage the files \
+             for one MERGE"
+                .into(),
+        );
+    }
     let max = shardflow::warehouse::bigquery::DEFAULT_MAX_URIS_PER_JOB;
     if files.len() > max {
         return Some(format!(
@@ -781,6 +788,13 @@ mod tests {
         assert_eq!(
             check(&csv, &[&a, &b], &table, &names(&table), &ok_access),
             None
+        );
+        let mut merge = csv.clone();
+        merge.load_type = shardflow::spec::LoadType::Merge;
+        assert_eq!(
+            check(&merge, &[&a], &table, &names(&table), &ok_access).unwrap(),
+            "a merge replaces rows by key, which a load job cannot; the workers stage the files \
+             for one MERGE"
         );
 
         let many: Vec<FileInfo> = (0..10_001).map(|i| file(&format!("in/{i}.csv"))).collect();

@@ -323,6 +323,7 @@ async fn report_final(django: Option<&DjangoClient>, report: &RunReport) {
         error_message: report.error_message.clone(),
         watermark: report.watermark.clone(),
         files_loaded: report.files_loaded,
+        warnings: report.warnings.clone(),
         ..Default::default()
     };
     if let Err(e) = django.update_run(id, &update).await {

@@ -43,6 +43,10 @@ pub struct RunUpdate {
     /// A file job: the files the run loaded (sent with `completed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files_loaded: Option<usize>,
+    /// What went wrong without failing the run, for a person to look at (e.g. a file
+    /// rewritten while BigQuery loaded it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl DjangoClient {

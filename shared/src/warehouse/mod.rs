@@ -106,10 +106,19 @@ pub struct LoadOutcome {
     pub files: usize,
     /// Where the table lives, for the report.
     pub location: String,
-    /// When the warehouse read source files itself (`load_source_files`): the job's start and
-    /// end, in milliseconds since the epoch. A file rewritten in between may have been read
-    /// in either version.
-    pub read_window: Option<(i64, i64)>,
+    /// When the warehouse read source files itself (`load_source_files`): what the job that
+    /// committed read, and when.
+    pub source_read: Option<SourceRead>,
+}
+
+/// The source files a committed load job read: its URIs, and its start and end in
+/// milliseconds since the epoch (a file rewritten in between may have been read in either
+/// version). The job may be an earlier attempt's, found by its id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SourceRead {
+    pub uris: Vec<String>,
+    pub started_ms: i64,
+    pub ended_ms: i64,
 }
 
 /// How a warehouse reads source files where they lie, without a worker converting them.

@@ -220,7 +220,7 @@ impl ParquetDirWarehouse {
             rows_loaded: loaded,
             files,
             location: live.display().to_string(),
-            read_window: None,
+            source_read: None,
         })
     }
 }
@@ -486,7 +486,7 @@ fn merge_into(req: &LoadRequest<'_>, live: &Path, build: &Path) -> Result<LoadOu
         rows_loaded: merged,
         files,
         location: live.display().to_string(),
-        read_window: None,
+        source_read: None,
     })
 }
 
@@ -509,7 +509,7 @@ fn appended_before(live: &Path, load_key: &str) -> Result<Option<LoadOutcome>> {
         rows_loaded: rows,
         files,
         location: live.display().to_string(),
-        read_window: None,
+        source_read: None,
     }))
 }
 

@@ -110,9 +110,9 @@ pub const RULES: &[(&str, &str)] = &[
     (
         "load.location.colocated",
         "Loading data from Cloud Storage: \"the dataset that contains the table must be in the \
-         same regional or multi-regional location as the Cloud Storage bucket.\" (a US dataset \
-         may read us-central1 and NAM4, an EU one europe-west4 and EUR4: Locations, Query Cloud \
-         Storage data)",
+         same regional or multi-regional location as the Cloud Storage bucket\"; \"the Cloud \
+         Storage bucket must be in the same region or contained in the same multi-region as the \
+         dataset\" (a region inside it loads at a data transfer charge)",
     ),
     (
         "load.write_disposition.values",
@@ -516,16 +516,24 @@ fn check_compression(files: &[SourceFile]) -> Vec<Refusal> {
     out
 }
 
-/// Whether a bucket location may feed a dataset location, per the load pages and the
-/// examples of the locations page (a US dataset reads Iowa and NAM4, an EU one the Netherlands
-/// and EUR4).
+/// Whether a bucket location may feed a dataset location: the same, or inside the dataset's
+/// multi-region (the `us-*` regions and NAM4 for US; the EU's `europe-*` regions, not
+/// europe-west2 or europe-west6, and EUR4 for EU).
 pub fn colocated(dataset: &str, bucket: &str) -> bool {
     let (dataset, bucket) = (dataset.to_ascii_lowercase(), bucket.to_ascii_lowercase());
-    dataset == bucket
-        || matches!(
-            (dataset.as_str(), bucket.as_str()),
-            ("us", "us-central1" | "nam4") | ("eu", "europe-west4" | "eur4")
-        )
+    if dataset == bucket {
+        return true;
+    }
+    match dataset.as_str() {
+        "us" => bucket.starts_with("us-") || bucket == "nam4",
+        "eu" => {
+            bucket == "eur4"
+                || (bucket.starts_with("europe-")
+                    && bucket != "europe-west2"
+                    && bucket != "europe-west6")
+        }
+        _ => false,
+    }
 }
 
 fn check_location(facts: &LoadFacts) -> Vec<Refusal> {

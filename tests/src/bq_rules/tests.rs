@@ -204,11 +204,14 @@ fn compression_is_one_per_job_gzip_only_and_under_4_gb() {
 fn buckets_must_be_colocated_with_the_dataset() {
     assert!(colocated("US", "US"));
     assert!(colocated("US", "US-CENTRAL1"));
+    assert!(colocated("US", "us-west1"));
     assert!(colocated("EU", "europe-west4"));
+    assert!(colocated("EU", "europe-central2"));
     assert!(colocated("europe-west1", "EUROPE-WEST1"));
     assert!(!colocated("EU", "US-CENTRAL1"));
+    assert!(!colocated("EU", "europe-west2"));
     assert!(!colocated("us-central1", "US"));
-    assert!(!colocated("US", "us-west1"));
+    assert!(!colocated("europe-west1", "europe-west4"));
     let mut f = facts(vec![column("a", "STRING", "NULLABLE")], vec![]);
     f.dataset_location = Some("EU".into());
     let refused = check_load(&parquet_load("WRITE_APPEND"), &f);

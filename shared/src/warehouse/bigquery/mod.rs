@@ -60,7 +60,8 @@
 //!   counted, and ONE query job (step `merge`, `sql`) moves them with `PARSE_JSON` applied: a
 //!   `MERGE`, an `INSERT … SELECT`, or for a replace a transaction of `DELETE` and `INSERT`
 //!   ("Transactions guarantee ACID properties and support snapshot isolation"). It is billed as
-//!   a query over the staging table's bytes. A copy job cannot replace: its `WRITE_TRUNCATE`
+//!   DML: the staging table's bytes, and for a replace's `DELETE` and a merge the
+//!   destination's too. A copy job cannot replace: its `WRITE_TRUNCATE`
 //!   "uses the schema and table constraints from the source table", and it has no
 //!   `WRITE_TRUNCATE_DATA`.
 //!
@@ -335,16 +336,24 @@ fn check_dataset(dataset: &str) -> Result<()> {
     }
 }
 
-/// Whether a Cloud Storage location may feed a dataset's: the same location, or the pairs the
-/// locations page names (a US dataset reads `us-central1` and `NAM4`, an EU one
-/// `europe-west4` and `EUR4`).
+/// Whether a Cloud Storage location may feed a dataset's: the same location, or one inside
+/// the dataset's multi-region ("the Cloud Storage bucket must be in the same region or
+/// contained in the same multi-region as the dataset"; the US multi-region holds the `us-*`
+/// regions and NAM4, the EU one the EU's `europe-*` regions (not London, europe-west2, nor
+/// Zurich, europe-west6) and EUR4). Loads from another region of the multi-region than
+/// us-central1 or europe-west4 incur data transfer charges, but load.
 pub fn colocated(dataset: &str, bucket: &str) -> bool {
     let (dataset, bucket) = (dataset.to_ascii_lowercase(), bucket.to_ascii_lowercase());
     dataset == bucket
-        || matches!(
-            (dataset.as_str(), bucket.as_str()),
-            ("us", "us-central1" | "nam4") | ("eu", "europe-west4" | "eur4")
-        )
+        || match dataset.as_str() {
+            "us" => bucket.starts_with("us-") || bucket == "nam4",
+            "eu" => {
+                (bucket.starts_with("europe-")
+                    && !matches!(bucket.as_str(), "europe-west2" | "europe-west6"))
+                    || bucket == "eur4"
+            }
+            _ => false,
+        }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -639,11 +648,22 @@ fn job_name(job: &Job) -> &str {
         .unwrap_or("(no id)")
 }
 
-/// When a job started and ended (ms since the epoch), as its statistics say.
-fn job_window(job: &Job) -> Option<(i64, i64)> {
+/// What a load job read and when it ran (ms since the epoch), as it says of itself.
+fn source_read(job: &Job) -> Option<super::SourceRead> {
     let stats = job.statistics.as_ref()?;
     let ms = |t: &Option<String>| t.as_deref().and_then(|t| t.parse::<i64>().ok());
-    Some((ms(&stats.start_time)?, ms(&stats.end_time)?))
+    let uris = job
+        .configuration
+        .as_ref()?
+        .load
+        .as_ref()?
+        .source_uris
+        .clone()?;
+    Some(super::SourceRead {
+        uris,
+        started_ms: ms(&stats.start_time)?,
+        ended_ms: ms(&stats.end_time)?,
+    })
 }
 
 /// The destination's count before the job ran, from its label.
@@ -718,6 +738,12 @@ impl BigQueryWarehouse {
     /// `create_in`, or the load fails before anything moves; one that `create_in` places
     /// elsewhere is refused ("After a dataset is created, its location cannot be changed").
     async fn ensure_dataset(&self) -> Result<String> {
+        self.ensure_dataset_for(None).await
+    }
+
+    /// `ensure_dataset`, checking first (before a missing dataset is created) that BigQuery
+    /// loads from `staging`'s bucket into the dataset's location.
+    async fn ensure_dataset_for(&self, staging: Option<&Staging>) -> Result<String> {
         let what = || format!("dataset {}.{}", self.project, self.dataset);
         let get = || async {
             match self
@@ -742,6 +768,9 @@ impl BigQueryWarehouse {
                         what()
                     )));
                 };
+                if let Some(staging) = staging {
+                    self.check_bucket_location(staging, location).await?;
+                }
                 tracing::info!(dataset = %what(), %location, "creating the dataset");
                 let created = self
                     .client
@@ -761,14 +790,19 @@ impl BigQueryWarehouse {
         let location = dataset.location.ok_or_else(|| {
             Error::Warehouse(format!("BigQuery reports no location for {}", what()))
         })?;
-        match &self.create_in {
-            Some(want) if !want.eq_ignore_ascii_case(&location) => Err(Error::Warehouse(format!(
+        if let Some(want) = &self.create_in
+            && !want.eq_ignore_ascii_case(&location)
+        {
+            return Err(Error::Warehouse(format!(
                 "{} is in {location}, but BIGQUERY_LOCATION is {want}; a dataset's location \
                  cannot change: fix BIGQUERY_LOCATION or load into another dataset",
                 what()
-            ))),
-            _ => Ok(location),
+            )));
         }
+        if let Some(staging) = staging {
+            self.check_bucket_location(staging, &location).await?;
+        }
+        Ok(location)
     }
 
     /// Refuses, before any job runs, a staging bucket BigQuery would not load from into this
@@ -1486,8 +1520,7 @@ impl Warehouse for BigQueryWarehouse {
         }
         // Before anything moves: a type without a BigQuery column fails the run here.
         let columns = bigquery_schema(req.schema)?;
-        let location = self.ensure_dataset().await?;
-        self.check_bucket_location(req.staging, &location).await?;
+        let location = self.ensure_dataset_for(Some(req.staging)).await?;
         let location = Some(location.as_str());
         self.ensure_table(req.table, &columns, None, req.allow_new_columns, location)
             .await?;
@@ -1504,7 +1537,7 @@ impl Warehouse for BigQueryWarehouse {
             rows_loaded,
             files: uris.len(),
             location: full,
-            read_window: None,
+            source_read: None,
         })
     }
 
@@ -1594,7 +1627,7 @@ impl Warehouse for BigQueryWarehouse {
             rows_loaded: loaded,
             files: req.uris.len(),
             location: full,
-            read_window: job_window(&job),
+            source_read: source_read(&job),
         })
     }
 }

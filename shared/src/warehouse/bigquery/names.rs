@@ -10,16 +10,18 @@
 //! whether a Parquet load accepts them depends on the project's `columnNameCharacterMap`, so
 //! shardflow sticks to the plain form every project accepts.
 //!
-//! The rule, applied to the columns in source order:
-//! 1. a name BigQuery takes as it is keeps it, unless an earlier column already holds it
-//!    (ignoring case);
-//! 2. otherwise every character other than an ASCII letter, digit or `_` becomes `_`; a name
-//!    that starts with a digit or a reserved prefix (ignoring case) gets a leading `_`; an
-//!    empty one becomes `_`;
+//! The rule, which depends on the set of names and not on the columns' order (a file whose
+//! columns come in another order maps them the same way):
+//! 1. a name BigQuery takes as it is keeps it; of names equal ignoring case, the first in byte
+//!    order does (`Amount` before `amount`);
+//! 2. every other name has each character other than an ASCII letter, digit or `_` replaced
+//!    by `_`; one that then starts with a digit or a reserved prefix (ignoring case) gets a
+//!    leading `_`; an empty one becomes `_`;
 //! 3. a name longer than 300 characters keeps its first 291 and ends with `_` and 8 hex digits
 //!    of the MD5 of the source name;
-//! 4. a name taken (ignoring case) by a column placed before it gets the first free `_2`, `_3`,
-//!    …; names kept under 1 are placed first, so a valid name never moves for a renamed one.
+//! 4. those names, in byte order of their new form then of the source name, take it when it
+//!    is free (ignoring case), else the first free `_2`, `_3`, …; the names kept under 1 are
+//!    placed first, so a valid name never moves for a renamed one.
 
 use md5::{Digest, Md5};
 
@@ -100,18 +102,26 @@ fn free(base: &str, taken: &std::collections::HashSet<String>) -> String {
 pub fn bigquery_column_names(names: &[String]) -> Vec<String> {
     let mut taken = std::collections::HashSet::new();
     let mut out: Vec<Option<String>> = vec![None; names.len()];
-    // Valid names first, in source order, so none of them moves for a renamed column.
-    for (i, name) in names.iter().enumerate() {
-        if is_valid_column_name(name) && taken.insert(name.to_lowercase()) {
-            out[i] = Some(name.clone());
+    let mut valid: Vec<usize> = (0..names.len())
+        .filter(|&i| is_valid_column_name(&names[i]))
+        .collect();
+    valid.sort_by(|&a, &b| names[a].cmp(&names[b]).then(a.cmp(&b)));
+    for i in valid {
+        if taken.insert(names[i].to_lowercase()) {
+            out[i] = Some(names[i].clone());
         }
     }
-    for (i, name) in names.iter().enumerate() {
-        if out[i].is_none() {
-            let chosen = free(&cleaned(name), &taken);
-            taken.insert(chosen.to_lowercase());
-            out[i] = Some(chosen);
-        }
+    let mut renamed: Vec<(String, usize)> = (0..names.len())
+        .filter(|&i| out[i].is_none())
+        .map(|i| (cleaned(&names[i]), i))
+        .collect();
+    renamed.sort_by(|(x, a), (y, b)| {
+        (x.to_lowercase(), &names[*a], a).cmp(&(y.to_lowercase(), &names[*b], b))
+    });
+    for (base, i) in renamed {
+        let chosen = free(&base, &taken);
+        taken.insert(chosen.to_lowercase());
+        out[i] = Some(chosen);
     }
     out.into_iter().map(Option::unwrap_or_default).collect()
 }
@@ -136,20 +146,49 @@ mod tests {
     fn invalid_characters_become_underscores() {
         assert_eq!(
             names(&["order id", "prix€", "a-b.c", "ü", "", "2024 total"]),
-            ["order_id", "prix_", "a_b_c", "_", "__2", "_2024_total"]
+            ["order_id", "prix_", "a_b_c", "__2", "_", "_2024_total"]
         );
     }
 
     #[test]
-    fn case_collisions_get_a_suffix_in_source_order() {
+    fn case_collisions_get_a_suffix_in_byte_order() {
+        // The first in byte order keeps the name; the others take suffixes in that order.
+        assert_eq!(names(&["Amount", "amount"]), ["Amount", "amount_2"]);
         assert_eq!(
             names(&["Amount", "amount", "AMOUNT"]),
-            ["Amount", "amount_2", "AMOUNT_3"]
+            ["Amount_2", "amount_3", "AMOUNT"]
         );
         // A valid name keeps its place even when an earlier column would clean into it.
         assert_eq!(names(&["order id", "order_id"]), ["order_id_2", "order_id"]);
         // A suffix that is itself taken moves on.
-        assert_eq!(names(&["a", "A", "a_2"]), ["a", "A_3", "a_2"]);
+        assert_eq!(names(&["a", "A", "a_2"]), ["a_3", "A", "a_2"]);
+    }
+
+    #[test]
+    fn the_order_of_the_columns_changes_no_name() {
+        let columns = [
+            "amount", "Amount", "order id", "order_id", "1st", "_1st", "x y", "x-y",
+        ];
+        let want: std::collections::HashMap<&str, String> =
+            columns.iter().copied().zip(names(&columns)).collect();
+        // Every rotation and the reversal give each source column the same name.
+        let mut orders: Vec<Vec<&str>> = (0..columns.len())
+            .map(|k| {
+                columns
+                    .iter()
+                    .cycle()
+                    .skip(k)
+                    .take(columns.len())
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        orders.push(columns.iter().rev().copied().collect());
+        for order in orders {
+            let got: std::collections::HashMap<&str, String> =
+                order.iter().copied().zip(names(&order)).collect();
+            assert_eq!(got, want, "{order:?}");
+        }
     }
 
     #[test]

@@ -316,6 +316,91 @@ fn staging_table_names() {
     assert!(long.len() <= MAX_ID_LEN);
 }
 
+#[test]
+fn unsigned_64_bit_integers_have_no_column() {
+    let err = bigquery_type(&nullable(DataType::UInt64))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("staged as decimal(20, 0)"), "{err}");
+    // What sources stage instead loads as NUMERIC.
+    assert_eq!(
+        bigquery_type(&nullable(DataType::Decimal128(20, 0)))
+            .unwrap()
+            .0,
+        "NUMERIC"
+    );
+}
+
+#[test]
+fn the_token_is_good_for_cloud_storage_too() {
+    assert_eq!(
+        OAUTH_SCOPE,
+        "https://www.googleapis.com/auth/cloud-platform"
+    );
+    assert_eq!(DECIMAL_TARGET_TYPES, ["NUMERIC", "BIGNUMERIC"]);
+}
+
+#[test]
+fn buckets_feed_datasets_in_their_location() {
+    assert!(colocated("US", "us"));
+    assert!(colocated("US", "US-CENTRAL1"));
+    assert!(colocated("US", "NAM4"));
+    assert!(colocated("EU", "EUROPE-WEST4"));
+    assert!(colocated("europe-west1", "EUROPE-WEST1"));
+    // A region inside the dataset's multi-region loads (at a transfer charge).
+    assert!(colocated("US", "US-WEST1"));
+    assert!(colocated("EU", "EUROPE-CENTRAL2"));
+    assert!(!colocated("EU", "EUROPE-WEST2"));
+    assert!(!colocated("EU", "US-CENTRAL1"));
+    assert!(!colocated("US", "EUROPE-WEST4"));
+    assert!(!colocated("us-central1", "US"));
+    assert!(!colocated("europe-west1", "EUROPE-WEST4"));
+}
+
+#[test]
+fn required_columns_need_values_from_the_source() {
+    let field = |name: &str, mode: &str| TableFieldSchema {
+        mode: Some(mode.into()),
+        ..TableFieldSchema::new(name, FieldType::Int64)
+    };
+    let table = [field("id", "REQUIRED"), field("note", "NULLABLE")];
+    check_modes(
+        "t",
+        &table,
+        &[field("ID", "REQUIRED"), field("note", "NULLABLE")],
+    )
+    .unwrap();
+    check_modes(
+        "t",
+        &[field("note", "NULLABLE")],
+        &[field("note", "REQUIRED")],
+    )
+    .unwrap();
+    let err = check_modes("p.d.t", &table, &[field("id", "NULLABLE")])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "warehouse: table p.d.t has REQUIRED columns the source may leave NULL: id (nullable in \
+         the source); make them NULLABLE in BigQuery (ALTER TABLE … ALTER COLUMN … DROP NOT \
+         NULL) or NOT NULL in the source; nothing was loaded"
+    );
+    let err = check_modes("t", &table, &[field("note", "NULLABLE")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("id (the source has no such column)"), "{err}");
+}
+
+#[test]
+fn staging_tables_hold_json_as_text() {
+    let json = TableFieldSchema::new("doc", FieldType::Json);
+    let id = TableFieldSchema::new("id", FieldType::Int64);
+    let staged = staging_columns(&[id, json]);
+    assert_eq!(type_name(&staged[0].r#type), "INT64");
+    assert_eq!(type_name(&staged[1].r#type), "STRING");
+    assert_eq!(staged[1].name, "doc");
+}
+
 async fn offline_warehouse() -> BigQueryWarehouse {
     let client = ClientBuilder::new()
         .with_v2_base_url("http://127.0.0.1:9/bigquery/v2".into())
@@ -678,7 +763,7 @@ mod emulated {
                     rows_loaded: 7,
                     files: 2,
                     location: env.wh.full_name("people"),
-                    read_window: None,
+                    source_read: None,
                 }
             );
             // The table was created from the type map.
@@ -1364,8 +1449,16 @@ mod emulated {
             "{err}"
         );
         assert!(job(&env, "r1", "t", "load").await.is_none());
-        assert_eq!(env.wh.location().await.unwrap().as_deref(), Some("EU"));
+        // Nothing was created for a load that could not run.
+        env.wh.create_in = None;
+        assert!(env.wh.location().await.unwrap().is_none());
         // A dataset elsewhere than BIGQUERY_LOCATION says is refused: its location is fixed.
+        env.wh
+            .client()
+            .dataset()
+            .create(Dataset::new(env.wh.project(), env.wh.dataset()).location("EU"))
+            .await
+            .unwrap();
         env.wh.create_in = Some("US".into());
         let err = refused(
             &env,
@@ -1375,6 +1468,27 @@ mod emulated {
         assert!(
             err.contains("is in EU, but BIGQUERY_LOCATION is US"),
             "{err}"
+        );
+        // Where it says US, the dataset is made there and the load runs.
+        let mut elsewhere = setup().await;
+        elsewhere.wh.create_in = Some("US".into());
+        let parts = stage(&elsewhere, "r2", &[0..2]).await;
+        let loaded = elsewhere
+            .wh
+            .load(request(
+                &elsewhere,
+                "t",
+                "r2",
+                &parts,
+                WriteMode::Replace,
+                2,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(loaded.rows_loaded, 2);
+        assert_eq!(
+            elsewhere.wh.location().await.unwrap().as_deref(),
+            Some("US")
         );
     }
 
