@@ -126,6 +126,9 @@ pub(crate) fn native_format(
                 "{path} is a JSON array; BigQuery loads JSON lines only"
             ));
         }
+        if detected.columns.is_empty() {
+            return Err(format!("{path} is empty; the workers read it as no rows"));
+        }
         let found: Vec<&str> = detected.columns.iter().map(|c| c.name.as_str()).collect();
         let same = match f.format {
             // Without a header, columns are positional on both paths.
@@ -400,9 +403,13 @@ pub(crate) async fn survey_files(
         .iter()
         .map(|p| (p.path.as_str(), p.version.as_str()))
         .collect();
+    // A catalog job replaces the table with the files as they are: every matching file (or
+    // the newest with load_latest_only), loaded before or not. Other jobs append what they
+    // have not loaded.
+    let replaces = spec.load_type == shardflow::spec::LoadType::Catalog;
     let fresh: Vec<&FileInfo> = listed
         .iter()
-        .filter(|f| !loaded.contains(&(f.path.as_str(), f.version_key().as_str())))
+        .filter(|f| replaces || !loaded.contains(&(f.path.as_str(), f.version_key().as_str())))
         .collect();
     let spec_files = &location.spec;
     // Newest first as listed; read oldest first.
@@ -423,13 +430,30 @@ pub(crate) async fn survey_files(
         detected.push(file_schema::detect(&location, file, budget).await?);
     }
 
-    let (mut columns, schema_from) = match (&spec_files.bigquery_schema, detected.last()) {
+    // An empty file (no bytes, no header) holds no rows and says nothing of the columns: it
+    // takes no part in the schema or the drift check. A catalog job whose files are all empty
+    // fails rather than replace the table with nothing (a truncated upload must not empty it).
+    let with_columns: Vec<&DetectedSchema> =
+        detected.iter().filter(|d| !d.columns.is_empty()).collect();
+    if spec.load_type == shardflow::spec::LoadType::Catalog
+        && !detected.is_empty()
+        && with_columns.is_empty()
+    {
+        let empty: Vec<String> = detected.iter().map(|d| location.uri(&d.file)).collect();
+        return Err(Error::Source(format!(
+            "every file of this catalog job is empty ({}): loading them would replace the table \
+             with nothing, so nothing was loaded",
+            empty.join(", ")
+        )));
+    }
+    let (mut columns, schema_from) = match (&spec_files.bigquery_schema, with_columns.last()) {
         (Some(fields), _) => (
             file_schema::columns_from_bigquery_schema(fields)?,
             "bigquery_schema".to_string(),
         ),
         (None, Some(newest)) => {
-            let others: Vec<&[file_schema::DetectedColumn]> = detected[..detected.len() - 1]
+            let others: Vec<&[file_schema::DetectedColumn]> = with_columns
+                [..with_columns.len() - 1]
                 .iter()
                 .map(|d| d.columns.as_slice())
                 .collect();
@@ -441,7 +465,7 @@ pub(crate) async fn survey_files(
         (None, None) => (Vec::new(), "no file to read".to_string()),
     };
     let mut added_columns = Vec::new();
-    for d in &detected {
+    for d in &with_columns {
         let uri = location.uri(&d.file);
         if spec_files.bigquery_schema.is_none()
             && let Some(expected) = &spec_files.schema_fingerprint
@@ -534,7 +558,8 @@ pub(crate) async fn survey_files(
         .collect();
     let total: u64 = estimates.iter().map(|e| e.rows).sum();
     let (mode, _) = plan::choose_mode(spec.processing_mode, total, spec.row_count_threshold);
-    let groups = if direct.is_some() {
+    // No columns at all (every file empty, no bigquery_schema): nothing to read.
+    let groups = if direct.is_some() || columns.is_empty() {
         Vec::new()
     } else {
         plan::file_shards(&estimates, opts.shard_rows, mode == Mode::Standard)

@@ -487,6 +487,21 @@ async fn a_malformed_line_fails_the_run_naming_file_and_line_and_loads_nothing()
         error.contains(&format!("{uri}, line 3: ")) && error.contains("line 3"),
         "{error}"
     );
+    // An unclosed quote: the following lines would be swallowed into one value.
+    write(
+        &dir.join("in/b_bad.csv"),
+        b"id,amount,name,at\n1,1.5,x,2024-01-01\n2,2.5,y,\"2024-01-02\n3,3.5,z,2024-01-03\n",
+    );
+    let report = run_job(job.clone(), options(&dir)).await;
+    assert_eq!(report.status, "failed");
+    let error = report.error_message.unwrap();
+    assert!(
+        error.ends_with(&format!(
+            "{uri}, line 3: a quoted field opens here and is not closed before the end of the file"
+        )),
+        "{error}"
+    );
+    assert!(!dir.join("warehouse/loaded").exists(), "nothing loaded");
     // UTF-8 declared, latin-1 bytes.
     write(
         &dir.join("in/b_bad.csv"),
@@ -644,6 +659,128 @@ async fn incremental_runs_pick_up_new_and_rewritten_files_once() {
     assert_eq!(report.files_loaded, Some(1));
     want.extend(rows(400));
     assert_eq!(loaded(&dir), expected(&want));
+}
+
+#[tokio::test]
+async fn a_catalog_file_job_replaces_the_table_with_every_file_or_the_newest() {
+    let dir = scratch("files-catalog");
+    let rows =
+        |from: i64| -> Vec<Row> { ROWS.iter().map(|r| (r.0 + from, r.1, r.2, r.3)).collect() };
+    let put = |name: &str, from: i64| {
+        write(
+            &dir.join("in").join(name),
+            csv(&rows(from), ',', true).as_bytes(),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let job = |latest_only: bool| {
+        local_job(
+            &dir.join("in"),
+            "tx_*.csv",
+            "csv",
+            serde_json::json!({"load_type": "catalog", "load_latest_only": latest_only,
+                               "bigquery_schema": bigquery_schema()}),
+        )
+    };
+    put("tx_1.csv", 0);
+    put("tx_2.csv", 100);
+    let report = run_job(job(false), options(&dir)).await;
+    ok(&report);
+    assert_eq!((report.files_loaded, report.rows_loaded), (Some(2), 10));
+    assert_eq!(loaded(&dir), expected(&[rows(0), rows(100)].concat()));
+    // A new file: the table is replaced with all three, the earlier files' rows kept.
+    put("tx_3.csv", 200);
+    let report = run_job(job(false), options(&dir)).await;
+    ok(&report);
+    assert_eq!((report.files_loaded, report.rows_loaded), (Some(3), 15));
+    assert_eq!(
+        loaded(&dir),
+        expected(&[rows(0), rows(100), rows(200)].concat())
+    );
+    // Nothing new: the same snapshot again, not an empty table.
+    let report = run_job(job(false), options(&dir)).await;
+    ok(&report);
+    assert_eq!(report.rows_loaded, 15);
+    assert_eq!(
+        loaded(&dir),
+        expected(&[rows(0), rows(100), rows(200)].concat())
+    );
+    // load_latest_only: the table is the newest file, and stays it when nothing changes.
+    for _ in 0..2 {
+        let report = run_job(job(true), options(&dir)).await;
+        ok(&report);
+        assert_eq!((report.files_loaded, report.rows_loaded), (Some(1), 5));
+        assert_eq!(loaded(&dir), expected(&rows(200)));
+    }
+}
+
+#[tokio::test]
+async fn an_empty_file_loads_no_rows_and_never_a_table_without_columns() {
+    for load_type in ["catalog", "transactional"] {
+        let dir = scratch(&format!("files-empty-{load_type}"));
+        let job = || {
+            local_job(
+                &dir.join("in"),
+                "tx_*.csv",
+                "csv",
+                serde_json::json!({"load_type": load_type}),
+            )
+        };
+        write(&dir.join("in/tx_1.csv"), b"");
+        let report = run_job(job(), options(&dir)).await;
+        if load_type == "catalog" {
+            // A truncated export must not empty the table.
+            assert_eq!(report.status, "failed");
+            let error = report.error_message.unwrap_or_default();
+            assert!(
+                error.starts_with("every file of this catalog job is empty (file://")
+                    && error.ends_with("tx_1.csv): loading them would replace the table with nothing, so nothing was loaded"),
+                "{error}"
+            );
+        } else {
+            ok(&report);
+            assert_eq!((report.rows_loaded, report.shards), (0, 0));
+        }
+        assert!(
+            !dir.join("warehouse/loaded").exists(),
+            "no table is written"
+        );
+        // With a file that has content, the empty one adds no rows and no drift.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write(&dir.join("in/tx_2.csv"), csv(ROWS, ',', true).as_bytes());
+        let report = run_job(job(), options(&dir)).await;
+        ok(&report);
+        assert_eq!(report.rows_loaded, ROWS.len() as u64);
+        assert_eq!(loaded(&dir), expected(ROWS));
+    }
+}
+
+#[tokio::test]
+async fn repeated_header_names_load_each_columns_own_values_under_pandas_names() {
+    let dir = scratch("files-duplicate-header");
+    write(
+        &dir.join("in/tx_1.csv"),
+        b"id,name,name,name.1\n1,a,b,c\n2,d,e,f\n",
+    );
+    let job = local_job(&dir.join("in"), "tx_*.csv", "csv", serde_json::json!({}));
+    let report = run_job(job, options(&dir)).await;
+    ok(&report);
+    let batches = read_table(&dir.join("warehouse/loaded"));
+    let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+    let schema = batch.schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    // pandas reads this header as id, name, name.2, name.1 (the Django fingerprint's names).
+    assert_eq!(names, ["id", "name", "name.2", "name.1"]);
+    let mut rows: Vec<String> = (0..batch.num_rows())
+        .map(|r| {
+            (0..4)
+                .map(|c| cell_text(batch.column(c), r))
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(rows, ["1|a|b|c", "2|d|e|f"]);
 }
 
 fn dispatcher(args: &[&str]) -> serde_json::Value {

@@ -367,6 +367,30 @@ fn concat(schema: &SchemaRef, batches: &[RecordBatch], uri: &str) -> Result<Opti
         .map_err(|e| Error::Source(format!("{uri}: {e}")))
 }
 
+/// Header names made distinct as pandas' CSV reader makes them ("Duplicate columns will be
+/// specified as 'X', 'X.1', …'X.N'", skipping a name the header already has), the same
+/// steps, so a stored fingerprint matches: `id,name,name` reads as `id`, `name`, `name.1`.
+pub fn dedup_names(names: &[String]) -> Vec<String> {
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut out = Vec::with_capacity(names.len());
+    for original in names {
+        let mut name = original.clone();
+        let mut seen = counts.get(&name).copied().unwrap_or(0);
+        while seen > 0 {
+            counts.insert(original.clone(), seen + 1);
+            name = format!("{original}.{seen}");
+            seen = if names.contains(&name) {
+                seen + 1
+            } else {
+                counts.get(&name).copied().unwrap_or(0)
+            };
+        }
+        counts.insert(name.clone(), seen + 1);
+        out.push(name);
+    }
+    out
+}
+
 fn sample_csv(
     sample: &[u8],
     options: &crate::spec::FileOptions,
@@ -376,7 +400,16 @@ fn sample_csv(
     let (schema, _) = format
         .infer_schema(Cursor::new(sample), None)
         .map_err(|e| files::csv_error(uri, &e))?;
-    let schema = Arc::new(schema);
+    // Repeated header names get pandas' names, so each column keeps its own values.
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let schema = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .zip(dedup_names(&names))
+            .map(|(f, name)| f.as_ref().clone().with_name(name))
+            .collect::<Vec<_>>(),
+    ));
     let reader = arrow::csv::ReaderBuilder::new(schema.clone())
         .with_format(format)
         .build(Cursor::new(sample))
@@ -553,6 +586,27 @@ async fn detect_parquet(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn repeated_header_names_are_made_distinct_as_pandas_does() {
+        let names =
+            |list: &[&str]| dedup_names(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // What pandas' read_csv gives for each header (pandas 3.1, C engine).
+        assert_eq!(names(&["id", "name", "name"]), ["id", "name", "name.1"]);
+        assert_eq!(names(&["a", "a", "a", "b"]), ["a", "a.1", "a.2", "b"]);
+        assert_eq!(names(&["a", "a", "a.1"]), ["a", "a.2", "a.1"]);
+        assert_eq!(names(&["a.1", "a", "a"]), ["a.1", "a", "a.2"]);
+        assert_eq!(names(&["a", "a.1", "a", "a"]), ["a", "a.1", "a.2", "a.3"]);
+        assert_eq!(
+            names(&["x", "x", "x.1", "x.2", "x"]),
+            ["x", "x.3", "x.1", "x.2", "x.4"]
+        );
+        assert_eq!(
+            names(&["b.1", "b", "b", "b.1"]),
+            ["b.1", "b", "b.2", "b.1.1"]
+        );
+    }
+
     use super::*;
 
     #[test]

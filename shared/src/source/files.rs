@@ -759,9 +759,20 @@ async fn read_csv(
         .build_decoder();
     let mut pending: Vec<u8> = Vec::with_capacity(READ_CHUNK * 2);
     let mut at_end = false;
+    let mut quotes = QuoteScan::new(options.delimiter, options.quote);
     loop {
         if pending.is_empty() && !at_end {
             at_end = !fill(text.as_mut(), options.encoding, &mut pending, uri).await?;
+            quotes.feed(&pending);
+        }
+        let finished = at_end && pending.is_empty();
+        // The decoder ends an open quoted field at the end of input as if it were closed,
+        // having swallowed every line after its opening quote: refuse the file instead.
+        if finished && let Some(line) = quotes.unclosed_since() {
+            return Err(Error::Source(format!(
+                "{uri}, line {line}: a quoted field opens here and is not closed before the end \
+                 of the file"
+            )));
         }
         // Once the input ended this decodes nothing, which tells the decoder so: a last
         // record without a newline is complete then.
@@ -778,6 +789,121 @@ async fn read_csv(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Follows CSV quoting as the decoder reads it (a quote opens a quoted field only at the
+/// start of a field; `""` inside one is a quote; elsewhere a quote is a character), to tell
+/// whether the input ended inside a quoted field, and on which line that field opened. It
+/// stops only at quotes; line ends are counted once per chunk.
+#[derive(Debug)]
+struct QuoteScan {
+    delimiter: u8,
+    quote: u8,
+    state: QuoteState,
+    /// The byte before the next one fed; None at the start of the input.
+    last: Option<u8>,
+    /// Lines seen so far, counted from 1 (the header included).
+    line: u64,
+    opened_on: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QuoteState {
+    Outside,
+    Quoted,
+    /// A quote inside a quoted field: it closes the field, or with a second quote is one.
+    QuoteInQuoted,
+}
+
+/// Line ends in `bytes`, counted in blocks of 255 into a byte so the compiler vectorises the
+/// loop (about ten times a search per line, or a count into a wide integer).
+fn line_ends(bytes: &[u8]) -> u64 {
+    bytes
+        .chunks(255)
+        .map(|block| {
+            let ends = block
+                .iter()
+                .fold(0u8, |n, &b| n.wrapping_add(u8::from(b == b'\n')));
+            u64::from(ends)
+        })
+        .sum()
+}
+
+impl QuoteScan {
+    fn new(delimiter: u8, quote: u8) -> Self {
+        QuoteScan {
+            delimiter,
+            quote,
+            state: QuoteState::Outside,
+            last: None,
+            line: 1,
+            opened_on: 0,
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        use QuoteState::*;
+        let Some(&final_byte) = bytes.last() else {
+            return;
+        };
+        let mut from = 0;
+        if self.state == QuoteInQuoted {
+            // A second quote is a quote in the value; anything else follows a closed field.
+            if bytes[0] == self.quote {
+                self.state = Quoted;
+                from = 1;
+            } else {
+                self.state = Outside;
+            }
+        }
+        // Where in `bytes` the field open at the end (if any) opened, when it opened here.
+        let mut opened_here = None;
+        let mut last_quote = None;
+        for found in memchr::memchr_iter(self.quote, &bytes[from..]) {
+            let at = from + found;
+            if self.state == QuoteInQuoted {
+                if last_quote == Some(at - 1) {
+                    self.state = Quoted;
+                    last_quote = Some(at);
+                    continue;
+                }
+                self.state = Outside;
+            }
+            let previous = if at > 0 {
+                Some(bytes[at - 1])
+            } else {
+                self.last
+            };
+            self.state = match self.state {
+                Quoted => QuoteInQuoted,
+                // A quote opens a field at the start of the input, a line or a field.
+                _ if previous.is_none_or(|b| b == self.delimiter || b == b'\n') => {
+                    opened_here = Some(at);
+                    Quoted
+                }
+                // Inside an unquoted value a quote is a character.
+                other => other,
+            };
+            last_quote = Some(at);
+        }
+        // A closing quote followed by more bytes here closed its field.
+        if self.state == QuoteInQuoted && last_quote != Some(bytes.len() - 1) {
+            self.state = Outside;
+        }
+        // Lines are counted once a chunk; an opening line only for a field still open.
+        if let Some(opened) = opened_here
+            && self.state != Outside
+        {
+            self.opened_on = self.line + line_ends(&bytes[..opened]);
+        }
+        self.line += line_ends(bytes);
+        self.last = Some(final_byte);
+    }
+
+    /// The line the open quoted field started on, when the input so far ends inside one.
+    fn unclosed_since(&self) -> Option<u64> {
+        (self.state == QuoteState::Quoted).then_some(self.opened_on)
     }
 }
 
@@ -1136,6 +1262,34 @@ pub(crate) fn json_lines(sample: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+
+    fn unclosed(input: &[u8], chunks: usize) -> Option<u64> {
+        let mut scan = QuoteScan::new(b',', b'"');
+        let size = input.len().div_ceil(chunks.max(1)).max(1);
+        for chunk in input.chunks(size) {
+            scan.feed(chunk);
+        }
+        scan.unclosed_since()
+    }
+
+    #[test]
+    fn an_open_quoted_field_at_the_end_is_found_with_its_line() {
+        for chunks in [1, 2, 5, 64] {
+            // Quoted newlines, doubled quotes, a quote inside an unquoted value: all closed.
+            let fine = b"id,name\n1,\"two\nlines\"\n2,\"say \"\"hi\"\"\"\n3,5\" screen\n4,\"\"\r\n";
+            assert_eq!(unclosed(fine, chunks), None, "{chunks}");
+            assert_eq!(
+                unclosed(b"id,name\n1,ok\n2,\"abc\n3,def\n", chunks),
+                Some(3)
+            );
+            assert_eq!(unclosed(b"id,name\n1,\"abc", chunks), Some(2));
+            // A closing quote followed by more text is not an open field.
+            assert_eq!(unclosed(b"a,\"b\"c\n", chunks), None);
+            // A doubled quote at the very end leaves the field open.
+            assert_eq!(unclosed(b"a,\"b\"\"", chunks), Some(1));
+        }
+    }
+
     use super::*;
 
     #[test]
