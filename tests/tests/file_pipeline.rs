@@ -783,6 +783,61 @@ async fn repeated_header_names_load_each_columns_own_values_under_pandas_names()
     assert_eq!(rows, ["1|a|b|c", "2|d|e|f"]);
 }
 
+#[tokio::test]
+async fn a_pretty_printed_json_array_loads_and_keeps_integers_past_2_53_exact() {
+    let dir = scratch("files-pretty-json");
+    write(
+        &dir.join("in/tx_1.json"),
+        b"[\n  {\n    \"id\": 9007199254740993,\n    \"name\": \"two\\nlines\",\n    \"n\": 1.5\n  },\n  {\n    \"id\": -9223372036854775808,\n    \"name\": null,\n    \"n\": 2\n  }\n]\n",
+    );
+    let job = local_job(&dir.join("in"), "tx_*.json", "json", serde_json::json!({}));
+    let report = run_job(job, options(&dir)).await;
+    ok(&report);
+    assert_eq!(report.rows_loaded, 2);
+    let batches = read_table(&dir.join("warehouse/loaded"));
+    let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+    let ids = batch.column_by_name("id").unwrap();
+    assert_eq!(ids.data_type(), &DataType::Int64, "exact, not a float");
+    let mut rows: Vec<String> = (0..batch.num_rows())
+        .map(|r| {
+            ["id", "name", "n"]
+                .iter()
+                .map(|c| cell_text(batch.column_by_name(c).unwrap(), r))
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            "-9223372036854775808|NULL|2.0",
+            "9007199254740993|two\nlines|1.5"
+        ]
+    );
+
+    // Past INT64 (to 2^64 - 1), integers load as NUMERIC, exactly, never as floats.
+    let dir = scratch("files-wide-json");
+    write(
+        &dir.join("in/tx_1.json"),
+        b"{\"id\": 18446744073709551615, \"v\": 1}\n{\"id\": 2, \"v\": 2}\n",
+    );
+    let job = local_job(&dir.join("in"), "tx_*.json", "json", serde_json::json!({}));
+    let report = run_job(job, options(&dir)).await;
+    ok(&report);
+    let batches = read_table(&dir.join("warehouse/loaded"));
+    let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+    let ids = batch.column_by_name("id").unwrap();
+    assert!(
+        matches!(ids.data_type(), DataType::Decimal128(_, _)),
+        "{}",
+        ids.data_type()
+    );
+    let mut values: Vec<String> = (0..batch.num_rows()).map(|r| cell_text(ids, r)).collect();
+    values.sort();
+    assert_eq!(values, ["18446744073709551615.000000000", "2.000000000"]);
+}
+
 fn dispatcher(args: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new(common::dispatcher_bin())
         .args(args)

@@ -112,6 +112,8 @@ pub fn arrow_type_of(bigquery_type: &str) -> Option<DataType> {
 fn text_bigquery_type(inferred: &DataType) -> Option<&'static str> {
     Some(match inferred {
         DataType::Int64 => "INT64",
+        // Only integers past INT64 in JSON (see `wide_integer_keys`).
+        DataType::Decimal128(_, 0) => "NUMERIC",
         DataType::Float64 => "FLOAT64",
         DataType::Boolean => "BOOL",
         DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _) => "TIMESTAMP",
@@ -467,6 +469,40 @@ fn key_order(lines: &[u8]) -> Vec<String> {
     order
 }
 
+/// Keys inferred as floats whose sampled values are all integers, one of them past INT64:
+/// arrow infers those as Float64, which would round them.
+fn wide_integer_keys(lines: &[u8], inferred: &Schema) -> std::collections::HashSet<String> {
+    let floats: Vec<&str> = inferred
+        .fields()
+        .iter()
+        .filter(|f| f.data_type() == &DataType::Float64)
+        .map(|f| f.name().as_str())
+        .collect();
+    let mut integral: std::collections::HashMap<&str, (bool, bool)> =
+        floats.iter().map(|k| (*k, (true, false))).collect();
+    if floats.is_empty() {
+        return Default::default();
+    }
+    for line in lines.split(|&b| b == b'\n') {
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(line) else {
+            continue;
+        };
+        for (key, seen) in integral.iter_mut() {
+            match object.get(*key) {
+                Some(serde_json::Value::Number(n)) if n.is_i64() => {}
+                Some(serde_json::Value::Number(n)) if n.is_u64() => seen.1 = true,
+                None | Some(serde_json::Value::Null) => {}
+                Some(_) => seen.0 = false,
+            }
+        }
+    }
+    integral
+        .into_iter()
+        .filter(|(_, (all_integers, past_int64))| *all_integers && *past_int64)
+        .map(|(key, _)| key.to_string())
+        .collect()
+}
+
 fn sample_json(sample: &[u8], uri: &str) -> Result<(Vec<DetectedColumn>, u64)> {
     let lines = files::json_lines(sample);
     let (inferred, _) = arrow::json::reader::infer_json_schema(Cursor::new(&lines), None)
@@ -482,7 +518,23 @@ fn sample_json(sample: &[u8], uri: &str) -> Result<(Vec<DetectedColumn>, u64)> {
     }
     // Inference sorts the keys; the columns follow the objects' own order instead.
     let order = key_order(&lines);
-    let mut fields: Vec<_> = inferred.fields().iter().cloned().collect();
+    let wide = wide_integer_keys(&lines, &inferred);
+    let mut fields: Vec<_> = inferred
+        .fields()
+        .iter()
+        .map(|f| {
+            if wide.contains(f.name()) {
+                // Integers past INT64 (up to 2^64 - 1) are exact in NUMERIC, not floats.
+                Arc::new(
+                    f.as_ref()
+                        .clone()
+                        .with_data_type(DataType::Decimal128(20, 0)),
+                )
+            } else {
+                f.clone()
+            }
+        })
+        .collect();
     fields.sort_by_key(|f| {
         order
             .iter()
@@ -586,6 +638,26 @@ async fn detect_parquet(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn json_integers_past_int64_are_not_taken_for_floats() {
+        let lines = b"{\"a\": 18446744073709551615, \"b\": 1.5, \"c\": 1}\n{\"a\": 1, \"b\": 18446744073709551615, \"c\": null}\n";
+        let schema = Schema::new(vec![
+            Field::new("a", DataType::Float64, true),
+            Field::new("b", DataType::Float64, true),
+            Field::new("c", DataType::Int64, true),
+        ]);
+        let wide = wide_integer_keys(lines, &schema);
+        // a: integers, one past INT64; b: a real float among them; c: inferred an integer.
+        assert_eq!(wide, ["a".to_string()].into_iter().collect());
+        let (columns, rows) = sample_json(lines, "file:///x.json").unwrap();
+        assert_eq!(rows, 2);
+        let types: Vec<(&str, &str)> = columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.bigquery_type.as_str()))
+            .collect();
+        assert_eq!(types, [("a", "NUMERIC"), ("b", "FLOAT64"), ("c", "INT64")]);
+    }
 
     #[test]
     fn repeated_header_names_are_made_distinct_as_pandas_does() {

@@ -1002,6 +1002,9 @@ impl ArrayUnwrapper {
                 b']' => {}
                 b',' if self.depth == 0 => out.push(b'\n'),
                 b'\n' | b'\r' if self.depth == 0 => {}
+                // A pretty-printed element spans lines: outside strings a line end is only
+                // whitespace, so each element comes out on one line.
+                b'\n' | b'\r' => out.push(b' '),
                 _ => out.push(b),
             }
         }
@@ -1367,6 +1370,24 @@ mod tests {
         let mut out = Vec::new();
         transcode(b"caf\xe9 \xff", TextEncoding::Latin1, &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), "café ÿ");
+    }
+
+    #[test]
+    fn pretty_printed_json_arrays_come_out_one_element_a_line() {
+        let text = b"[\n  {\n    \"id\": 1,\n    \"name\": \"a\\nb\",\n    \"tags\": [\n      1,\n      2\n    ]\n  },\n  {\"id\": 2}\n]\n";
+        let lines = json_lines(text);
+        let lines: Vec<serde_json::Value> = lines
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                serde_json::json!({"id": 1, "name": "a\nb", "tags": [1, 2]}),
+                serde_json::json!({"id": 2}),
+            ]
+        );
     }
 
     #[test]
