@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use arrow_schema::Schema;
 use async_trait::async_trait;
 use shardflow::digest;
-use shardflow::messages::{self, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
+use shardflow::messages::{self, ShardOutcome, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
 use shardflow::metrics::Metrics;
 use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
@@ -266,7 +266,7 @@ impl Engine {
                     continue;
                 }
             };
-            match self.state.record_result(&result).await {
+            match self.record_result(&result).await {
                 Ok(recorded) => {
                     if recorded == Recorded::Duplicate {
                         tracing::debug!(run_id = %result.run_id, shard_id = %result.shard_id, "duplicate shard result ignored");
@@ -282,6 +282,24 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Records one result; a permanent failure (the worker acked the shard, which will not
+    /// come back) fails the shard at once, so its run fails without waiting for a dead letter.
+    async fn record_result(&self, result: &ShardResult) -> Result<Recorded> {
+        let recorded = self.state.record_result(result).await?;
+        if let ShardOutcome::Failed {
+            error,
+            permanent: true,
+        } = &result.outcome
+            && recorded == Recorded::FailedAttempt
+        {
+            let why = format!("shard {} failed: {error}", result.shard_id);
+            self.state
+                .fail_shard(&result.run_id, &result.shard_id, &why)
+                .await?;
+        }
+        Ok(recorded)
     }
 
     /// Marks dead-lettered shards failed until `shutdown`; their run then fails with the reason.

@@ -16,6 +16,10 @@ pub enum Error {
     /// The source could not be reached or failed while reading.
     #[error("source database error: {0}")]
     Database(String),
+    /// A file store failed while being listed or read (a dropped connection, a server error
+    /// its client's own retries did not get past): trying again may succeed.
+    #[error("{0}")]
+    SourceRead(String),
     /// The bytes the source sent could not be decoded.
     #[error("decoding {column}: {problem}")]
     Decode { column: String, problem: String },
@@ -43,12 +47,26 @@ impl Error {
         matches!(
             self,
             Error::Database(_)
+                | Error::SourceRead(_)
                 | Error::Staging(_)
                 | Error::Queue(_)
                 | Error::Api {
                     transient: true,
                     ..
                 }
+        )
+    }
+}
+
+impl Error {
+    /// Whether the same shard fails the same way on every delivery: a value that does not
+    /// parse, a column the source does not have, a view that was never populated. The worker
+    /// reports such a failure once and the run fails at once, where anything else (a store, a
+    /// queue, the worker itself) gets the shard redelivered.
+    pub fn is_deterministic(&self) -> bool {
+        matches!(
+            self,
+            Error::Spec(_) | Error::Source(_) | Error::Decode { .. }
         )
     }
 }
@@ -73,11 +91,18 @@ impl From<tokio_postgres::Error> for Error {
     }
 }
 
-/// SQLSTATEs that say the credentials or the database named in the job are wrong: trying
-/// again gives the same answer, so they are not retried (a password failure, a missing role
-/// or database, a missing privilege).
+/// SQLSTATEs that say the job or the data is wrong, so trying again gives the same answer
+/// (PostgreSQL's Appendix A): invalid authorization (class 28), a missing database (3D000),
+/// syntax errors and access rules (class 42: a missing table or column, a missing
+/// privilege), data exceptions (class 22: a value a cast refuses), an unsupported feature
+/// (0A000) and an object not in the state the query needs (55000: "materialized view … has
+/// not been populated"). Lock timeouts (55P03), serialization failures (40001), shutdowns
+/// (57P01) and resource limits (class 53) are retried.
 pub(crate) fn refuses_the_job(sqlstate: &str) -> bool {
-    sqlstate.starts_with("28") || sqlstate == "3D000" || sqlstate == "42501"
+    sqlstate.starts_with("28")
+        || sqlstate.starts_with("42")
+        || sqlstate.starts_with("22")
+        || matches!(sqlstate, "3D000" | "0A000" | "55000")
 }
 
 impl From<sqlx::Error> for Error {
@@ -122,11 +147,18 @@ mod tests {
 
     #[test]
     fn wrong_credentials_and_databases_are_not_transient() {
-        for code in ["28000", "28P01", "3D000", "42501"] {
+        // Credentials, a missing database, table (42P01) or column (42703), a privilege, an
+        // invalid timestamp (22007), an unpopulated materialized view.
+        for code in [
+            "28000", "28P01", "3D000", "42501", "42P01", "42703", "22007", "0A000", "55000",
+        ] {
             assert!(refuses_the_job(code), "{code}");
         }
-        // A server shutting down, too many connections, a serialization failure: retried.
-        for code in ["57P01", "53300", "40001", "08006"] {
+        // A server shutting down, too many connections, a serialization failure, a deadlock,
+        // a lock timeout, a lost connection, a cancelled statement: retried.
+        for code in [
+            "57P01", "53300", "40001", "40P01", "55P03", "08006", "57014",
+        ] {
             assert!(!refuses_the_job(code), "{code}");
         }
     }

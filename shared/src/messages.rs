@@ -88,6 +88,11 @@ pub enum ShardOutcome {
     },
     Failed {
         error: String,
+        /// The failure is the data's or the job's and recurs on every delivery (see
+        /// `Error::is_deterministic`): the worker acked the shard and the run fails now.
+        /// Absent from older workers' results, whose failures are all retried.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        permanent: bool,
     },
 }
 
@@ -147,12 +152,29 @@ mod tests {
             worker_id: "w".into(),
             outcome: ShardOutcome::Failed {
                 error: "boom".into(),
+                permanent: false,
             },
         };
         let bytes = encode(&result).unwrap();
         assert_eq!(
             decode::<ShardResult>("shard result", &bytes).unwrap(),
             result
+        );
+        // A result from a worker that predates `permanent` is a retried failure; a
+        // permanent one says so on the wire.
+        assert!(!String::from_utf8_lossy(&bytes).contains("permanent"));
+        let permanent = ShardResult {
+            outcome: ShardOutcome::Failed {
+                error: "bad value".into(),
+                permanent: true,
+            },
+            ..result
+        };
+        let bytes = encode(&permanent).unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains("\"permanent\":true"));
+        assert_eq!(
+            decode::<ShardResult>("shard result", &bytes).unwrap(),
+            permanent
         );
         let future = serde_json::json!({"version": 99, "run_id": "r"}).to_string();
         let err = decode::<ShardResult>("shard result", future.as_bytes()).unwrap_err();

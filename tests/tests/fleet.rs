@@ -752,12 +752,49 @@ async fn failures_reach_django_with_the_reason() {
         "CREATE TABLE fleet_poison.t (id bigint PRIMARY KEY, d numeric(10,2));
          INSERT INTO fleet_poison.t SELECT i, 1.5 FROM generate_series(1, 30000) i;
          UPDATE fleet_poison.t SET d = 'NaN' WHERE id = 25000;
-         ANALYZE fleet_poison.t;",
+         ANALYZE fleet_poison.t;
+         CREATE MATERIALIZED VIEW fleet_poison.never_refreshed AS SELECT * FROM fleet_poison.t
+             WITH NO DATA;",
     )
     .await
     .unwrap();
     fleet.serve_config(301, config("fleet_poison", "table_p"));
     fleet.publish_job(301, 7001).await;
+    // A materialized view created WITH NO DATA: PostgreSQL refuses to read it (55000).
+    fleet.serve_config(
+        304,
+        job_json("fleet_poison", "never_refreshed", "table_mv", json!({})),
+    );
+    fleet.publish_job(304, 7004).await;
+    // A JSON file whose column is a number through the detection sample (5 MB) and a string
+    // on one line after it.
+    let files = common::scratch("fleet-mixed-json");
+    let mut lines = String::new();
+    for i in 1..=240_000 {
+        lines.push_str(&format!("{{\"id\": {i}, \"amount\": {i}}}\n"));
+    }
+    lines.push_str("{\"id\": 240001, \"amount\": \"twelve\"}\n");
+    assert!(lines.len() > 5 * 1024 * 1024, "past the sample");
+    std::fs::write(files.join("mixed.jsonl"), &lines).unwrap();
+    let mixed_uri = format!(
+        "file://{}/mixed.jsonl",
+        files.canonicalize().unwrap().display()
+    );
+    fleet.serve_config(
+        305,
+        json!({
+            "data_source_id": 305,
+            "source_type": "local",
+            "dest_table_name": "table_mixed",
+            "file_path_prefix": format!("{}/", files.display()),
+            "file_pattern": "mixed.jsonl",
+            "file_format": "json",
+            "load_type": "transactional",
+            "load_latest_only": false,
+            "processing_mode": "dataflow",
+        }),
+    );
+    fleet.publish_job(305, 7005).await;
     // A dead database: nothing listens on port 1.
     let mut dead = config("fleet_poison", "table_d");
     dead["connection_params"]["port"] = json!(1);
@@ -772,11 +809,62 @@ async fn failures_reach_django_with_the_reason() {
         .await;
     assert_eq!(poisoned["status"], "failed", "{poisoned}");
     let why = poisoned["error_message"].as_str().unwrap();
+    // The same bytes fail the same way every time: one attempt, not five.
     assert!(
         why.starts_with("shard s0")
-            && why.contains("failed after 5 attempts: decoding d: numeric NaN cannot be stored in a DECIMAL column"),
+            && why
+                .contains(" failed: decoding d: numeric NaN cannot be stored in a DECIMAL column"),
         "{why}"
     );
+    let state = fleet.state().await;
+    let attempts = |etl_run_id: i64| {
+        let state = &state;
+        async move {
+            let rows = state
+                .query(
+                    "SELECT s.attempts, s.status FROM shardflow_shards s
+                     JOIN shardflow_runs r USING (run_id)
+                     WHERE r.etl_run_id = $1 AND s.status <> 'succeeded'",
+                    &[&etl_run_id],
+                )
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>()
+        }
+    };
+    let failed = attempts(7001).await;
+    assert!(
+        failed.contains(&(1, "failed".to_string())),
+        "the poisoned shard ran once: {failed:?}"
+    );
+
+    let never_refreshed = fleet
+        .django
+        .final_status(7004, Duration::from_secs(120))
+        .await;
+    assert_eq!(never_refreshed["status"], "failed", "{never_refreshed}");
+    let why = never_refreshed["error_message"].as_str().unwrap();
+    assert!(
+        why.contains("the source database refused the job")
+            && why.contains("materialized view \"never_refreshed\" has not been populated")
+            && !why.contains("attempts"),
+        "{why}"
+    );
+    assert!(attempts(7004).await.iter().all(|(n, _)| *n <= 1));
+
+    let mixed = fleet
+        .django
+        .final_status(7005, Duration::from_secs(120))
+        .await;
+    assert_eq!(mixed["status"], "failed", "{mixed}");
+    let why = mixed["error_message"].as_str().unwrap();
+    assert!(
+        why.contains(&format!("{mixed_uri}, line 240001: ")) && !why.contains("attempts"),
+        "{why}"
+    );
+    assert_eq!(attempts(7005).await, [(1, "failed".to_string())]);
 
     let dead = fleet
         .django

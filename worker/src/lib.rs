@@ -309,13 +309,23 @@ impl Worker {
                 }
                 Err(e) => {
                     self.metrics.shard_failures.inc();
-                    tracing::warn!(error = %e, "shard failed");
+                    let permanent = e.is_deterministic();
+                    tracing::warn!(error = %e, permanent, "shard failed");
                     ShardOutcome::Failed {
                         error: e.to_string(),
+                        permanent,
                     }
                 }
             };
-            let succeeded = matches!(outcome, ShardOutcome::Succeeded { .. });
+            // A permanent failure is settled like a success: redelivering it repeats it.
+            let settles = matches!(
+                outcome,
+                ShardOutcome::Succeeded { .. }
+                    | ShardOutcome::Failed {
+                        permanent: true,
+                        ..
+                    }
+            );
             let result = ShardResult {
                 version: WIRE_VERSION,
                 run_id: task.run_id.clone(),
@@ -336,7 +346,7 @@ impl Worker {
                 Err(e) => Err(e),
             };
             // Ack only once the result is safely published; otherwise let it run again.
-            let settled = match (published, succeeded) {
+            let settled = match (published, settles) {
                 (Ok(()), true) => delivery.ack().await,
                 (Ok(()), false) => delivery.nack().await,
                 (Err(e), _) => {

@@ -503,10 +503,61 @@ fn wide_integer_keys(lines: &[u8], inferred: &Schema) -> std::collections::HashS
         .collect()
 }
 
+/// Where a sample stops being JSON lines, for the error: "line 3: expected value at column 7".
+/// A top-level array counts elements, its lines having been rejoined.
+fn first_bad_json_line(lines: &[u8], sample: &[u8]) -> Option<String> {
+    let unit = match sample.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => "element",
+        _ => "line",
+    };
+    // Numbered as the reader numbers them (`files::read_json`), so both errors agree.
+    for (index, line) in lines.split(|&b| b == b'\n').enumerate() {
+        let number = index + 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<serde_json::Value>(line) {
+            Err(e) => {
+                // serde counts within the one line it was given: keep only the column.
+                let why = e.to_string();
+                let why = match why.split_once(" at line 1 column ") {
+                    Some((what, column)) => format!("{what} at column {column}"),
+                    None => why,
+                };
+                return Some(format!("{unit} {number}: not JSON: {why}"));
+            }
+            Ok(v) if !v.is_object() => {
+                return Some(format!(
+                    "{unit} {number}: a JSON {} where an object (one row) belongs",
+                    json_kind(&v)
+                ));
+            }
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
 fn sample_json(sample: &[u8], uri: &str) -> Result<(Vec<DetectedColumn>, u64)> {
     let lines = files::json_lines(sample);
-    let (inferred, _) = arrow::json::reader::infer_json_schema(Cursor::new(&lines), None)
-        .map_err(|e| Error::Source(format!("{uri}: not JSON lines: {e}")))?;
+    let (inferred, _) =
+        arrow::json::reader::infer_json_schema(Cursor::new(&lines), None).map_err(|e| {
+            match first_bad_json_line(&lines, sample) {
+                Some(at) => Error::Source(format!("{uri}, {at}")),
+                None => Error::Source(format!("{uri}: not JSON lines: {e}")),
+            }
+        })?;
     for f in inferred.fields() {
         if text_bigquery_type(f.data_type()).is_none() {
             return Err(Error::Source(format!(
@@ -601,7 +652,7 @@ async fn detect_parquet(
         .with_file_size(file.size);
     let builder = ParquetRecordBatchStreamBuilder::new(reader)
         .await
-        .map_err(|e| Error::Source(format!("{uri}: not a readable Parquet file: {e}")))?;
+        .map_err(|e| files::parquet_error(format!("{uri}: not a readable Parquet file"), e))?;
     let metadata = builder.metadata().clone();
     let rows = metadata.file_metadata().num_rows().max(0) as u64;
     let groups: Vec<u64> = metadata
@@ -616,7 +667,7 @@ async fn detect_parquet(
         .build()
         .map_err(|e| Error::Source(format!("{uri}: {e}")))?;
     let first = match stream.next().await {
-        Some(b) => Some(b.map_err(|e| Error::Source(format!("{uri}: {e}")))?),
+        Some(b) => Some(b.map_err(|e| files::parquet_error(uri.to_string(), e))?),
         None => None,
     };
     let columns = describe_columns(first.as_ref(), &schema, |f| {
@@ -657,6 +708,28 @@ mod tests {
             .map(|c| (c.name.as_str(), c.bigquery_type.as_str()))
             .collect();
         assert_eq!(types, [("a", "NUMERIC"), ("b", "FLOAT64"), ("c", "INT64")]);
+    }
+
+    #[test]
+    fn json_errors_name_the_line_that_is_not_an_object() {
+        let err = |sample: &[u8]| {
+            sample_json(sample, "gs://b/x.json")
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(b"{\"a\": 1}\n\n{\"a\": 2}\n{\"a\": 3,, }\n{\"a\": 4}\n"),
+            "gs://b/x.json, line 4: not JSON: key must be a string at column 9"
+        );
+        assert_eq!(
+            err(b"{\"a\": 1}\n[1, 2]\n"),
+            "gs://b/x.json, line 2: a JSON array where an object (one row) belongs"
+        );
+        // In a top-level array the count is of elements, whatever the lines.
+        assert_eq!(
+            err(b"[\n  {\"a\": 1},\n  {\"a\":\n    2},\n  7\n]\n"),
+            "gs://b/x.json, element 3: a JSON number where an object (one row) belongs"
+        );
     }
 
     #[test]

@@ -289,7 +289,7 @@ impl FileLocation {
             .list(folder.as_ref())
             .try_collect()
             .await
-            .map_err(|e| Error::Source(format!("listing {}/{}: {e}", self.root, self.prefix)))?;
+            .map_err(|e| store_error(format!("listing {}/{}", self.root, self.prefix), e))?;
         let mut files: Vec<FileInfo> = metas
             .into_iter()
             .filter(|m| m.location.as_ref().starts_with(&starts_with))
@@ -396,8 +396,42 @@ impl FileLocation {
                 "{} was deleted after the run was planned",
                 self.uri(&file.path)
             )),
-            other => Error::Source(format!("reading {}: {other}", self.uri(&file.path))),
+            other => store_error(format!("reading {}", self.uri(&file.path)), other),
         }
+    }
+}
+
+/// A store's error, as the job's own fault (a missing object, a refused credential: the same
+/// every time) or the store's (a connection, a 5xx past the client's retries: redelivered).
+fn store_error(context: String, e: object_store::Error) -> Error {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. }
+        | E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::InvalidPath { .. }
+        | E::NotSupported { .. }
+        | E::NotImplemented { .. }
+        | E::UnknownConfigurationKey { .. } => Error::Source(format!("{context}: {e}")),
+        other => Error::SourceRead(format!("{context}: {other}")),
+    }
+}
+
+/// An error from reading a file's bytes: bytes that do not decompress are the file's fault,
+/// anything else (the connection under the stream) may pass.
+fn read_io_error(uri: &str, e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => Error::Source(format!("{uri}: {e}")),
+        _ => Error::SourceRead(format!("{uri}: {e}")),
+    }
+}
+
+/// A Parquet reader's error: the store's (wrapped as `External`) may pass, a malformed file
+/// does not.
+pub(crate) fn parquet_error(context: String, e: parquet::errors::ParquetError) -> Error {
+    match e {
+        parquet::errors::ParquetError::External(_) => Error::SourceRead(format!("{context}: {e}")),
+        _ => Error::Source(format!("{context}: {e}")),
     }
 }
 
@@ -727,10 +761,7 @@ async fn fill(
     uri: &str,
 ) -> Result<bool> {
     let n = {
-        let chunk = reader
-            .fill_buf()
-            .await
-            .map_err(|e| Error::Source(format!("{uri}: {e}")))?;
+        let chunk = reader.fill_buf().await.map_err(|e| read_io_error(uri, e))?;
         transcode(chunk, encoding, pending);
         chunk.len()
     };
@@ -938,8 +969,20 @@ pub fn csv_error(uri: &str, e: &arrow::error::ArrowError) -> Error {
             line + 1
         ));
     }
+    if let (Some(rest), Some((line, end))) = (
+        text.strip_prefix("Error parsing column "),
+        number_after(" at line "),
+    ) {
+        // "Error parsing column 1 at line 2: Parser error: …": the decoder counts records from
+        // 0, the header included.
+        let column = rest.split(' ').next().unwrap_or("?");
+        let why = text[end..]
+            .trim_start_matches(": ")
+            .trim_start_matches("Parser error: ");
+        return Error::Source(format!("{uri}, line {}: column {column}: {why}", line + 1));
+    }
     if let Some((line, _)) = number_after(" at line ") {
-        // Inference counts lines from 1.
+        // Inference (the csv crate) counts lines from 1.
         return Error::Source(format!("{uri}, line {line}: {text}"));
     }
     Error::Source(format!("{uri}: {text}"))
@@ -1156,7 +1199,7 @@ async fn read_parquet(
     .with_file_size(part.file.size);
     let mut builder = ParquetRecordBatchStreamBuilder::new(reader)
         .await
-        .map_err(|e| Error::Source(format!("{uri}: not a readable Parquet file: {e}")))?
+        .map_err(|e| parquet_error(format!("{uri}: not a readable Parquet file"), e))?
         .with_batch_size(batch_rows);
     if let Some((first, end)) = part.row_groups {
         builder = builder.with_row_groups((first..end).collect());
@@ -1165,7 +1208,7 @@ async fn read_parquet(
         .build()
         .map_err(|e| Error::Source(format!("{uri}: {e}")))?;
     while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(|e| Error::Source(format!("{uri}: {e}")))?;
+        let batch = batch.map_err(|e| parquet_error(uri.to_string(), e))?;
         if !sink.send(batch, uri).await? {
             return Ok(());
         }
@@ -1431,6 +1474,15 @@ mod tests {
         assert_eq!(
             csv_error("gs://b/x.csv", &e).to_string(),
             "gs://b/x.csv, line 5: cannot parse value 'abc' as type 'Int64' for column 1"
+        );
+        // A timestamp on the third line of the file (the header is record 0).
+        let e = arrow::error::ArrowError::ParseError(
+            "Error parsing column 1 at line 2: Parser error: Error parsing timestamp from 'notadate': timestamp must contain at least 10 characters".into(),
+        );
+        assert_eq!(
+            csv_error("gs://b/x.csv", &e).to_string(),
+            "gs://b/x.csv, line 3: column 1: Error parsing timestamp from 'notadate': timestamp \
+             must contain at least 10 characters"
         );
     }
 }

@@ -324,6 +324,7 @@ pub(crate) mod conformance {
             "s0",
             ShardOutcome::Failed {
                 error: "boom".into(),
+                permanent: false,
             },
         );
         assert_eq!(

@@ -239,7 +239,7 @@ impl StateStore for SqlStateStore {
             .rows_affected(),
             None => {
                 let error = match &result.outcome {
-                    ShardOutcome::Failed { error } => error.as_str(),
+                    ShardOutcome::Failed { error, .. } => error.as_str(),
                     ShardOutcome::Succeeded { .. } => "",
                 };
                 sqlx::query(
