@@ -231,14 +231,15 @@ run 1 102 >/dev/null && check smoke_catalog
 
 # --- A GCS file job on the fast path. -------------------------------------------------------
 for n in 1 2; do
-    printf 'id,name,at\n%s1,file %s one,2024-01-0%s 10:00:00\n%s2,file %s two,2024-01-0%s 11:30:00.5\n' \
-        "$n" "$n" "$n" "$n" "$n" "$n" >"$WORK/tx_$n.csv"
-    curl -sS -f -o /dev/null -X POST ${TOKEN:+-H "authorization: Bearer $TOKEN"} --data-binary "@$WORK/tx_$n.csv" \
-        "$GCS/upload/storage/v1/b/$BUCKET/o?uploadType=media&name=files/tx_$n.csv" || fail "upload tx_$n.csv"
+    # JSON lines: the workers read CSV files (BigQuery's CSV reader is not pandas').
+    printf '{"id": %s1, "name": "file %s one", "at": "2024-01-0%s 10:00:00"}\n{"id": %s2, "name": "file %s two", "at": "2024-01-0%s 11:30:00.5"}\n' \
+        "$n" "$n" "$n" "$n" "$n" "$n" >"$WORK/tx_$n.jsonl"
+    curl -sS -f -o /dev/null -X POST ${TOKEN:+-H "authorization: Bearer $TOKEN"} --data-binary "@$WORK/tx_$n.jsonl" \
+        "$GCS/upload/storage/v1/b/$BUCKET/o?uploadType=media&name=files/tx_$n.jsonl" || fail "upload tx_$n.jsonl"
 done
 cat >"$WORK/config-4.json" <<JSON
 {"source_type": "gcs", "connection_params": {"bucket": "$BUCKET"}, "is_file_based": true,
- "file_path_prefix": "files/", "file_pattern": "tx_*.csv", "file_format": "csv",
+ "file_path_prefix": "files/", "file_pattern": "tx_*.jsonl", "file_format": "json",
  "dest_table_name": "smoke_files", "load_type": "transactional", "load_latest_only": false,
  "bigquery_schema": [{"name": "id", "bigquery_type": "INT64", "bigquery_mode": "NULLABLE"},
                      {"name": "name", "bigquery_type": "STRING", "bigquery_mode": "NULLABLE"},
@@ -258,6 +259,6 @@ if answer.get("errors"):
     sys.exit(f"BigQuery refused the read-back query: {answer}")
 print(";".join("|".join(c["v"] for c in r["f"]) for r in answer.get("rows", [])))' "$WORK/files.json") || fail "smoke_files: $got"
 [ "$got" = "$want" ] || fail "smoke_files holds $got, not $want"
-say "smoke_files: 4 rows from 2 CSV files, loaded by BigQuery from GCS directly"
+say "smoke_files: 4 rows from 2 JSON lines files, loaded by BigQuery from GCS directly"
 
 say "passed ($MODE)"

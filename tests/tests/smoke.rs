@@ -30,7 +30,7 @@ async fn the_smoke_script_passes_against_the_emulators_and_cleans_up() {
         "smoke_catalog: 27 rows, every value as in PostgreSQL",
         "smoke_tx: 25 rows, every value as in PostgreSQL",
         "smoke_merge: 27 rows, every value as in PostgreSQL",
-        "smoke_files: 4 rows from 2 CSV files, loaded by BigQuery from GCS directly",
+        "smoke_files: 4 rows from 2 JSON lines files, loaded by BigQuery from GCS directly",
         "smoke: passed (emulator)",
     ] {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");

@@ -27,8 +27,13 @@ const ASSUMED_COMPRESSION_RATIO: u64 = 5;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DetectedColumn {
     pub name: String,
-    /// The Arrow type the sample decoded as (`Null` when every sampled value was empty).
+    /// The type as the seed reported it: pandas' dtype for CSV and JSON (`int64`, `float64`,
+    /// `bool`, `object`), the Arrow type for Parquet.
     #[serde(rename = "type")]
+    pub dtype: String,
+    /// The Arrow type the sample decoded as: `Null` when every sampled value was missing,
+    /// `Date32` for text that is all dates without a time.
+    #[serde(skip)]
     pub arrow_type: String,
     pub bigquery_type: String,
     pub bigquery_mode: String,
@@ -350,6 +355,7 @@ fn describe_columns(
             };
             Ok(DetectedColumn {
                 name: field.name().clone(),
+                dtype: field.data_type().to_string(),
                 arrow_type: field.data_type().to_string(),
                 bigquery_type: bigquery_type(field)?,
                 bigquery_mode: "NULLABLE".into(),
@@ -393,27 +399,52 @@ pub fn dedup_names(names: &[String]) -> Vec<String> {
     out
 }
 
+/// A CSV's header as pandas names it: an empty name is `Unnamed: <position>`, repeated names
+/// get `.1`, `.2` (see `dedup_names`).
+pub fn pandas_header(names: &[String]) -> Vec<String> {
+    let named: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            if n.is_empty() {
+                format!("Unnamed: {i}")
+            } else {
+                n.clone()
+            }
+        })
+        .collect();
+    dedup_names(&named)
+}
+
+/// The file's columns as text, named as pandas names them.
+pub fn csv_text_schema(
+    sample: &[u8],
+    options: &crate::spec::FileOptions,
+    uri: &str,
+) -> Result<SchemaRef> {
+    let format = files::csv_format(options);
+    let (schema, _) = format
+        .infer_schema(Cursor::new(sample), Some(1))
+        .map_err(|e| files::csv_error(uri, &e))?;
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    Ok(Arc::new(Schema::new(
+        pandas_header(&names)
+            .into_iter()
+            .map(|name| Field::new(name, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    )))
+}
+
+/// Detects a CSV sample's columns by pandas' `read_csv` rules and the seed's type mapping
+/// (`pandas::csv_column_kind`).
 fn sample_csv(
     sample: &[u8],
     options: &crate::spec::FileOptions,
     uri: &str,
 ) -> Result<(Vec<DetectedColumn>, u64)> {
-    let format = files::csv_format(options);
-    let (schema, _) = format
-        .infer_schema(Cursor::new(sample), None)
-        .map_err(|e| files::csv_error(uri, &e))?;
-    // Repeated header names get pandas' names, so each column keeps its own values.
-    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-    let schema = Arc::new(Schema::new(
-        schema
-            .fields()
-            .iter()
-            .zip(dedup_names(&names))
-            .map(|(f, name)| f.as_ref().clone().with_name(name))
-            .collect::<Vec<_>>(),
-    ));
+    let schema = csv_text_schema(sample, options, uri)?;
     let reader = arrow::csv::ReaderBuilder::new(schema.clone())
-        .with_format(format)
+        .with_format(files::csv_format(options))
         .build(Cursor::new(sample))
         .map_err(|e| files::csv_error(uri, &e))?;
     let batches: Vec<RecordBatch> = reader
@@ -421,12 +452,65 @@ fn sample_csv(
         .map_err(|e| files::csv_error(uri, &e))?;
     let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
     let batch = concat(&schema, &batches, uri)?;
-    let columns = describe_columns(batch.as_ref(), &schema, |f| {
-        text_bigquery_type(f.data_type())
-            .map(str::to_string)
-            .ok_or_else(|| Error::Source(format!("{uri}: column {:?} has no type", f.name())))
-    })?;
+    let empty = arrow::array::StringArray::from(Vec::<Option<&str>>::new());
+    let columns = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, field)| {
+            let text = batch
+                .as_ref()
+                .and_then(|b| {
+                    b.column(i)
+                        .as_any()
+                        .downcast_ref::<arrow::array::StringArray>()
+                })
+                .unwrap_or(&empty);
+            text_column(field.name(), text)
+        })
+        .collect();
     Ok((columns, rows))
+}
+
+/// A text column described as the seed described it: pandas' dtype, the BigQuery type it
+/// maps to, the first five present values.
+fn text_column(name: &str, text: &arrow::array::StringArray) -> DetectedColumn {
+    use super::pandas::{self, ColumnKind};
+    let fields = (0..text.len()).map(|r| if text.is_null(r) { "" } else { text.value(r) });
+    let missing = pandas::is_na;
+    let kind = pandas::csv_column_kind(fields.clone());
+    let all_missing = fields.clone().all(missing);
+    let dates_only = kind == ColumnKind::Datetime
+        && pandas::DatetimeRule::for_column(fields.clone().filter(|f| !missing(f))).is_some_and(
+            |rule| {
+                let today = chrono::Utc::now().date_naive();
+                fields.clone().filter(|f| !missing(f)).all(|f| {
+                    rule.parse(f, today).is_ok_and(|t| {
+                        t.local.time() == chrono::NaiveTime::MIN && t.offset_seconds.is_none()
+                    })
+                })
+            },
+        );
+    DetectedColumn {
+        name: name.to_string(),
+        dtype: kind.dtype().to_string(),
+        arrow_type: if all_missing && text.len() > 0 {
+            "Null".into()
+        } else if dates_only {
+            "Date32".into()
+        } else {
+            kind.dtype().to_string()
+        },
+        bigquery_type: kind.bigquery_type().to_string(),
+        bigquery_mode: "NULLABLE".into(),
+        sample_values: fields
+            .clone()
+            .filter(|f| !missing(f))
+            .take(5)
+            .map(str::to_string)
+            .collect(),
+        nullable: fields.clone().any(missing) || text.is_empty(),
+    }
 }
 
 /// The keys of the sampled objects in the order they first appear.
@@ -618,24 +702,27 @@ fn sample_json(sample: &[u8], uri: &str) -> Result<(Vec<DetectedColumn>, u64)> {
     );
     let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
     let batch = concat(&schema, &batches, uri)?;
-    let columns = describe_columns(batch.as_ref(), &schema, |f| {
-        let ty = text_bigquery_type(f.data_type()).unwrap_or("STRING");
-        // JSON has no date type: text that is all dates or timestamps is a TIMESTAMP, as the
-        // seed's "object parseable as date" rule.
-        if ty == "STRING"
-            && let Some(b) = &batch
-            && let Some(text) = b
-                .column_by_name(f.name())
-                .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
-            && text.len() > text.null_count()
-            && text.iter().flatten().all(|v| {
-                arrow::compute::kernels::cast_utils::string_to_datetime(&chrono::Utc, v).is_ok()
-            })
-        {
-            return Ok("TIMESTAMP".to_string());
-        }
-        Ok(ty.to_string())
+    let objects: Vec<serde_json::Map<String, serde_json::Value>> = lines
+        .split(|&b| b == b'\n')
+        .filter_map(|line| match serde_json::from_slice(line) {
+            Ok(serde_json::Value::Object(o)) => Some(o),
+            _ => None,
+        })
+        .collect();
+    let mut columns = describe_columns(batch.as_ref(), &schema, |f| {
+        Ok(text_bigquery_type(f.data_type())
+            .unwrap_or("STRING")
+            .to_string())
     })?;
+    // The types pandas' read_json gives (numeric text is a number, a missing integer makes
+    // floats), which the seed's fingerprints record.
+    for column in &mut columns {
+        let values = objects.iter().map(|o| o.get(&column.name));
+        if let Some(kind) = super::pandas::json_column_kind(values) {
+            column.dtype = kind.dtype().to_string();
+            column.bigquery_type = kind.bigquery_type().to_string();
+        }
+    }
     Ok((columns, rows))
 }
 
@@ -707,7 +794,11 @@ mod tests {
             .iter()
             .map(|c| (c.name.as_str(), c.bigquery_type.as_str()))
             .collect();
-        assert_eq!(types, [("a", "NUMERIC"), ("b", "FLOAT64"), ("c", "INT64")]);
+        // c: an integer and a null are float64 to read_json, as to the seed.
+        assert_eq!(
+            types,
+            [("a", "NUMERIC"), ("b", "FLOAT64"), ("c", "FLOAT64")]
+        );
     }
 
     #[test]
@@ -801,6 +892,7 @@ mod tests {
     fn found(name: &str, arrow: &str, bq: &str) -> DetectedColumn {
         DetectedColumn {
             name: name.into(),
+            dtype: arrow.into(),
             arrow_type: arrow.into(),
             bigquery_type: bq.into(),
             bigquery_mode: "NULLABLE".into(),
@@ -835,7 +927,8 @@ mod tests {
             [
                 ("zeta", "INT64"),
                 ("alpha", "STRING"),
-                ("mid", "BOOL"),
+                // true and a missing key: read_json makes that float64 (1.0, NaN).
+                ("mid", "FLOAT64"),
                 ("later", "FLOAT64")
             ]
         );

@@ -15,6 +15,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use object_store::path::Path;
 use object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt as _};
 use serde::{Deserialize, Serialize};
+
+use super::pandas;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
 
@@ -684,12 +686,17 @@ async fn read_part(
             } else {
                 part.columns.clone()
             };
+            // Decoded as text, then converted by pandas' rules (`pandas::ColumnReader`), as
+            // the seed read the file; a column the job does not load stays text.
             let file_schema = Arc::new(Schema::new(
                 names
                     .iter()
-                    .map(|n| match sink.target.field_with_name(n) {
-                        Ok(f) => parse_field(f),
-                        Err(_) => Field::new(n, DataType::Utf8, true),
+                    .map(|n| {
+                        let target = match sink.target.field_with_name(n) {
+                            Ok(f) => f.data_type().clone(),
+                            Err(_) => DataType::Utf8,
+                        };
+                        Field::new(n, target, true)
                     })
                     .collect::<Vec<_>>(),
             ));
@@ -776,6 +783,45 @@ pub(crate) fn csv_format(options: &FileOptions) -> arrow::csv::reader::Format {
         .with_quote(options.quote)
 }
 
+/// A batch of text columns converted to `schema`'s types, each by its column's reader; a value
+/// that does not convert fails naming where it is (`place` of its row), its column and itself.
+fn convert_text(
+    batch: RecordBatch,
+    schema: &SchemaRef,
+    readers: &mut [pandas::ColumnReader],
+    today: chrono::NaiveDate,
+    place: impl Fn(usize) -> String,
+) -> Result<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .zip(readers.iter_mut())
+        .map(|((column, field), reader)| {
+            // JSON decodes all but its time columns as their own types.
+            if column.data_type() == field.data_type() && !reader.na_markers {
+                return Ok(column.clone());
+            }
+            let text = column
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .ok_or_else(|| {
+                    Error::Source(format!("column {:?} was not read as text", field.name()))
+                })?;
+            reader.convert(text, field.data_type(), today).map_err(|u| {
+                Error::Source(format!(
+                    "{}: column {:?}: {:?} {}",
+                    place(u.row),
+                    field.name(),
+                    u.value,
+                    u.why
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Source(e.to_string()))
+}
+
 async fn read_csv(
     mut text: Box<dyn AsyncBufRead + Send + Unpin>,
     file_schema: SchemaRef,
@@ -784,10 +830,26 @@ async fn read_csv(
     sink: &BatchSink<'_>,
     uri: &str,
 ) -> Result<()> {
-    let mut decoder = arrow::csv::ReaderBuilder::new(file_schema)
+    let text_schema = Arc::new(Schema::new(
+        file_schema
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ));
+    let mut decoder = arrow::csv::ReaderBuilder::new(text_schema)
         .with_format(csv_format(options))
         .with_batch_size(batch_rows)
         .build_decoder();
+    let mut readers: Vec<pandas::ColumnReader> = file_schema
+        .fields()
+        .iter()
+        .map(|_| pandas::ColumnReader::new(true))
+        .collect();
+    let today = chrono::Utc::now().date_naive();
+    // Records before the batch, the header included: the file's line of a row, where no
+    // quoted field spans lines.
+    let mut records_before = u64::from(options.has_header);
     let mut pending: Vec<u8> = Vec::with_capacity(READ_CHUNK * 2);
     let mut at_end = false;
     let mut quotes = QuoteScan::new(options.delimiter, options.quote);
@@ -811,10 +873,15 @@ async fn read_csv(
         pending.drain(..used);
         let finished = at_end && pending.is_empty();
         if decoder.capacity() == 0 || finished {
-            if let Some(batch) = decoder.flush().map_err(|e| csv_error(uri, &e))?
-                && !sink.send(batch, uri).await?
-            {
-                return Ok(());
+            if let Some(batch) = decoder.flush().map_err(|e| csv_error(uri, &e))? {
+                let rows = batch.num_rows() as u64;
+                let batch = convert_text(batch, &file_schema, &mut readers, today, |row| {
+                    format!("{uri}, line {}", records_before + row as u64 + 1)
+                })?;
+                records_before += rows;
+                if !sink.send(batch, uri).await? {
+                    return Ok(());
+                }
             }
             if finished {
                 return Ok(());
@@ -1062,8 +1129,33 @@ async fn read_json(
     sink: &BatchSink<'_>,
     uri: &str,
 ) -> Result<()> {
+    // Time and number columns are decoded as text and read by pandas' rules, as `read_json`
+    // and the seed's `to_datetime` read them (numeric text and booleans are numbers, `true`
+    // 1); numbers meant as text are text.
+    let decode_schema = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Timestamp(_, _)
+                | DataType::Date32
+                | DataType::Time64(_)
+                | DataType::Int64
+                | DataType::Float64 => Field::new(f.name(), DataType::Utf8, true),
+                _ => f.as_ref().clone(),
+            })
+            .collect::<Vec<_>>(),
+    ));
+    let mut readers: Vec<pandas::ColumnReader> = schema
+        .fields()
+        .iter()
+        .map(|_| pandas::ColumnReader::new(false))
+        .collect();
+    let today = chrono::Utc::now().date_naive();
+    let mut batch_lines: Vec<usize> = Vec::new();
     let build = || {
-        arrow::json::ReaderBuilder::new(schema.clone())
+        arrow::json::ReaderBuilder::new(decode_schema.clone())
+            .with_coerce_primitive(true)
             .with_batch_size(batch_rows)
             .build_decoder()
             .map_err(|e| Error::Source(format!("{uri}: {e}")))
@@ -1105,6 +1197,7 @@ async fn read_json(
                 batch_first_line = line;
             }
             batch_text.extend_from_slice(one);
+            batch_lines.push(line);
             if decoder.len() >= batch_rows {
                 let batch = flush_json(
                     &mut decoder,
@@ -1115,11 +1208,14 @@ async fn read_json(
                     &unwrapper,
                 )?;
                 batch_text.clear();
-                if let Some(batch) = batch
-                    && !sink.send(batch, uri).await?
-                {
-                    return Ok(());
+                if let Some(batch) = batch {
+                    let place = |row| json_place(uri, &unwrapper, &batch_lines, row, line);
+                    let batch = convert_text(batch, &schema, &mut readers, today, place)?;
+                    if !sink.send(batch, uri).await? {
+                        return Ok(());
+                    }
                 }
+                batch_lines.clear();
             }
         }
         lines.drain(..start);
@@ -1132,9 +1228,23 @@ async fn read_json(
         uri,
         &unwrapper,
     )? {
+        let place = |row| json_place(uri, &unwrapper, &batch_lines, row, line);
+        let batch = convert_text(batch, &schema, &mut readers, today, place)?;
         sink.send(batch, uri).await?;
     }
     Ok(())
+}
+
+/// Where a batch's row is: its line (or array element), as the reader numbered them.
+fn json_place(
+    uri: &str,
+    unwrapper: &ArrayUnwrapper,
+    lines: &[usize],
+    row: usize,
+    last: usize,
+) -> String {
+    let at = lines.get(row).copied().unwrap_or(last);
+    format!("{uri}, {} {at}", unit(unwrapper))
 }
 
 fn unit(unwrapper: &ArrayUnwrapper) -> &'static str {

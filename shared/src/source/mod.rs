@@ -5,6 +5,7 @@ pub mod file_schema;
 pub mod files;
 pub mod mysql;
 pub mod mysql_types;
+pub mod pandas;
 pub mod pg_binary;
 pub mod postgres;
 

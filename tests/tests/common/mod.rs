@@ -373,6 +373,21 @@ pub fn dispatcher_run(dir: &Path, job_file: &Path, extra: &[&str]) -> std::proce
     command
 }
 
+/// What a dispatcher command (`detect-schema`, `list-files`, …) prints, as JSON.
+pub fn dispatcher_json(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(dispatcher_bin())
+        .args(args)
+        .output()
+        .expect("run the dispatcher");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// The dispatcher binary, built by `cargo build --bins` (tests/run.sh does it first).
 pub fn dispatcher_bin() -> PathBuf {
     let path = std::env::var_os("SHARDFLOW_DISPATCHER_BIN")
