@@ -5,9 +5,12 @@
 # in the same run. Reports the time ratio and shardflow's peak RSS.
 #
 #   bench/pg_export.sh [ROWS]      (default 5,000,000; the table is created once and reused)
+#   SSLMODE=disable bench/pg_export.sh   both sides without TLS (default prefer: both use the
+#                                        server's TLS, as psql and shardflow do by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows="${1:-5000000}"
+export PGSSLMODE="${SSLMODE:-prefer}"
 psql_cmd=(psql -X -q -h 127.0.0.1 -U postgres -d test -v ON_ERROR_STOP=1)
 out="bench/out"
 mkdir -p "$out"
@@ -34,7 +37,7 @@ raw=$(echo "$t1 - $t0" | bc -l)
 
 cat > "$out/job.json" <<JSON
 {"data_source_id": 0, "source_type": "postgresql",
- "connection_params": {"host": "127.0.0.1", "port": 5432, "database": "test", "username": "postgres"},
+ "connection_params": {"host": "127.0.0.1", "port": 5432, "database": "test", "username": "postgres", "sslmode": "$PGSSLMODE"},
  "source_table_name": "wide", "schema_name": "bench", "dest_table_name": "wide",
  "load_type": "catalog", "processing_mode": "dataflow"}
 JSON

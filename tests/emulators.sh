@@ -26,6 +26,7 @@ AZURITE=$NODE_DIR/node_modules/.bin/azurite-blob
 BQ_PROJECT=test-proj
 VENV=$EMU/venv
 PANDAS_VERSION=2.2.3
+MARIADB_TLS_PORT=3307
 # fake-gcs-server keeps bucket/object at $GCS_ROOT/bucket/object, where bqemulator reads gs://.
 GCS_ROOT=$EMU/fake-gcs
 PUBSUB_HOME=/usr/lib/google-cloud-sdk/platform/pubsub-emulator
@@ -49,6 +50,8 @@ export GCP_PROJECT_ID=$BQ_PROJECT
 export SHARDFLOW_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 export SHARDFLOW_TEST_AZURE_ENDPOINT=http://127.0.0.1:$AZURE_PORT/devstoreaccount1
 export SHARDFLOW_TEST_GCS_ROOT=$GCS_ROOT
+export SHARDFLOW_TEST_MARIADB_TLS_PORT=$MARIADB_TLS_PORT
+export SHARDFLOW_TEST_MARIADB_TLS_CA=$EMU/mariadb-tls/certs/ca.pem
 EOF
 }
 
@@ -166,10 +169,53 @@ start() {
     wait_for "bqemulator" "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets" "$EMU/bq.log" 180
     wait_for "moto (S3)" "http://127.0.0.1:$S3_PORT/" "$EMU/s3.log"
     wait_for "azurite" "http://127.0.0.1:$AZURE_PORT/" "$EMU/azure.log"
+    mariadb_tls
     if [ -x "$RULES_BIN" ]; then
         rules
     fi
     print_env
+}
+
+# A MariaDB of the suite's own that serves TLS (the machine's shared one does not, and is not
+# reconfigured): a test CA and a server certificate for localhost, made here with openssl, a
+# data directory under target/emulators, port 3307, a user with a password over TCP.
+mariadb_tls() {
+    local dir=$EMU/mariadb-tls
+    if mariadb-admin --no-defaults -S "$dir/sock" -u root ping >/dev/null 2>&1; then
+        return 0
+    fi
+    mkdir -p "$dir/certs"
+    if [ ! -f "$dir/certs/server.pem" ]; then
+        (cd "$dir/certs" &&
+            openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=shardflow-test-ca \
+                -keyout ca.key -out ca.pem 2>/dev/null &&
+            openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key \
+                -out server.csr 2>/dev/null &&
+            printf 'subjectAltName=DNS:localhost\n' >server.ext &&
+            openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+                -extfile server.ext -out server.pem 2>/dev/null)
+    fi
+    if [ ! -d "$dir/data/mysql" ]; then
+        mariadb-install-db --no-defaults --datadir="$dir/data" --user=root \
+            --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1
+    fi
+    setsid mariadbd --no-defaults --datadir="$dir/data" --user=root --port="$MARIADB_TLS_PORT" \
+        --bind-address=127.0.0.1 --socket="$dir/sock" --pid-file="$dir/mariadbd.pid" \
+        --skip-name-resolve --ssl-ca="$dir/certs/ca.pem" --ssl-cert="$dir/certs/server.pem" \
+        --ssl-key="$dir/certs/server.key" >"$dir/mariadbd.log" 2>&1 &
+    echo $! >"$EMU/mariadb-tls.pid"
+    for _ in $(seq 60); do
+        if mariadb-admin --no-defaults -S "$dir/sock" -u root ping >/dev/null 2>&1; then break; fi
+        sleep 0.5
+    done
+    mariadb --no-defaults -S "$dir/sock" -u root -e "
+        CREATE USER IF NOT EXISTS 'shardflow'@'%' IDENTIFIED BY 'tls-test-password';
+        GRANT ALL ON *.* TO 'shardflow'@'%';
+        CREATE DATABASE IF NOT EXISTS test;" || {
+        echo "emulators.sh: the TLS MariaDB did not come up; its log ($dir/mariadbd.log) ends with:" >&2
+        tail -20 "$dir/mariadbd.log" >&2
+        exit 1
+    }
 }
 
 # The strict rules layer in front of bqemulator, restarted so it runs the binary just built.
@@ -195,7 +241,7 @@ rules() {
 }
 
 stop() {
-    for name in rules pubsub gcs bq s3 azure; do
+    for name in rules pubsub gcs bq s3 azure mariadb-tls; do
         if [ -f "$EMU/$name.pid" ]; then
             kill -- -"$(cat "$EMU/$name.pid")" 2>/dev/null || kill "$(cat "$EMU/$name.pid")" 2>/dev/null || true
             rm -f "$EMU/$name.pid"

@@ -229,9 +229,17 @@ impl Fleet {
             created.status()
         );
         env.push(("SHARDFLOW_STAGING".into(), format!("gs://stage-{id}/runs")));
+        // The state store over TLS, verified: the server's own certificate names localhost.
+        let server_certificate: String = admin
+            .query_one("SELECT current_setting('ssl_cert_file')", &[])
+            .await
+            .unwrap()
+            .get(0);
         env.push((
             "SHARDFLOW_STATE".into(),
-            format!("postgres://postgres@127.0.0.1:5432/state_{id}"),
+            format!(
+                "postgres://postgres@localhost:5432/state_{id}?sslmode=verify-full&sslrootcert={server_certificate}"
+            ),
         ));
         for (topic, default) in [
             ("JOBS_TOPIC", "etl-jobs"),
@@ -553,6 +561,21 @@ async fn jobs_from_django_load_bigquery_exactly_and_report_back() {
     for (binary, child) in fleet.children.iter_mut() {
         assert_eq!(child.try_wait().unwrap(), None, "a {binary} exited");
     }
+    // Their state-store sessions are encrypted (SHARDFLOW_STATE's sslmode=verify-full).
+    let sessions = pg()
+        .await
+        .query_one(
+            "SELECT count(*), bool_and(s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.datname = $1",
+            &[&format!("state_{}", fleet.id)],
+        )
+        .await
+        .unwrap();
+    let (count, encrypted): (i64, Option<bool>) = (sessions.get(0), sessions.get(1));
+    assert!(
+        count > 0 && encrypted == Some(true),
+        "{count} state-store sessions, all encrypted: {encrypted:?}"
+    );
 
     // SIGTERM: workers stop pulling, drain, and exit cleanly.
     fleet.kill_all_workers_gracefully().await;

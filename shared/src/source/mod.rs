@@ -7,6 +7,7 @@ pub mod mysql;
 pub mod mysql_types;
 pub mod pandas;
 pub mod pg_binary;
+pub mod pg_tls;
 pub mod postgres;
 
 use std::pin::Pin;

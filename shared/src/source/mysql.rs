@@ -197,7 +197,6 @@ impl MySqlConnector {
             .host(host)
             .port(port)
             .username(c.username.as_deref().unwrap_or_default())
-            .ssl_mode(MySqlSslMode::Disabled)
             .charset("utf8mb4")
             // Timestamps are read and bound in UTC; the server's sql_mode stays as it is.
             .timezone(Some("+00:00".to_string()))
@@ -212,19 +211,7 @@ impl MySqlConnector {
         if let Some(p) = c.password.as_ref().filter(|p| !p.expose().is_empty()) {
             options = options.password(p.expose());
         }
-        for key in ["ssl_mode", "sslmode"] {
-            if let Some(mode) = c.other.get(key)
-                && !matches!(
-                    mode.expose().to_ascii_lowercase().as_str(),
-                    "disabled" | "disable" | "preferred" | "prefer"
-                )
-            {
-                return Err(Error::Source(format!(
-                    "connection_params.{key} \"{}\" is not supported yet: shardflow connects without TLS",
-                    mode.expose()
-                )));
-            }
-        }
+        options = with_tls(options, |k| c.other.get(k).map(|v| v.expose().to_string()))?;
         Ok(MySqlConnector {
             options,
             target: format!("{host}:{port}/{database}"),
@@ -234,11 +221,27 @@ impl MySqlConnector {
 
     /// Opens a connection, retrying transient failures by the retry policy.
     pub async fn connect(&self) -> Result<MySqlConnection> {
+        super::pg_tls::install_crypto_provider();
         self.retry
             .run("connect to MySQL", || async {
                 MySqlConnection::connect_with(&self.options)
                     .await
                     .map_err(|e| {
+                        // A certificate that does not verify, or no TLS where it is
+                        // required: the same answer every time.
+                        let mut chain = e.to_string();
+                        let mut source = std::error::Error::source(&e);
+                        while let Some(cause) = source {
+                            chain = format!("{chain}: {cause}");
+                            source = cause.source();
+                        }
+                        if let Some(why) = super::pg_tls::tls_failure(&chain) {
+                            tracing::debug!(error = %chain, "TLS to MySQL failed");
+                            return Error::Source(format!(
+                                "TLS to MySQL at {} failed: {why}",
+                                self.target
+                            ));
+                        }
                         let text = format!("cannot connect to MySQL at {}: {}", self.target, e);
                         match source_error(e) {
                             Error::Source(_) => Error::Source(format!(
@@ -250,6 +253,51 @@ impl MySqlConnector {
             })
             .await
     }
+}
+
+/// TLS as `connection_params` asks, with MySQL's names: `ssl_mode` (or `sslmode`) `DISABLED`,
+/// `PREFERRED` (the default, as MySQL's clients: TLS when the server offers it, unverified),
+/// `REQUIRED` (TLS or no connection, unverified), `VERIFY_CA` (the chain must lead to `ssl_ca`),
+/// `VERIFY_IDENTITY` (and the certificate must name the host); `ssl_ca`, `ssl_cert` and
+/// `ssl_key` are a file path or the PEM itself. Through sqlx's rustls.
+fn with_tls(
+    options: MySqlConnectOptions,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<MySqlConnectOptions> {
+    use super::pg_tls::{pem_bytes, spec_error};
+    let given = get("ssl_mode").or_else(|| get("sslmode"));
+    let mode = match given.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None | Some("PREFERRED" | "PREFER") => MySqlSslMode::Preferred,
+        Some("DISABLED" | "DISABLE") => MySqlSslMode::Disabled,
+        Some("REQUIRED" | "REQUIRE") => MySqlSslMode::Required,
+        Some("VERIFY_CA" | "VERIFY-CA") => MySqlSslMode::VerifyCa,
+        Some("VERIFY_IDENTITY" | "VERIFY-FULL") => MySqlSslMode::VerifyIdentity,
+        Some(_) => {
+            return Err(spec_error(
+                "ssl_mode",
+                format!(
+                    "{:?} is not one of DISABLED, PREFERRED, REQUIRED, VERIFY_CA, \
+                     VERIFY_IDENTITY",
+                    given.unwrap_or_default()
+                ),
+            ));
+        }
+    };
+    let mut options = options.ssl_mode(mode);
+    if let Some(ca) = get("ssl_ca") {
+        options = options.ssl_ca_from_pem(pem_bytes("ssl_ca", &ca)?);
+    }
+    match (get("ssl_cert"), get("ssl_key")) {
+        (None, None) => {}
+        (Some(cert), Some(key)) => {
+            options = options
+                .ssl_client_cert_from_pem(pem_bytes("ssl_cert", &cert)?)
+                .ssl_client_key_from_pem(pem_bytes("ssl_key", &key)?);
+        }
+        (Some(_), None) => return Err(spec_error("ssl_key", "is needed with ssl_cert")),
+        (None, Some(_)) => return Err(spec_error("ssl_cert", "is needed with ssl_key")),
+    }
+    Ok(options)
 }
 
 /// Server error numbers that say the job itself is wrong (credentials, a missing database,

@@ -8,9 +8,10 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::pg_binary::{CopyDecoder, select_item};
+use super::pg_tls::{PgTls, tls_failure};
 use super::{BatchStream, ShardBounds, SourceColumn, Window, quote_ident, receiver_stream};
 use crate::messages::ShardTask;
 use crate::plan::{self, Cut};
@@ -43,6 +44,8 @@ fn cast_type(key_type: &str) -> Option<&'static str> {
 pub struct PgConnector {
     config: tokio_postgres::Config,
     retry: RetryPolicy,
+    /// TLS as `sslmode` asks (`pg_tls`).
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
 }
 
 impl std::fmt::Debug for PgConnector {
@@ -69,15 +72,13 @@ impl PgConnector {
         if let Some(p) = &c.password {
             config.password(p.expose());
         }
-        if let Some(mode) = c.other.get("sslmode")
-            && !matches!(mode.expose(), "disable" | "prefer" | "allow")
-        {
-            return Err(Error::Source(format!(
-                "connection_params.sslmode \"{}\" is not supported yet: shardflow connects without TLS",
-                mode.expose()
-            )));
-        }
-        Ok(PgConnector { config, retry })
+        let tls = PgTls::from_params(|k| c.other.get(k).map(|v| v.expose().to_string()))?;
+        config.ssl_mode(tls.mode.transport());
+        Ok(PgConnector {
+            config,
+            retry,
+            tls: tls.connector()?,
+        })
     }
 
     fn describe_target(&self) -> String {
@@ -97,7 +98,15 @@ impl PgConnector {
         let target = self.describe_target();
         self.retry
             .run("connect to PostgreSQL", || async {
-                let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+                let connected = self.config.connect(self.tls.clone()).await;
+                let (client, connection) = connected.map_err(|e| {
+                    // A certificate that does not verify, or no TLS where it is required:
+                    // the same answer every time.
+                    if let Some(why) = tls_failure(&pg_text(&e)) {
+                        return Error::Source(format!(
+                            "TLS to PostgreSQL at {target} failed: {why}"
+                        ));
+                    }
                     let text = format!("cannot connect to PostgreSQL at {target}: {}", pg_text(&e));
                     match e.as_db_error() {
                         // Wrong credentials or database: the same answer every time.

@@ -60,6 +60,7 @@ impl SqlStateStore {
     /// Opens (creating if needed) `sqlite://PATH`, `sqlite::memory:` or `postgres://…`.
     pub async fn open(url: &str) -> Result<Self> {
         sqlx::any::install_default_drivers();
+        crate::source::pg_tls::install_crypto_provider();
         let backend = backend_of(url)?;
         let (url, max) = match backend {
             // One writer keeps SQLite's locking simple; the store is not on the hot path.
