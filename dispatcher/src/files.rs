@@ -70,6 +70,27 @@ fn needs_conversion(arrow_type: &str) -> bool {
     }
 }
 
+/// The time formats BigQuery's JSON reader takes: "YYYY-[M]M-[D]D[( |T)[H]H:[M]M:[S]S[.F]]
+/// [time zone]", seconds included.
+fn bigquery_reads_time(format: &str) -> bool {
+    let rest = format.strip_suffix("%z").unwrap_or(format);
+    let rest = rest.strip_suffix(".%f").unwrap_or(rest);
+    matches!(rest, "%Y-%m-%d" | "%Y-%m-%d %H:%M:%S" | "%Y-%m-%dT%H:%M:%S")
+}
+
+/// What a JSON column's values are as JSON (arrow's inference), where BigQuery reads them as
+/// they are: the type pandas' rules give it may differ (`true` with a null is FLOAT64,
+/// numeric text INT64), and then only the workers convert them.
+fn json_reads_as(arrow_type: &str) -> Option<&'static str> {
+    Some(match arrow_type {
+        "Int64" => "INT64",
+        "Float64" => "FLOAT64",
+        "Boolean" => "BOOL",
+        "Utf8" => "STRING",
+        _ => return None,
+    })
+}
+
 /// Whether BigQuery can load these files as they lie with the same result the workers would
 /// give: same columns in the same order, options it supports, nothing to convert. Err says
 /// why the workers read them instead.
@@ -126,10 +147,8 @@ pub(crate) fn native_format(
             });
             let foreign = c.sample_values.iter().find(|v| {
                 !v.is_empty()
-                    && !matches!(
-                        shardflow::source::pandas::guess_format(v),
-                        Some(format) if format.starts_with("%Y-")
-                    )
+                    && !shardflow::source::pandas::guess_format(v)
+                        .is_some_and(|f| bigquery_reads_time(&f))
             });
             time.then_some(foreign).flatten().map(|v| (&c.name, v))
         }) {
@@ -137,6 +156,23 @@ pub(crate) fn native_format(
                 "{} column {column} holds times such as {value:?}, which BigQuery does not read; \
                  the workers read them as pandas does",
                 file.path
+            ));
+        }
+        if f.format == FileFormat::Json
+            && let Some((c, job_type)) = detected.columns.iter().find_map(|c| {
+                let (_, t) = columns.iter().find(|(n, _)| n == &c.name)?;
+                let as_json = json_reads_as(&c.arrow_type)?;
+                let same = as_json == t
+                    || (as_json == "INT64" && matches!(t.as_str(), "FLOAT64" | "NUMERIC"))
+                    || (as_json == "STRING"
+                        && matches!(t.as_str(), "TIMESTAMP" | "DATETIME" | "DATE"));
+                (!same).then_some((c, t))
+            })
+        {
+            return Err(format!(
+                "{} column {} holds {} JSON values that load as {job_type} only by pandas' \
+                 conversions; the workers make them",
+                file.path, c.name, c.arrow_type
             ));
         }
         let path = &file.path;
@@ -432,7 +468,11 @@ fn refuse_rewritten(
     let rewritten: Vec<String> = selected
         .iter()
         .filter_map(|f| {
-            let before = processed.iter().rfind(|p| p.path == f.path)?;
+            // The most recent load of it (the store lists by path and version, not by time).
+            let before = processed
+                .iter()
+                .filter(|p| p.path == f.path)
+                .max_by(|a, b| a.last_modified.cmp(&b.last_modified))?;
             let rows = before
                 .rows
                 .map_or("its rows".to_string(), |n| format!("{n} rows"));
@@ -785,36 +825,33 @@ mod tests {
              text and reads other date formats, so the workers read CSV files"
         );
         let json = job("gcs", "json", serde_json::json!({}));
+        // The table's columns are STRING: JSON text loads as it is.
+        let text_ab = [("a", "Utf8"), ("b", "Utf8")];
         assert_eq!(
-            decide(&json, "in/x.json.gz", &detected(&ab, false), true),
+            decide(&json, "in/x.json.gz", &detected(&text_ab, false), true),
             Ok(NativeFormat::JsonLines)
         );
         assert_eq!(
-            decide(&json, "in/x.json", &detected(&ab, false), false).unwrap_err(),
+            decide(&json, "in/x.json", &detected(&text_ab, false), false).unwrap_err(),
             "the warehouse is not BigQuery"
         );
         assert_eq!(
             decide(
                 &job("s3", "json", serde_json::json!({})),
                 "in/x.json",
-                &detected(&ab, false),
+                &detected(&text_ab, false),
                 true
             )
             .unwrap_err(),
             "the files are on S3; BigQuery loads only gs:// files itself"
         );
         assert_eq!(
-            decide(&json, "in/x.json.zst", &detected(&ab, false), true).unwrap_err(),
+            decide(&json, "in/x.json.zst", &detected(&text_ab, false), true).unwrap_err(),
             "in/x.json.zst is zstd-compressed, which BigQuery does not read"
         );
         // JSON keys are matched by name: a subset in any order, not a key the table lacks.
         assert_eq!(
-            decide(
-                &json,
-                "in/x.json",
-                &detected(&[("b", "Int64")], false),
-                true
-            ),
+            decide(&json, "in/x.json", &detected(&[("b", "Utf8")], false), true),
             Ok(NativeFormat::JsonLines)
         );
         assert_eq!(
@@ -828,7 +865,17 @@ mod tests {
             "in/x.json has columns [c], not the table's [a, b] in that order; the workers match \
              them by name"
         );
-        // Times only in the year-first forms BigQuery reads.
+        // A value pandas' rules convert (a boolean into FLOAT64, text into INT64): workers.
+        let mut flags = detected(&[("a", "Boolean")], false);
+        flags.columns[0].bigquery_type = "FLOAT64".into();
+        let floats = vec![("a".to_string(), "FLOAT64".to_string())];
+        assert_eq!(
+            native_format(&json, true, &[(&file("in/x.json"), &flags)], &floats, false)
+                .unwrap_err(),
+            "in/x.json column a holds Boolean JSON values that load as FLOAT64 only by pandas' \
+             conversions; the workers make them"
+        );
+        // Times only in the forms BigQuery reads (seconds included).
         let timed = vec![("a".to_string(), "TIMESTAMP".to_string())];
         let mut at = detected(&[("a", "Utf8")], false);
         at.columns[0].sample_values = vec!["2024-01-01T10:00:00Z".into(), "Jan 1 2000".into()];
@@ -839,8 +886,10 @@ mod tests {
         );
         at.columns[0].sample_values.pop();
         assert!(native_format(&json, true, &[(&file("in/x.json"), &at)], &timed, false).is_ok());
+        at.columns[0].sample_values = vec!["2020-01-01T10:00".into()];
+        assert!(native_format(&json, true, &[(&file("in/x.json"), &at)], &timed, false).is_err());
         assert_eq!(
-            decide(&json, "in/x.json", &detected(&ab, true), true).unwrap_err(),
+            decide(&json, "in/x.json", &detected(&text_ab, true), true).unwrap_err(),
             "in/x.json is a JSON array; BigQuery loads JSON lines only"
         );
         let parquet = job("gcs", "parquet", serde_json::json!({}));

@@ -177,6 +177,8 @@ pub struct MySqlConnector {
     options: MySqlConnectOptions,
     target: String,
     retry: RetryPolicy,
+    /// PREFERRED: a server whose TLS cannot be spoken is reached without it.
+    tls_preferred: bool,
 }
 
 impl std::fmt::Debug for MySqlConnector {
@@ -211,11 +213,13 @@ impl MySqlConnector {
         if let Some(p) = c.password.as_ref().filter(|p| !p.expose().is_empty()) {
             options = options.password(p.expose());
         }
-        options = with_tls(options, |k| c.other.get(k).map(|v| v.expose().to_string()))?;
+        let (options, tls_preferred) =
+            with_tls(options, |k| c.other.get(k).map(|v| v.expose().to_string()))?;
         Ok(MySqlConnector {
             options,
             target: format!("{host}:{port}/{database}"),
             retry,
+            tls_preferred,
         })
     }
 
@@ -224,9 +228,15 @@ impl MySqlConnector {
         super::pg_tls::install_crypto_provider();
         self.retry
             .run("connect to MySQL", || async {
-                MySqlConnection::connect_with(&self.options)
-                    .await
-                    .map_err(|e| {
+                let connected = match MySqlConnection::connect_with(&self.options).await {
+                    Err(sqlx::Error::Tls(e)) if self.tls_preferred => {
+                        tracing::warn!(target = %self.target, error = %e, "TLS failed under ssl_mode PREFERRED; connecting without TLS");
+                        let plain = self.options.clone().ssl_mode(MySqlSslMode::Disabled);
+                        MySqlConnection::connect_with(&plain).await
+                    }
+                    other => other,
+                };
+                connected.map_err(|e| {
                         // A certificate that does not verify, or no TLS where it is
                         // required: the same answer every time.
                         let mut chain = e.to_string();
@@ -263,7 +273,7 @@ impl MySqlConnector {
 fn with_tls(
     options: MySqlConnectOptions,
     get: impl Fn(&str) -> Option<String>,
-) -> Result<MySqlConnectOptions> {
+) -> Result<(MySqlConnectOptions, bool)> {
     use super::pg_tls::{pem_bytes, spec_error};
     let given = get("ssl_mode").or_else(|| get("sslmode"));
     let mode = match given.as_deref().map(str::to_ascii_uppercase).as_deref() {
@@ -283,6 +293,15 @@ fn with_tls(
             ));
         }
     };
+    // VERIFY_CA without a CA of the job's own would take any publicly signed certificate.
+    if matches!(mode, MySqlSslMode::VerifyCa) && get("ssl_ca").is_none() {
+        return Err(spec_error(
+            "ssl_ca",
+            "is needed with ssl_mode VERIFY_CA: without the server's CA, any certificate a \
+             public CA signed would be taken (VERIFY_IDENTITY checks the host name instead)",
+        ));
+    }
+    let preferred = matches!(mode, MySqlSslMode::Preferred);
     let mut options = options.ssl_mode(mode);
     if let Some(ca) = get("ssl_ca") {
         options = options.ssl_ca_from_pem(pem_bytes("ssl_ca", &ca)?);
@@ -297,7 +316,7 @@ fn with_tls(
         (Some(_), None) => return Err(spec_error("ssl_key", "is needed with ssl_cert")),
         (None, Some(_)) => return Err(spec_error("ssl_cert", "is needed with ssl_key")),
     }
-    Ok(options)
+    Ok((options, preferred))
 }
 
 /// Server error numbers that say the job itself is wrong (credentials, a missing database,

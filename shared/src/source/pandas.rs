@@ -220,7 +220,8 @@ pub fn json_column_kind<'a>(
     if present().all(|v| as_float(v).is_some()) {
         let whole = |v: &Value| match v {
             Value::Number(n) if n.is_i64() || n.is_u64() => true,
-            other => as_float(other).is_some_and(|f| f.is_finite() && f.fract() == 0.0),
+            // int64 holds it: pandas keeps float64 where the cast would not be equal.
+            other => as_float(other).is_some_and(|f| f.fract() == 0.0 && f.abs() < 9.2e18),
         };
         if any_missing || !present().all(whole) {
             return Some(ColumnKind::Float64);
@@ -736,6 +737,10 @@ fn take_offset(text: &str) -> Option<(i32, &str)> {
     } else {
         (0, rest)
     };
+    // `+05:75` or `+99:00` is no offset (pandas refuses them too).
+    if hours > 23 || minutes > 59 {
+        return None;
+    }
     Some((sign * (hours * 3600 + minutes * 60), rest))
 }
 
@@ -814,17 +819,24 @@ fn parse_each_value(text: &str, today: NaiveDate) -> Result<ParsedTime, String> 
     };
     let mut date = None;
     // Numeric dates.
-    if let (Some((a, _)), Some(s), Some((b, _)), Some(s2), Some((c, c_len))) =
+    if let (Some((a, a_len)), Some(s), Some((b, _)), Some(s2), Some((c, c_len))) =
         (number(0), mark(1), number(2), mark(3), number(4))
         && s == s2
         && "/-.".contains(s)
     {
-        let year = if c_len <= 2 {
-            full_year(c, today.year())
+        // Year first when it has four digits (`2020-01-02 10:00 PM`), else month (or day,
+        // when the first cannot be a month) first, the year last.
+        let (year, m, d) = if a_len == 4 {
+            (a, b, c)
         } else {
-            c
+            let year = if c_len <= 2 {
+                full_year(c, today.year())
+            } else {
+                c
+            };
+            let (m, d) = if a > 12 { (b, a) } else { (a, b) };
+            (year, m, d)
         };
-        let (m, d) = if a > 12 { (b, a) } else { (a, b) };
         date = Some(
             NaiveDate::from_ymd_opt(year, m as u32, d as u32)
                 .ok_or_else(|| format!("is not a date ({year}-{m:02}-{d:02})"))?,
@@ -1187,10 +1199,19 @@ impl ColumnReader {
                     values,
                     |v| b.append_option(v),
                     |t| {
+                        // A time alone (`10:30`, `23:59:59.5`, `1:00 PM`): a date would be lost.
+                        let time_alone = t.split(':').next().is_some_and(|h| {
+                            (1..=2).contains(&h.len()) && h.bytes().all(|b| b.is_ascii_digit())
+                        });
                         let parsed = parse_each_value(t, today)
                             .ok()
-                            .filter(|p| p.local.date() == today && p.offset_seconds.is_none())
+                            .filter(|p| time_alone && p.offset_seconds.is_none())
                             .ok_or_else(|| "is not a time of day (TIME)".to_string())?;
+                        if parsed.local.and_utc().timestamp_subsec_nanos() % 1000 != 0 {
+                            return Err("has nanoseconds, which BigQuery cannot hold \
+                                        (microseconds at most)"
+                                .into());
+                        }
                         let since_midnight = parsed.local.time() - NaiveTime::MIN;
                         Ok(since_midnight.num_microseconds().unwrap_or_default())
                     },
@@ -1355,6 +1376,10 @@ mod tests {
         assert!(rule(&["1974Q1", "1974q2", "2Q-1974", "74Q1"]).is_some());
         assert!(rule(&["Jan-1995", "Feb-1995"]).is_some());
         assert!(rule(&["1974Q5"]).is_none());
+        // dateutil reads a four-digit first number as the year.
+        assert!(rule(&["2020-01-02 10:00 PM", "2020-12-31 1:00 PM"]).is_some());
+        // An offset past 23:59 is none.
+        assert!(rule(&["2020-01-01T10:00:00+05:75"]).is_none());
 
         let today = NaiveDate::from_ymd_opt(2026, 12, 2).unwrap();
         let micros = |rule: &DatetimeRule, v: &str| rule.parse(v, today).unwrap().utc_micros();
@@ -1488,6 +1513,16 @@ mod tests {
             (err.row, err.value.as_str(), err.why.as_str()),
             (1, "1.5", "is not an integer (INT64)")
         );
+        // TIME takes a time alone: a date with it would be lost.
+        let time = DataType::Time64(TimeUnit::Microsecond);
+        assert!(
+            csv.convert(&text(&["10:30", "23:59:59.5"]), &time, today)
+                .is_ok()
+        );
+        let err = csv
+            .convert(&text(&["12/2/2026 10:30"]), &time, today)
+            .unwrap_err();
+        assert_eq!(err.why, "is not a time of day (TIME)");
         // JSON: numeric text and booleans are numbers, as read_json makes them; "NA" is text.
         let mut json = ColumnReader::new(false);
         let ints = json
@@ -1525,6 +1560,12 @@ mod tests {
         assert_eq!(
             kind(&[json!(18446744073709551615u64)]),
             Some(ColumnKind::UInt64)
+        );
+        // Whole, but past what int64 holds: float64, as pandas keeps it.
+        assert_eq!(kind(&[json!(1e19)]), Some(ColumnKind::Float64));
+        assert_eq!(
+            kind(&[json!("18446744073709551615")]),
+            Some(ColumnKind::Float64)
         );
         assert_eq!(
             kind(&[json!("2020-01-01"), json!("2020-01-02")]),

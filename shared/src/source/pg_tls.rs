@@ -149,7 +149,26 @@ impl PgTls {
                 )
             })?,
         };
-        let given_root = get("sslrootcert").filter(|r| r != "system");
+        let root = get("sslrootcert");
+        let system = root.as_deref() == Some("system");
+        // libpq: sslrootcert=system trusts the public roots, and only with verify-full, since
+        // any of the many public CAs would otherwise vouch for any server.
+        if system && mode != SslMode::VerifyFull {
+            return Err(spec_error(
+                "sslmode",
+                "must be verify-full with sslrootcert=system: the public CAs sign certificates \
+                 for anyone, so only the host name makes one this server's",
+            ));
+        }
+        // verify-ca without a CA of the job's own would take any publicly signed certificate.
+        if mode == SslMode::VerifyCa && root.is_none() {
+            return Err(spec_error(
+                "sslrootcert",
+                "is needed with sslmode=verify-ca: without the server's CA, any certificate a \
+                 public CA signed would be taken (verify-full checks the host name instead)",
+            ));
+        }
+        let given_root = root.filter(|_| !system);
         let roots = match &given_root {
             Some(value) => certificates("sslrootcert", value)?,
             None => Vec::new(),
@@ -299,7 +318,7 @@ impl ServerCertVerifier for ModeVerifier {
 /// through rustls): `text` is the connection error's chain.
 pub fn tls_failure(text: &str) -> Option<&'static str> {
     // rustls' words for each (its Display, with or without the context it adds).
-    let causes: [(&[&str], &str); 5] = [
+    let causes: [(&[&str], &str); 7] = [
         (
             &["UnknownIssuer"],
             "the server's certificate is not signed by a trusted CA (sslrootcert, ssl_ca)",
@@ -319,6 +338,18 @@ pub fn tls_failure(text: &str) -> Option<&'static str> {
         (
             &["server does not support TLS"],
             "the server does not offer TLS, which the ssl mode requires",
+        ),
+        (
+            &[
+                "PeerIncompatible",
+                "peer is incompatible",
+                "HandshakeFailure",
+            ],
+            "the server's TLS is not one rustls speaks (TLS 1.2 or 1.3 with current ciphers)",
+        ),
+        (
+            &["invalid peer certificate"],
+            "the server's certificate is not accepted",
         ),
     ];
     causes
@@ -355,6 +386,20 @@ mod tests {
             let require_root = tls(&[("sslmode", "require"), ("sslrootcert", root)]).unwrap();
             assert_eq!(require_root.verification, Verification::Chain);
         }
+        let err = tls(&[("sslmode", "verify-ca")]).unwrap_err().to_string();
+        assert!(
+            err.contains("connection_params.sslrootcert") && err.contains("verify-ca"),
+            "{err}"
+        );
+        let err = tls(&[("sslmode", "require"), ("sslrootcert", "system")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("must be verify-full with sslrootcert=system"),
+            "{err}"
+        );
+        let system = tls(&[("sslmode", "verify-full"), ("sslrootcert", "system")]).unwrap();
+        assert_eq!(system.verification, Verification::Full);
         let full = tls(&[("sslmode", "verify-full")]).unwrap();
         assert_eq!(full.verification, Verification::Full);
         assert!(full.connector().is_ok());

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tokio_postgres::Client;
 
 use super::pg_binary::{CopyDecoder, select_item};
-use super::pg_tls::{PgTls, tls_failure};
+use super::pg_tls::{PgTls, SslMode, tls_failure};
 use super::{BatchStream, ShardBounds, SourceColumn, Window, quote_ident, receiver_stream};
 use crate::messages::ShardTask;
 use crate::plan::{self, Cut};
@@ -46,6 +46,7 @@ pub struct PgConnector {
     retry: RetryPolicy,
     /// TLS as `sslmode` asks (`pg_tls`).
     tls: tokio_postgres_rustls::MakeRustlsConnect,
+    mode: SslMode,
 }
 
 impl std::fmt::Debug for PgConnector {
@@ -78,6 +79,7 @@ impl PgConnector {
             config,
             retry,
             tls: tls.connector()?,
+            mode: tls.mode,
         })
     }
 
@@ -98,7 +100,20 @@ impl PgConnector {
         let target = self.describe_target();
         self.retry
             .run("connect to PostgreSQL", || async {
-                let connected = self.config.connect(self.tls.clone()).await;
+                let connected = match self.config.connect(self.tls.clone()).await {
+                    // libpq's prefer and allow: a server whose TLS cannot be spoken is reached
+                    // without it (its certificate was not going to be checked either).
+                    Err(e)
+                        if matches!(self.mode, SslMode::Prefer | SslMode::Allow)
+                            && tls_failure(&pg_text(&e)).is_some() =>
+                    {
+                        tracing::warn!(%target, error = %pg_text(&e), "TLS failed under sslmode prefer; connecting without TLS");
+                        let mut plain = self.config.clone();
+                        plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                        plain.connect(self.tls.clone()).await
+                    }
+                    other => other,
+                };
                 let (client, connection) = connected.map_err(|e| {
                     // A certificate that does not verify, or no TLS where it is required:
                     // the same answer every time.
