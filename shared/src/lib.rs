@@ -13,6 +13,7 @@ pub mod plan;
 pub mod queue;
 pub mod retry;
 pub mod seal;
+pub mod secrets;
 pub mod source;
 pub mod spec;
 pub mod staging;

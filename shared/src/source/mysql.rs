@@ -179,6 +179,8 @@ pub struct MySqlConnector {
     retry: RetryPolicy,
     /// PREFERRED: a server whose TLS cannot be spoken is reached without it.
     tls_preferred: bool,
+    /// The password, or a `secretmanager://` reference read when connecting.
+    password: crate::secrets::LazySecret,
 }
 
 impl std::fmt::Debug for MySqlConnector {
@@ -210,7 +212,13 @@ impl MySqlConnector {
             options = options.database(database);
         }
         // An empty password is no password: MySQL tells "using password: YES" apart.
-        if let Some(p) = c.password.as_ref().filter(|p| !p.expose().is_empty()) {
+        let password = match &c.password {
+            Some(p) => crate::secrets::LazySecret::new(p.expose())?,
+            None => Default::default(),
+        };
+        if let Some(p) = c.password.as_ref().filter(|p| !p.expose().is_empty())
+            && !password.is_reference()
+        {
             options = options.password(p.expose());
         }
         let (options, tls_preferred) =
@@ -220,18 +228,25 @@ impl MySqlConnector {
             target: format!("{host}:{port}/{database}"),
             retry,
             tls_preferred,
+            password,
         })
     }
 
     /// Opens a connection, retrying transient failures by the retry policy.
     pub async fn connect(&self) -> Result<MySqlConnection> {
         super::pg_tls::install_crypto_provider();
+        // A password by reference is read from Secret Manager, once for this connector.
+        let options = if self.password.is_reference() {
+            self.options.clone().password(&self.password.get().await?)
+        } else {
+            self.options.clone()
+        };
         self.retry
             .run("connect to MySQL", || async {
-                let connected = match MySqlConnection::connect_with(&self.options).await {
+                let connected = match MySqlConnection::connect_with(&options).await {
                     Err(sqlx::Error::Tls(e)) if self.tls_preferred => {
                         tracing::warn!(target = %self.target, error = %e, "TLS failed under ssl_mode PREFERRED; connecting without TLS");
-                        let plain = self.options.clone().ssl_mode(MySqlSslMode::Disabled);
+                        let plain = options.clone().ssl_mode(MySqlSslMode::Disabled);
                         MySqlConnection::connect_with(&plain).await
                     }
                     other => other,

@@ -47,6 +47,8 @@ pub struct PgConnector {
     /// TLS as `sslmode` asks (`pg_tls`).
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     mode: SslMode,
+    /// The password, or a `secretmanager://` reference read when connecting.
+    password: crate::secrets::LazySecret,
 }
 
 impl std::fmt::Debug for PgConnector {
@@ -70,7 +72,13 @@ impl PgConnector {
             .application_name("shardflow")
             .connect_timeout(Duration::from_secs(15))
             .keepalives_idle(Duration::from_secs(30));
-        if let Some(p) = &c.password {
+        let password = match &c.password {
+            Some(p) => crate::secrets::LazySecret::new(p.expose())?,
+            None => Default::default(),
+        };
+        if let Some(p) = &c.password
+            && !password.is_reference()
+        {
             config.password(p.expose());
         }
         let tls = PgTls::from_params(|k| c.other.get(k).map(|v| v.expose().to_string()))?;
@@ -80,6 +88,7 @@ impl PgConnector {
             retry,
             tls: tls.connector()?,
             mode: tls.mode,
+            password,
         })
     }
 
@@ -98,9 +107,17 @@ impl PgConnector {
     /// Opens a connection, retrying transient failures by the retry policy.
     pub async fn connect(&self) -> Result<Client> {
         let target = self.describe_target();
+        // A password by reference is read from Secret Manager, once for this connector.
+        let config = if self.password.is_reference() {
+            let mut config = self.config.clone();
+            config.password(self.password.get().await?);
+            config
+        } else {
+            self.config.clone()
+        };
         self.retry
             .run("connect to PostgreSQL", || async {
-                let connected = match self.config.connect(self.tls.clone()).await {
+                let connected = match config.connect(self.tls.clone()).await {
                     // libpq's prefer and allow: a server whose TLS cannot be spoken is reached
                     // without it (its certificate was not going to be checked either).
                     Err(e)
@@ -108,7 +125,7 @@ impl PgConnector {
                             && tls_failure(&pg_text(&e)).is_some() =>
                     {
                         tracing::warn!(%target, error = %pg_text(&e), "TLS failed under sslmode prefer; connecting without TLS");
-                        let mut plain = self.config.clone();
+                        let mut plain = config.clone();
                         plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
                         plain.connect(self.tls.clone()).await
                     }

@@ -1,0 +1,175 @@
+//! Secrets by reference: a `connection_params` value `secretmanager://projects/P/secrets/S/
+//! versions/V` is read from Secret Manager by the process that connects, when it connects, so a
+//! job config need carry no password. The value is kept in memory for the connector's life (a
+//! run's shard), and never printed.
+//!
+//! The request is Secret Manager's `versions.access`: `GET https://secretmanager.googleapis.com
+//! /v1/{name=projects/*/secrets/*/versions/*}:access`, answered with `{"name": …, "payload":
+//! {"data": <base64>, "dataCrc32c": …}}`. `SHARDFLOW_SECRET_MANAGER_ENDPOINT` points it at a
+//! stand-in (the tests'), which is asked without credentials.
+
+use base64::Engine as _;
+
+use crate::{Error, Result};
+
+const SCHEME: &str = "secretmanager://";
+const PRODUCTION_ENDPOINT: &str = "https://secretmanager.googleapis.com";
+pub const ENDPOINT_ENV: &str = "SHARDFLOW_SECRET_MANAGER_ENDPOINT";
+/// `versions.access` needs `roles/secretmanager.secretAccessor`; the token's scope is
+/// cloud-platform, as for the other Google APIs.
+const OAUTH_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// Whether a value names a secret rather than being one.
+pub fn is_reference(value: &str) -> bool {
+    value.starts_with(SCHEME)
+}
+
+/// The resource name of a reference, checked to be `projects/P/secrets/S/versions/V` with
+/// plain segments (it goes into a URL path).
+fn resource_name(reference: &str) -> Result<&str> {
+    let name = reference.strip_prefix(SCHEME).unwrap_or(reference);
+    let parts: Vec<&str> = name.split('/').collect();
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let shaped = parts.len() == 6
+        && parts[0] == "projects"
+        && parts[2] == "secrets"
+        && parts[4] == "versions"
+        && [parts[1], parts[3], parts[5]].iter().all(|s| plain(s));
+    if !shaped {
+        return Err(Error::Spec(crate::spec::SpecError::single(
+            "connection_params",
+            "a secretmanager:// reference must be secretmanager://projects/P/secrets/S/versions/V",
+        )));
+    }
+    Ok(name)
+}
+
+/// Reads the secret a reference names.
+pub async fn resolve(reference: &str) -> Result<String> {
+    let name = resource_name(reference)?;
+    let endpoint = std::env::var(ENDPOINT_ENV).ok();
+    let base = endpoint.as_deref().unwrap_or(PRODUCTION_ENDPOINT);
+    let mut request = reqwest::Client::new().get(format!("{base}/v1/{name}:access"));
+    if endpoint.is_none() {
+        let credentials = google_cloud_auth::credentials::Builder::default()
+            .with_scopes([OAUTH_SCOPE])
+            .build_access_token_credentials()
+            .map_err(|e| Error::Source(format!("no Google credentials for Secret Manager: {e}")))?;
+        let token = credentials
+            .access_token()
+            .await
+            .map_err(|e| Error::Database(format!("a token for Secret Manager: {e}")))?;
+        request = request.bearer_auth(token.token);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| Error::Database(format!("Secret Manager ({name}): {e}")))?;
+    let status = response.status();
+    if !status.is_success() {
+        let why = match status.as_u16() {
+            404 => "no such secret or version".to_string(),
+            403 => "permission denied: the identity that connects needs \
+                    roles/secretmanager.secretAccessor on it"
+                .to_string(),
+            other => format!("HTTP {other}"),
+        };
+        let text = format!("reading secret {name} from Secret Manager: {why}");
+        // Not found or not allowed: the same answer every time.
+        return Err(if matches!(status.as_u16(), 400 | 403 | 404) {
+            Error::Source(text)
+        } else {
+            Error::Database(text)
+        });
+    }
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| Error::Database(format!("Secret Manager ({name}): {e}")))?;
+    let data = body["payload"]["data"].as_str().ok_or_else(|| {
+        Error::Source(format!(
+            "Secret Manager's answer for {name} has no payload.data"
+        ))
+    })?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|_| Error::Source(format!("the secret {name} is not base64 in the answer")))?;
+    String::from_utf8(bytes)
+        .map_err(|_| Error::Source(format!("the secret {name} is not UTF-8 text")))
+}
+
+/// A secret that may be a reference, read once for the connector that holds it.
+#[derive(Clone, Default)]
+pub struct LazySecret {
+    value: String,
+    resolved: std::sync::Arc<tokio::sync::OnceCell<String>>,
+}
+
+impl std::fmt::Debug for LazySecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LazySecret(***)")
+    }
+}
+
+impl LazySecret {
+    pub fn new(value: &str) -> Result<Self> {
+        if is_reference(value) {
+            resource_name(value)?;
+        }
+        Ok(Self {
+            value: value.to_string(),
+            resolved: Default::default(),
+        })
+    }
+
+    pub fn is_reference(&self) -> bool {
+        is_reference(&self.value)
+    }
+
+    /// The secret: the value itself, or what Secret Manager holds under it (asked once).
+    pub async fn get(&self) -> Result<String> {
+        if !self.is_reference() {
+            return Ok(self.value.clone());
+        }
+        self.resolved
+            .get_or_try_init(|| resolve(&self.value))
+            .await
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_are_checked_before_any_request() {
+        assert!(is_reference(
+            "secretmanager://projects/p/secrets/s/versions/1"
+        ));
+        assert!(!is_reference("hunter2"));
+        assert_eq!(
+            resource_name("secretmanager://projects/p-1/secrets/db_pass/versions/latest").unwrap(),
+            "projects/p-1/secrets/db_pass/versions/latest"
+        );
+        for bad in [
+            "secretmanager://projects/p/secrets/s",
+            "secretmanager://projects/p/secrets/s/versions/1/../x",
+            "secretmanager://projects/p/secrets/s?x/versions/1",
+        ] {
+            let err = LazySecret::new(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("secretmanager://projects/P/secrets/S/versions/V"),
+                "{err}"
+            );
+            assert!(
+                !err.contains("../x") && !err.contains("?x"),
+                "the value is not in the error: {err}"
+            );
+        }
+    }
+}
