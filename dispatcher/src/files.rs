@@ -70,12 +70,27 @@ fn needs_conversion(arrow_type: &str) -> bool {
     }
 }
 
-/// The time formats BigQuery's JSON reader takes: "YYYY-[M]M-[D]D[( |T)[H]H:[M]M:[S]S[.F]]
-/// [time zone]", seconds included.
-fn bigquery_reads_time(format: &str) -> bool {
+/// The time formats BigQuery's JSON reader takes for a column of `job_type` (loading JSON
+/// from Cloud Storage: "values in DATE columns must use the dash (-) separator and the date
+/// must be in the following format: YYYY-MM-DD"; "values in TIMESTAMP columns must use a dash
+/// (-) or slash (/) separator for the date portion of the timestamp, and the date must be in
+/// one of the following formats: YYYY-MM-DD (year-month-day) or YYYY/MM/DD (year/month/day).
+/// The hh:mm:ss (hour-minute-second) portion of the timestamp must use a colon (:)
+/// separator").
+fn bigquery_reads_time(format: &str, job_type: &str) -> bool {
     let rest = format.strip_suffix("%z").unwrap_or(format);
     let rest = rest.strip_suffix(".%f").unwrap_or(rest);
-    matches!(rest, "%Y-%m-%d" | "%Y-%m-%d %H:%M:%S" | "%Y-%m-%dT%H:%M:%S")
+    match job_type {
+        "DATE" => rest == "%Y-%m-%d",
+        _ => matches!(
+            rest,
+            "%Y-%m-%d"
+                | "%Y-%m-%d %H:%M:%S"
+                | "%Y-%m-%dT%H:%M:%S"
+                | "%Y/%m/%d"
+                | "%Y/%m/%d %H:%M:%S"
+        ),
+    }
 }
 
 /// What a JSON column's values are as JSON (arrow's inference), where BigQuery reads them as
@@ -142,15 +157,15 @@ pub(crate) fn native_format(
         // JSON times BigQuery reads are year-first ("YYYY-MM-DD[( |T)HH:MM:SS[.F]][zone]");
         // other formats pandas reads are read by the workers.
         if let Some((column, value)) = detected.columns.iter().find_map(|c| {
-            let time = columns.iter().any(|(n, t)| {
+            let (_, t) = columns.iter().find(|(n, t)| {
                 n == &c.name && matches!(t.as_str(), "TIMESTAMP" | "DATETIME" | "DATE")
-            });
+            })?;
             let foreign = c.sample_values.iter().find(|v| {
                 !v.is_empty()
                     && !shardflow::source::pandas::guess_format(v)
-                        .is_some_and(|f| bigquery_reads_time(&f))
-            });
-            time.then_some(foreign).flatten().map(|v| (&c.name, v))
+                        .is_some_and(|f| bigquery_reads_time(&f, t))
+            })?;
+            Some((&c.name, foreign))
         }) {
             return Err(format!(
                 "{} column {column} holds times such as {value:?}, which BigQuery does not read; \
@@ -162,18 +177,39 @@ pub(crate) fn native_format(
             && let Some((c, job_type)) = detected.columns.iter().find_map(|c| {
                 let (_, t) = columns.iter().find(|(n, _)| n == &c.name)?;
                 let as_json = json_reads_as(&c.arrow_type)?;
-                let same = as_json == t
-                    || (as_json == "INT64" && matches!(t.as_str(), "FLOAT64" | "NUMERIC"))
+                // Integers as JSON numbers do not go to BigQuery as they are: "If you use the
+                // BigQuery API to load an integer outside the range of [-2^53+1, 2^53-1] ...
+                // into an integer (INT64) column, pass it as a string to avoid data
+                // corruption", and a sample cannot tell that no later value is. As text
+                // ("id": "1") they load exactly.
+                let integer_text = as_json == "STRING"
+                    && matches!(t.as_str(), "INT64" | "NUMERIC" | "BIGNUMERIC")
+                    && c.sample_values.iter().all(|v| {
+                        let digits = v.strip_prefix('-').unwrap_or(v);
+                        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+                    });
+                let same = (as_json == t && t != "INT64")
+                    // Into FLOAT64 an integer becomes the nearest double, as in pandas.
+                    || (as_json == "INT64" && t == "FLOAT64")
+                    || integer_text
                     || (as_json == "STRING"
                         && matches!(t.as_str(), "TIMESTAMP" | "DATETIME" | "DATE"));
                 (!same).then_some((c, t))
             })
         {
-            return Err(format!(
-                "{} column {} holds {} JSON values that load as {job_type} only by pandas' \
-                 conversions; the workers make them",
-                file.path, c.name, c.arrow_type
-            ));
+            return Err(if c.arrow_type == "Int64" {
+                format!(
+                    "{} column {} holds integers as JSON numbers, which BigQuery may corrupt past \
+                     2^53 (it asks for them as strings); the workers read them exactly",
+                    file.path, c.name
+                )
+            } else {
+                format!(
+                    "{} column {} holds {} JSON values that load as {job_type} only by pandas' \
+                     conversions; the workers make them",
+                    file.path, c.name, c.arrow_type
+                )
+            });
         }
         let path = &file.path;
         match files::compression_of(f.options.compression, path) {
@@ -875,6 +911,20 @@ mod tests {
             "in/x.json column a holds Boolean JSON values that load as FLOAT64 only by pandas' \
              conversions; the workers make them"
         );
+        // Integers: as JSON numbers BigQuery may corrupt them past 2^53; as text they load.
+        let ints = vec![("a".to_string(), "INT64".to_string())];
+        let numbers = detected(&[("a", "Int64")], false);
+        assert_eq!(
+            native_format(&json, true, &[(&file("in/x.json"), &numbers)], &ints, false)
+                .unwrap_err(),
+            "in/x.json column a holds integers as JSON numbers, which BigQuery may corrupt past \
+             2^53 (it asks for them as strings); the workers read them exactly"
+        );
+        let mut text = detected(&[("a", "Utf8")], false);
+        text.columns[0].sample_values = vec!["1".into(), "-90071992547409930".into()];
+        assert!(native_format(&json, true, &[(&file("in/x.json"), &text)], &ints, false).is_ok());
+        text.columns[0].sample_values.push("1.5".into());
+        assert!(native_format(&json, true, &[(&file("in/x.json"), &text)], &ints, false).is_err());
         // Times only in the forms BigQuery reads (seconds included).
         let timed = vec![("a".to_string(), "TIMESTAMP".to_string())];
         let mut at = detected(&[("a", "Utf8")], false);
@@ -888,6 +938,12 @@ mod tests {
         assert!(native_format(&json, true, &[(&file("in/x.json"), &at)], &timed, false).is_ok());
         at.columns[0].sample_values = vec!["2020-01-01T10:00".into()];
         assert!(native_format(&json, true, &[(&file("in/x.json"), &at)], &timed, false).is_err());
+        // YYYY/MM/DD for a TIMESTAMP, not for a DATE.
+        at.columns[0].sample_values = vec!["2020/01/01 10:00:00".into()];
+        assert!(native_format(&json, true, &[(&file("in/x.json"), &at)], &timed, false).is_ok());
+        let dated = vec![("a".to_string(), "DATE".to_string())];
+        at.columns[0].sample_values = vec!["2020/01/01".into()];
+        assert!(native_format(&json, true, &[(&file("in/x.json"), &at)], &dated, false).is_err());
         assert_eq!(
             decide(&json, "in/x.json", &detected(&text_ab, true), true).unwrap_err(),
             "in/x.json is a JSON array; BigQuery loads JSON lines only"

@@ -105,7 +105,9 @@ fn csv(rows: &[Row], delimiter: char, header: bool) -> String {
 fn json_values(rows: &[Row]) -> Vec<String> {
     rows.iter()
         .map(|(id, amount, name, at)| {
-            serde_json::json!({"id": id, "amount": amount, "name": name, "at": at.map(|t| format!("{}Z", exported(t)))})
+            // The id as text, as BigQuery asks of integers in JSON ("pass it as a string to
+            // avoid data corruption"); read_json makes it int64 all the same.
+            serde_json::json!({"id": id.to_string(), "amount": amount, "name": name, "at": at.map(|t| format!("{}Z", exported(t)))})
                 .to_string()
         })
         .collect()

@@ -187,6 +187,10 @@ fn python_float(text: &str) -> Option<f64> {
     if body.eq_ignore_ascii_case("nan") {
         return Some(f64::NAN);
     }
+    if !t.contains('_') {
+        // The common case, without an allocation per value.
+        return parse_float(t);
+    }
     parse_float(&t.replace('_', ""))
         .filter(|_| !t.starts_with('_') && !t.ends_with('_') && !t.contains("__"))
 }
