@@ -19,6 +19,11 @@
 #                             `dispatcher pubsub-setup` can create topics and subscriptions;
 #                             default: roles/pubsub.viewer only (it can check, not create)
 #   K8S_NAMESPACE             default shardflow (must match k8s/namespace.yaml)
+#   CLOUDSQL_PROJECTS         space-separated projects whose Cloud SQL instances are sources
+#                             (optional): roles/cloudsql.client and roles/cloudsql.instanceUser
+#                             there for both identities (the Auth Proxy sidecar, IAM logins)
+#   SOURCE_SECRETS            space-separated projects/P/secrets/S that job configs name as
+#                             secretmanager:// references (optional): secretAccessor on each
 #   SHARDFLOW_*_TOPIC / SHARDFLOW_*_SUBSCRIPTION   name overrides, as in pubsub-setup.sh
 #
 # Who gets what (and why):
@@ -37,6 +42,14 @@
 #     roles/pubsub.publisher   on etl-shard-results                (report each shard)
 #     roles/storage.objectAdmin on the staging bucket              (write parts; a redelivered
 #                              shard overwrites its own deterministic paths, which needs delete)
+#   both, with CLOUDSQL_PROJECTS (each project)      (both connect: the dispatcher plans, the
+#                                                     workers extract)
+#     roles/cloudsql.client    (cloudsql.instances.connect: the Cloud SQL Auth Proxy sidecar)
+#     roles/cloudsql.instanceUser (cloudsql.instances.login: "enable_iam_auth" or the proxy's
+#                              --auto-iam-authn log in as the pod's own service account)
+#   both, with SOURCE_SECRETS (each secret)
+#     roles/secretmanager.secretAccessor  (a password or TLS key by secretmanager:// reference,
+#                              read by whichever process connects)
 #   Cloud Scheduler service agent, Django's service account
 #     roles/pubsub.publisher   on etl-jobs
 #   custom-metrics-stackdriver-adapter (KSA in namespace custom-metrics)
@@ -136,6 +149,27 @@ W="serviceAccount:$WORKER_SA"
 sub_role "$SHARDS_SUB" "$W" roles/pubsub.subscriber
 topic_role "$RESULTS_TOPIC" "$W" roles/pubsub.publisher
 bucket_role "$W" roles/storage.objectAdmin
+
+# --- sources on Cloud SQL, secrets by reference (optional) ---------------------------------
+for project in ${CLOUDSQL_PROJECTS:-}; do
+    for member in "$D" "$W"; do
+        for role in roles/cloudsql.client roles/cloudsql.instanceUser; do
+            g projects add-iam-policy-binding "$project" --member="$member" --role="$role" --condition=None
+            echo "project $project: $role -> $member"
+        done
+    done
+done
+for secret in ${SOURCE_SECRETS:-}; do
+    case "$secret" in
+        projects/?*/secrets/?*) ;;
+        *) echo "iam: SOURCE_SECRETS entries are projects/P/secrets/S, got $secret" >&2; exit 2 ;;
+    esac
+    for member in "$D" "$W"; do
+        g secrets add-iam-policy-binding "$secret" --member="$member" \
+            --role=roles/secretmanager.secretAccessor
+        echo "secret $secret: roles/secretmanager.secretAccessor -> $member"
+    done
+done
 
 # --- Workload Identity: KSAs in k8s/serviceaccounts.yaml act as the GSAs ----------------
 workload_identity "$DISPATCHER_SA" shardflow-dispatcher

@@ -2,7 +2,8 @@
 # Installs (once) and starts the emulators the tests talk to: Google's Pub/Sub emulator,
 # fake-gcs-server (GCS over its JSON API, which shardflow's staging and file sources speak),
 # bqemulator, which reads gs:// URIs from fake-gcs-server's storage directory, moto (S3) and
-# azurite (Azure Blob). Idempotent: an emulator already answering on its port is kept.
+# azurite (Azure Blob); and a TLS MariaDB and a password-checking PostgreSQL of the suite's own.
+# Idempotent: an emulator already answering on its port is kept.
 # BigQuery is reached through the strict rules layer (target/debug/bq-rules, built by cargo
 # from tests/src/bq_rules): BIGQUERY_EMULATOR_HOST points at it, never at bqemulator itself.
 #   bash tests/emulators.sh start   # start what is missing, then print the env to export
@@ -27,6 +28,7 @@ BQ_PROJECT=test-proj
 VENV=$EMU/venv
 PANDAS_VERSION=2.2.3
 MARIADB_TLS_PORT=3307
+PG_PASSWORD_PORT=${SHARDFLOW_PG_PASSWORD_PORT:-5433}
 # fake-gcs-server keeps bucket/object at $GCS_ROOT/bucket/object, where bqemulator reads gs://.
 GCS_ROOT=$EMU/fake-gcs
 PUBSUB_HOME=/usr/lib/google-cloud-sdk/platform/pubsub-emulator
@@ -52,6 +54,7 @@ export SHARDFLOW_TEST_AZURE_ENDPOINT=http://127.0.0.1:$AZURE_PORT/devstoreaccoun
 export SHARDFLOW_TEST_GCS_ROOT=$GCS_ROOT
 export SHARDFLOW_TEST_MARIADB_TLS_PORT=$MARIADB_TLS_PORT
 export SHARDFLOW_TEST_MARIADB_TLS_CA=$EMU/mariadb-tls/certs/ca.pem
+export SHARDFLOW_TEST_PG_PASSWORD_PORT=$PG_PASSWORD_PORT
 EOF
 }
 
@@ -170,6 +173,7 @@ start() {
     wait_for "moto (S3)" "http://127.0.0.1:$S3_PORT/" "$EMU/s3.log"
     wait_for "azurite" "http://127.0.0.1:$AZURE_PORT/" "$EMU/azure.log"
     mariadb_tls
+    pg_password
     if [ -x "$RULES_BIN" ]; then
         rules
     fi
@@ -218,6 +222,38 @@ mariadb_tls() {
     }
 }
 
+# A PostgreSQL of the suite's own that asks for passwords (scram-sha-256; the machine's trusts
+# every local connection, so a password proves nothing there) and offers no TLS: port 5433, data
+# under target/emulators, run as the postgres user (PostgreSQL refuses to run as root).
+pg_binaries() { ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1; }
+as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+pg_password() {
+    local dir=$EMU/pg-password bin
+    bin=$(pg_binaries)
+    if pg_isready -h 127.0.0.1 -p "$PG_PASSWORD_PORT" -q; then
+        return 0
+    fi
+    mkdir -p "$dir"
+    if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; fi
+    if [ ! -f "$dir/data/PG_VERSION" ]; then
+        printf 'pg-test-password\n' >"$dir/pwfile"
+        if [ "$(id -u)" = 0 ]; then chown postgres "$dir/pwfile"; fi
+        as_postgres "$bin/initdb" -D "$dir/data" -U postgres --pwfile="$dir/pwfile" \
+            -A scram-sha-256 >"$dir/initdb.log" 2>&1 || {
+            echo "emulators.sh: initdb for the password PostgreSQL failed ($dir/initdb.log):" >&2
+            tail -20 "$dir/initdb.log" >&2
+            exit 1
+        }
+    fi
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
+        -o "-p $PG_PASSWORD_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c ssl=off" \
+        start >/dev/null || {
+        echo "emulators.sh: the password PostgreSQL did not start; $dir/postgres.log ends with:" >&2
+        tail -20 "$dir/postgres.log" >&2
+        exit 1
+    }
+}
+
 # The strict rules layer in front of bqemulator, restarted so it runs the binary just built.
 rules() {
     if [ ! -x "$RULES_BIN" ]; then
@@ -251,6 +287,9 @@ stop() {
     # that already exited: the emulators still running from this directory's installs go too.
     pkill -f -- "$EMU/(venv|node|pubsub-patch)/" 2>/dev/null || true
     pkill -f -- "$RULES_BIN 127.0.0.1:$RULES_PORT" 2>/dev/null || true
+    if [ -f "$EMU/pg-password/data/postmaster.pid" ]; then
+        as_postgres "$(pg_binaries)/pg_ctl" -D "$EMU/pg-password/data" -m fast stop >/dev/null 2>&1 || true
+    fi
 }
 
 case "${1:-start}" in

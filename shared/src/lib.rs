@@ -6,6 +6,7 @@ pub mod digest;
 pub mod django;
 pub mod error;
 pub mod gcs;
+pub mod iam_login;
 pub mod messages;
 pub mod metrics;
 pub mod parquet_sink;

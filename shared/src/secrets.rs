@@ -102,6 +102,86 @@ pub async fn resolve(reference: &str) -> Result<String> {
         .map_err(|_| Error::Source(format!("the secret {name} is not UTF-8 text")))
 }
 
+/// The `connection_params` fields that may be a `secretmanager://` reference: the password and
+/// the TLS material, PostgreSQL's and MySQL's names (a client key is as secret as a password;
+/// its certificate and the CA travel with it). Any other field holding a reference is refused:
+/// a host or a database name read from Secret Manager would be a surprise, not a feature.
+pub const SECRET_FIELDS: [&str; 7] = [
+    "password",
+    "sslkey",
+    "sslcert",
+    "sslrootcert",
+    "ssl_key",
+    "ssl_cert",
+    "ssl_ca",
+];
+
+/// The extra `connection_params` of a source (its TLS settings), any secret field of which may
+/// be a reference. The references are read together, once, when the connector first connects.
+#[derive(Clone, Debug, Default)]
+pub struct SecretParams {
+    values: std::collections::BTreeMap<String, LazySecret>,
+}
+
+impl SecretParams {
+    pub fn new(params: &std::collections::BTreeMap<String, crate::spec::Secret>) -> Result<Self> {
+        let mut values = std::collections::BTreeMap::new();
+        for (field, value) in params {
+            let value = value.expose();
+            if is_reference(value) && !SECRET_FIELDS.contains(&field.as_str()) {
+                return Err(Error::Spec(crate::spec::SpecError::single(
+                    &format!("connection_params.{field}"),
+                    format!(
+                        "only {} may be a secretmanager:// reference",
+                        SECRET_FIELDS.join(", ")
+                    ),
+                )));
+            }
+            values.insert(field.clone(), LazySecret::new(value)?);
+        }
+        Ok(Self { values })
+    }
+
+    /// Whether any value must be read from Secret Manager before it can be used.
+    pub fn has_references(&self) -> bool {
+        self.values.values().any(LazySecret::is_reference)
+    }
+
+    /// A value given in the config itself (a reference is not its value: `None`).
+    pub fn given(&self, field: &str) -> Option<String> {
+        self.values
+            .get(field)
+            .filter(|v| !v.is_reference())
+            .map(|v| v.value.clone())
+    }
+
+    /// The same, with one field set to a value of the connector's choosing.
+    pub fn with(mut self, field: &str, value: &str) -> Self {
+        self.values.insert(
+            field.to_string(),
+            LazySecret {
+                value: value.to_string(),
+                resolved: Default::default(),
+            },
+        );
+        self
+    }
+
+    /// Whether the field is set at all, as a value or a reference.
+    pub fn contains(&self, field: &str) -> bool {
+        self.values.contains_key(field)
+    }
+
+    /// Every value, references read from Secret Manager.
+    pub async fn resolve(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut resolved = std::collections::BTreeMap::new();
+        for (field, value) in &self.values {
+            resolved.insert(field.clone(), value.get().await?);
+        }
+        Ok(resolved)
+    }
+}
+
 /// A secret that may be a reference, read once for the connector that holds it.
 #[derive(Clone, Default)]
 pub struct LazySecret {
@@ -128,6 +208,11 @@ impl LazySecret {
 
     pub fn is_reference(&self) -> bool {
         is_reference(&self.value)
+    }
+
+    /// The value as given: the secret itself, or the reference.
+    pub fn value(&self) -> &str {
+        &self.value
     }
 
     /// The secret: the value itself, or what Secret Manager holds under it (asked once).
@@ -171,5 +256,30 @@ mod tests {
                 "the value is not in the error: {err}"
             );
         }
+    }
+
+    #[test]
+    fn only_secret_fields_may_be_references() {
+        let params = |field: &str, value: &str| {
+            std::collections::BTreeMap::from([(field.to_string(), crate::spec::Secret::new(value))])
+        };
+        let reference = "secretmanager://projects/p/secrets/client-key/versions/2";
+        let tls = SecretParams::new(&params("sslkey", reference)).unwrap();
+        assert!(tls.has_references());
+        assert!(tls.contains("sslkey"));
+        assert_eq!(tls.given("sslkey"), None, "a reference is not the key");
+        let plain = SecretParams::new(&params("sslmode", "require")).unwrap();
+        assert!(!plain.has_references());
+        assert_eq!(plain.given("sslmode").as_deref(), Some("require"));
+        let err = SecretParams::new(&params("sslmode", reference))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("connection_params.sslmode")
+                && err.contains(
+                    "only password, sslkey, sslcert, sslrootcert, ssl_key, ssl_cert, ssl_ca may be"
+                ),
+            "{err}"
+        );
     }
 }

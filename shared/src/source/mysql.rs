@@ -174,13 +174,16 @@ fn bind_all<'q>(
 /// How to reach the source database. Holds the password; Debug prints no secret.
 #[derive(Clone)]
 pub struct MySqlConnector {
+    /// Everything but TLS and a password by reference.
     options: MySqlConnectOptions,
     target: String,
     retry: RetryPolicy,
-    /// PREFERRED: a server whose TLS cannot be spoken is reached without it.
-    tls_preferred: bool,
-    /// The password, or a `secretmanager://` reference read when connecting.
-    password: crate::secrets::LazySecret,
+    /// The options with TLS as `ssl_mode` asks, and whether it is PREFERRED (a server whose TLS
+    /// cannot be spoken is then reached without it); built when first connecting if a secret
+    /// field of it is a `secretmanager://` reference, else at once.
+    tls: std::sync::Arc<tokio::sync::OnceCell<(MySqlConnectOptions, bool)>>,
+    tls_params: crate::secrets::SecretParams,
+    login: crate::iam_login::Login,
 }
 
 impl std::fmt::Debug for MySqlConnector {
@@ -193,6 +196,7 @@ impl std::fmt::Debug for MySqlConnector {
 
 impl MySqlConnector {
     pub fn from_spec(spec: &JobSpec, retry: RetryPolicy) -> Result<Self> {
+        use crate::iam_login;
         let c = &spec.connection;
         let host = c.host.as_deref().unwrap_or("localhost");
         let port = spec.port(3306);
@@ -211,40 +215,75 @@ impl MySqlConnector {
         if !database.is_empty() {
             options = options.database(database);
         }
-        // An empty password is no password: MySQL tells "using password: YES" apart.
-        let password = match &c.password {
-            Some(p) => crate::secrets::LazySecret::new(p.expose())?,
-            None => Default::default(),
-        };
-        if let Some(p) = c.password.as_ref().filter(|p| !p.expose().is_empty())
-            && !password.is_reference()
-        {
-            options = options.password(p.expose());
+        let mut tls_params = crate::secrets::SecretParams::new(&c.other)?;
+        let login = iam_login::Login::from_params(iam_login::Engine::MySql, c, &tls_params)?;
+        if let iam_login::Login::IamToken { user } = &login {
+            // Cloud SQL asks for the token through mysql_clear_password; over TLS only.
+            options = options.username(user).enable_cleartext_plugin(true);
+            if !iam_login::plaintext_allowed(host) {
+                let field = if tls_params.contains("ssl_mode") {
+                    "ssl_mode"
+                } else {
+                    "sslmode"
+                };
+                match tls_params.given(field) {
+                    None => tls_params = tls_params.with("ssl_mode", "REQUIRED"),
+                    Some(mode)
+                        if matches!(
+                            mode.to_ascii_uppercase().as_str(),
+                            "DISABLED" | "DISABLE" | "PREFERRED" | "PREFER"
+                        ) =>
+                    {
+                        return Err(iam_login::plaintext_refused(
+                            field,
+                            &mode,
+                            "REQUIRED, VERIFY_CA or VERIFY_IDENTITY",
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
         }
-        let (options, tls_preferred) =
-            with_tls(options, |k| c.other.get(k).map(|v| v.expose().to_string()))?;
+        // An empty password is no password: MySQL tells "using password: YES" apart.
+        if let Some(password) = login.given_password() {
+            options = options.password(&password);
+        }
+        let tls = std::sync::Arc::new(tokio::sync::OnceCell::new());
+        if !tls_params.has_references() {
+            let _ = tls.set(with_tls(options.clone(), |k| tls_params.given(k))?);
+        }
         Ok(MySqlConnector {
             options,
             target: format!("{host}:{port}/{database}"),
             retry,
-            tls_preferred,
-            password,
+            tls,
+            tls_params,
+            login,
         })
     }
 
     /// Opens a connection, retrying transient failures by the retry policy.
     pub async fn connect(&self) -> Result<MySqlConnection> {
         super::pg_tls::install_crypto_provider();
-        // A password by reference is read from Secret Manager, once for this connector.
-        let options = if self.password.is_reference() {
-            self.options.clone().password(&self.password.get().await?)
-        } else {
-            self.options.clone()
-        };
+        // Secret fields by reference are read from Secret Manager, once for this connector.
+        let (options, tls_preferred) = self
+            .tls
+            .get_or_try_init(|| async {
+                let resolved = self.tls_params.resolve().await?;
+                with_tls(self.options.clone(), |k| resolved.get(k).cloned())
+            })
+            .await?
+            .clone();
         self.retry
             .run("connect to MySQL", || async {
+                let mut options = options.clone();
+                // A secret by reference (read once), or the identity's token, fresh each
+                // attempt: the credentials refresh it before it expires.
+                if let Some(password) = self.login.fetched_password().await? {
+                    options = options.password(&password);
+                }
                 let connected = match MySqlConnection::connect_with(&options).await {
-                    Err(sqlx::Error::Tls(e)) if self.tls_preferred => {
+                    Err(sqlx::Error::Tls(e)) if tls_preferred => {
                         tracing::warn!(target = %self.target, error = %e, "TLS failed under ssl_mode PREFERRED; connecting without TLS");
                         let plain = options.clone().ssl_mode(MySqlSslMode::Disabled);
                         MySqlConnection::connect_with(&plain).await
@@ -266,6 +305,13 @@ impl MySqlConnector {
                                 "TLS to MySQL at {} failed: {why}",
                                 self.target
                             ));
+                        }
+                        // 1045 access denied: the token was not taken.
+                        if let (crate::iam_login::Login::IamToken { user }, sqlx::Error::Database(db)) = (&self.login, &e)
+                            && let Some(my) = db.try_downcast_ref::<MySqlDatabaseError>()
+                            && my.number() == 1045
+                        {
+                            return crate::iam_login::refused(user, &self.target, &format!("{} ({})", my.message(), my.number()));
                         }
                         let text = format!("cannot connect to MySQL at {}: {}", self.target, e);
                         match source_error(e) {

@@ -44,11 +44,11 @@ fn cast_type(key_type: &str) -> Option<&'static str> {
 pub struct PgConnector {
     config: tokio_postgres::Config,
     retry: RetryPolicy,
-    /// TLS as `sslmode` asks (`pg_tls`).
-    tls: tokio_postgres_rustls::MakeRustlsConnect,
-    mode: SslMode,
-    /// The password, or a `secretmanager://` reference read when connecting.
-    password: crate::secrets::LazySecret,
+    /// TLS as `sslmode` asks (`pg_tls`), built when first connecting if a secret field of it is
+    /// a `secretmanager://` reference, else at once (so a bad setting fails the spec).
+    tls: std::sync::Arc<tokio::sync::OnceCell<(tokio_postgres_rustls::MakeRustlsConnect, SslMode)>>,
+    tls_params: crate::secrets::SecretParams,
+    login: crate::iam_login::Login,
 }
 
 impl std::fmt::Debug for PgConnector {
@@ -62,34 +62,64 @@ impl std::fmt::Debug for PgConnector {
 
 impl PgConnector {
     pub fn from_spec(spec: &JobSpec, retry: RetryPolicy) -> Result<Self> {
+        use crate::iam_login;
         let c = &spec.connection;
+        let host = c.host.as_deref().unwrap_or("localhost");
         let mut config = tokio_postgres::Config::new();
         config
-            .host(c.host.as_deref().unwrap_or("localhost"))
+            .host(host)
             .port(spec.port(5432))
             .dbname(c.database.as_deref().unwrap_or_default())
             .user(c.username.as_deref().unwrap_or_default())
             .application_name("shardflow")
             .connect_timeout(Duration::from_secs(15))
             .keepalives_idle(Duration::from_secs(30));
-        let password = match &c.password {
-            Some(p) => crate::secrets::LazySecret::new(p.expose())?,
-            None => Default::default(),
-        };
-        if let Some(p) = &c.password
-            && !password.is_reference()
-        {
-            config.password(p.expose());
+        let mut tls_params = crate::secrets::SecretParams::new(&c.other)?;
+        let login = iam_login::Login::from_params(iam_login::Engine::Postgres, c, &tls_params)?;
+        if let iam_login::Login::IamToken { user } = &login {
+            config.user(user);
+            if !iam_login::plaintext_allowed(host) {
+                match tls_params.given("sslmode") {
+                    None => tls_params = tls_params.with("sslmode", "require"),
+                    Some(mode)
+                        if matches!(
+                            SslMode::parse(&mode),
+                            Some(SslMode::Disable | SslMode::Allow | SslMode::Prefer)
+                        ) =>
+                    {
+                        return Err(iam_login::plaintext_refused(
+                            "sslmode",
+                            &mode,
+                            "require, verify-ca or verify-full",
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
         }
-        let tls = PgTls::from_params(|k| c.other.get(k).map(|v| v.expose().to_string()))?;
-        config.ssl_mode(tls.mode.transport());
+        if let Some(password) = login.given_password() {
+            config.password(password);
+        }
+        let tls = std::sync::Arc::new(tokio::sync::OnceCell::new());
+        if !tls_params.has_references() {
+            let built = Self::build_tls(&|k| tls_params.given(k))?;
+            config.ssl_mode(built.1.transport());
+            let _ = tls.set(built);
+        }
         Ok(PgConnector {
             config,
             retry,
-            tls: tls.connector()?,
-            mode: tls.mode,
-            password,
+            tls,
+            tls_params,
+            login,
         })
+    }
+
+    fn build_tls(
+        get: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(tokio_postgres_rustls::MakeRustlsConnect, SslMode)> {
+        let tls = PgTls::from_params(get)?;
+        Ok((tls.connector()?, tls.mode))
     }
 
     fn describe_target(&self) -> String {
@@ -107,27 +137,36 @@ impl PgConnector {
     /// Opens a connection, retrying transient failures by the retry policy.
     pub async fn connect(&self) -> Result<Client> {
         let target = self.describe_target();
-        // A password by reference is read from Secret Manager, once for this connector.
-        let config = if self.password.is_reference() {
-            let mut config = self.config.clone();
-            config.password(self.password.get().await?);
-            config
-        } else {
-            self.config.clone()
-        };
+        // Secret fields by reference are read from Secret Manager, once for this connector.
+        let (tls, mode) = self
+            .tls
+            .get_or_try_init(|| async {
+                let resolved = self.tls_params.resolve().await?;
+                Self::build_tls(&|k| resolved.get(k).cloned())
+            })
+            .await?
+            .clone();
+        let mut config = self.config.clone();
+        config.ssl_mode(mode.transport());
         self.retry
             .run("connect to PostgreSQL", || async {
-                let connected = match config.connect(self.tls.clone()).await {
+                let mut config = config.clone();
+                // A secret by reference (read once), or the identity's token, fresh each
+                // attempt: the credentials refresh it before it expires.
+                if let Some(password) = self.login.fetched_password().await? {
+                    config.password(password);
+                }
+                let connected = match config.connect(tls.clone()).await {
                     // libpq's prefer and allow: a server whose TLS cannot be spoken is reached
                     // without it (its certificate was not going to be checked either).
                     Err(e)
-                        if matches!(self.mode, SslMode::Prefer | SslMode::Allow)
+                        if matches!(mode, SslMode::Prefer | SslMode::Allow)
                             && tls_failure(&pg_text(&e)).is_some() =>
                     {
                         tracing::warn!(%target, error = %pg_text(&e), "TLS failed under sslmode prefer; connecting without TLS");
                         let mut plain = config.clone();
                         plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                        plain.connect(self.tls.clone()).await
+                        plain.connect(tls.clone()).await
                     }
                     other => other,
                 };
@@ -140,9 +179,15 @@ impl PgConnector {
                         ));
                     }
                     let text = format!("cannot connect to PostgreSQL at {target}: {}", pg_text(&e));
-                    match e.as_db_error() {
+                    match (e.as_db_error(), &self.login) {
+                        // 28P01 invalid_password, 28000 invalid_authorization_specification.
+                        (Some(db), crate::iam_login::Login::IamToken { user })
+                            if db.code().code().starts_with("28") =>
+                        {
+                            crate::iam_login::refused(user, &target, db.message())
+                        }
                         // Wrong credentials or database: the same answer every time.
-                        Some(db) if crate::error::refuses_the_job(db.code().code()) => {
+                        (Some(db), _) if crate::error::refuses_the_job(db.code().code()) => {
                             Error::Source(format!("the source database refused the job: {text}"))
                         }
                         _ => Error::Database(text),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{
@@ -629,5 +630,75 @@ pub mod my {
         let rows = count(conn, database, table).await;
         let source = source_checks(conn, database, table, key).await;
         assert_matches_source(rows, &source, dest, key);
+    }
+}
+
+/// What a request to [`http_stub`] was: `"GET /path?query"` and its headers.
+pub struct StubRequest {
+    pub line: String,
+    pub headers: hyper::HeaderMap,
+}
+
+/// A local HTTP/1 server for the Google APIs that have no emulator (Secret Manager, the
+/// metadata server): `answer` gives each request its status and body; every request is kept.
+pub async fn http_stub<F>(answer: F) -> (String, Arc<Mutex<Vec<StubRequest>>>)
+where
+    F: Fn(&StubRequest) -> (u16, String) + Send + Sync + 'static,
+{
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let answer = Arc::new(answer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (answer, log) = (answer.clone(), log.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (answer, log) = (answer.clone(), log.clone());
+                        async move {
+                            let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+                            let request = StubRequest {
+                                line: format!("{} {target}", req.method()),
+                                headers: req.headers().clone(),
+                            };
+                            let (status, body) = answer(&request);
+                            log.lock().unwrap().push(request);
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}"), asked)
+}
+
+/// The suite's own PostgreSQL that checks passwords (`tests/emulators.sh` starts it; the
+/// machine's trusts every local connection), as its superuser.
+pub async fn pg_with_passwords() -> (Client, u16) {
+    let port: u16 = env_or_fail("SHARDFLOW_TEST_PG_PASSWORD_PORT")
+        .parse()
+        .expect("a port");
+    let url = format!("postgres://postgres:pg-test-password@127.0.0.1:{port}/postgres");
+    match tokio_postgres::connect(&url, NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            (client, port)
+        }
+        Err(e) => panic!(
+            "the password PostgreSQL on 127.0.0.1:{port} does not answer ({e}): start it with \
+             bash tests/emulators.sh start"
+        ),
     }
 }
