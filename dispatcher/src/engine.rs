@@ -425,8 +425,13 @@ impl Engine {
             data_source_id: job.spec.data_source_id,
             etl_run_id: job.etl_run_id,
             dest_table: job.spec.dest_table_name.clone(),
+            // What the config says that is ignored (a typo'd field), first in the report.
+            warnings: job.spec.warnings.clone(),
             ..Default::default()
         };
+        for warning in &job.spec.warnings {
+            tracing::warn!(parent: &span, "{warning}");
+        }
         let outcome = self
             .drive(job, &run_id, stream, observer, &mut report)
             .instrument(span.clone())

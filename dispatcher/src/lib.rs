@@ -623,6 +623,7 @@ pub async fn run_job(spec: JobSpec, opts: RunOptions) -> RunReport {
         etl_run_id: opts.etl_run_id,
         dest_table: spec.dest_table_name.clone(),
         error_message: Some(e.to_string()),
+        warnings: spec.warnings.clone(),
         ..Default::default()
     };
     if let Err(e) = check_supported(&spec) {

@@ -102,6 +102,34 @@ pub async fn resolve(reference: &str) -> Result<String> {
         .map_err(|_| Error::Source(format!("the secret {name} is not UTF-8 text")))
 }
 
+/// How long a process keeps a secret it read: a run's shards on one worker (and the
+/// dispatcher's planning) ask Secret Manager once, not once per connection, and a rotated
+/// `versions/latest` is seen within this time. Failures are not kept.
+const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+async fn cached_resolve(reference: &str) -> Result<String> {
+    type Cache = std::collections::HashMap<String, (String, std::time::Instant)>;
+    static CACHE: std::sync::LazyLock<std::sync::Mutex<Cache>> =
+        std::sync::LazyLock::new(Default::default);
+    let fresh = |cache: &Cache| {
+        cache
+            .get(reference)
+            .filter(|(_, at)| at.elapsed() < CACHE_TTL)
+            .map(|(value, _)| value.clone())
+    };
+    if let Some(value) = CACHE.lock().ok().and_then(|c| fresh(&c)) {
+        return Ok(value);
+    }
+    let value = resolve(reference).await?;
+    if let Ok(mut cache) = CACHE.lock() {
+        cache.insert(
+            reference.to_string(),
+            (value.clone(), std::time::Instant::now()),
+        );
+    }
+    Ok(value)
+}
+
 /// The `connection_params` fields that may be a `secretmanager://` reference: the password and
 /// the TLS material, PostgreSQL's and MySQL's names (a client key is as secret as a password;
 /// its certificate and the CA travel with it). Any other field holding a reference is refused:
@@ -215,13 +243,14 @@ impl LazySecret {
         &self.value
     }
 
-    /// The secret: the value itself, or what Secret Manager holds under it (asked once).
+    /// The secret: the value itself, or what Secret Manager holds under it (asked once per
+    /// process and `CACHE_TTL`; the connector keeps what it first got).
     pub async fn get(&self) -> Result<String> {
         if !self.is_reference() {
             return Ok(self.value.clone());
         }
         self.resolved
-            .get_or_try_init(|| resolve(&self.value))
+            .get_or_try_init(|| cached_resolve(&self.value))
             .await
             .cloned()
     }

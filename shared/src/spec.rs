@@ -18,17 +18,22 @@ pub struct Secret(String);
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Secret(match serde_json::Value::deserialize(d)? {
-            serde_json::Value::String(text) => text,
-            serde_json::Value::Null => String::new(),
-            other => other.to_string(),
-        }))
+        Ok(Secret::from_json(serde_json::Value::deserialize(d)?))
     }
 }
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
         Secret(value.into())
+    }
+
+    /// As the deserializer takes it: text as it is, null as empty, anything else as its JSON.
+    pub fn from_json(value: serde_json::Value) -> Self {
+        Secret(match value {
+            serde_json::Value::String(text) => text,
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        })
     }
     /// The clear text, for handing to a driver. Never format it.
     pub fn expose(&self) -> &str {
@@ -55,29 +60,179 @@ impl Serialize for Secret {
 }
 
 /// A number Django may send as `5432` or `"5432"`.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum NumberOrString {
     Number(u64),
     Text(String),
 }
 
-/// `connection_params` as Django stores them. Keys we do not model (file credentials and the
-/// like) are kept in `other`; every value there is treated as a secret.
-#[derive(Clone, Default, Deserialize, Serialize)]
+impl<'de> Deserialize<'de> for NumberOrString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // serde's own words for a miss ("did not match any variant of untagged enum") name
+        // neither the field nor what it wants; the field is named by the caller's path.
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .map(NumberOrString::Number)
+                .ok_or_else(|| serde::de::Error::custom("must be a whole number from 0 up")),
+            serde_json::Value::String(text) => Ok(NumberOrString::Text(text)),
+            _ => Err(serde::de::Error::custom(
+                "must be a whole number from 0 up (or its text)",
+            )),
+        }
+    }
+}
+
+/// `connection_params` as Django stores them: an object, or a connection URL
+/// (`postgresql://user:password@host:port/database?sslmode=require`, `mysql://…`). Keys we do
+/// not model (TLS settings, file credentials and the like) are kept in `other`; every value
+/// there is treated as a secret. Read by hand, not by serde's derive: serde's errors quote the
+/// value they could not take, and a value here may be a password.
+#[derive(Clone, Default, Serialize)]
 pub struct ConnectionParams {
-    #[serde(default)]
     pub host: Option<String>,
-    #[serde(default)]
     pub port: Option<NumberOrString>,
-    #[serde(default)]
     pub database: Option<String>,
-    #[serde(default, alias = "user")]
     pub username: Option<String>,
-    #[serde(default)]
     pub password: Option<Secret>,
     #[serde(flatten)]
     pub other: BTreeMap<String, Secret>,
+}
+
+impl<'de> Deserialize<'de> for ConnectionParams {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ConnectionParams::from_value(serde_json::Value::deserialize(d)?)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl ConnectionParams {
+    /// The params from their JSON; an error names the field and never quotes a value.
+    pub fn from_value(value: serde_json::Value) -> Result<Self, String> {
+        use serde_json::Value;
+        let map = match value {
+            Value::Null => return Ok(Self::default()),
+            Value::String(url) => return Self::from_url(&url),
+            Value::Object(map) => map,
+            _ => {
+                return Err("connection_params must be an object or a connection URL".into());
+            }
+        };
+        let text = |field: &str, value: Value| match value {
+            Value::Null => Ok(None),
+            Value::String(t) => Ok(Some(t)),
+            Value::Number(n) => Ok(Some(n.to_string())),
+            _ => Err(format!("connection_params.{field} must be text")),
+        };
+        let mut params = Self::default();
+        for (field, value) in map {
+            match field.as_str() {
+                "host" => params.host = text("host", value)?,
+                "database" => params.database = text("database", value)?,
+                "username" | "user" => params.username = text(&field, value)?,
+                // Checked with the other fields in `JobSpec::validate`.
+                "port" => {
+                    params.port = match value {
+                        Value::Null => None,
+                        Value::Number(n) => Some(match n.as_u64() {
+                            Some(p) => NumberOrString::Number(p),
+                            None => NumberOrString::Text(n.to_string()),
+                        }),
+                        Value::String(t) => Some(NumberOrString::Text(t)),
+                        _ => {
+                            return Err(
+                                "connection_params.port must be a port number from 1 to 65535"
+                                    .into(),
+                            );
+                        }
+                    }
+                }
+                "password" => params.password = Some(Secret::from_json(value)),
+                _ => {
+                    params.other.insert(field, Secret::from_json(value));
+                }
+            }
+        }
+        // A URL where a host name belongs would be printed as the host in every error.
+        if params
+            .host
+            .as_deref()
+            .is_some_and(|h| h.contains("://") || h.contains('@'))
+        {
+            return Err(
+                "connection_params.host holds a connection URL or credentials: give the \
+                        URL as connection_params itself, or host, port, database, username and \
+                        password as their own fields"
+                    .into(),
+            );
+        }
+        Ok(params)
+    }
+
+    /// `scheme://user:password@host:port/database?key=value`, percent-encoded as URLs are.
+    fn from_url(url: &str) -> Result<Self, String> {
+        const PROBLEM: &str = "connection_params is text but not a connection URL \
+                               (postgresql://user:password@host:port/database, mysql://…)";
+        let parsed = reqwest::Url::parse(url).map_err(|_| PROBLEM)?;
+        if !matches!(
+            parsed.scheme(),
+            "postgres" | "postgresql" | "mysql" | "mariadb"
+        ) {
+            return Err(PROBLEM.into());
+        }
+        let decoded = |part: &str| {
+            percent_decode(part).ok_or("connection_params: the URL's percent-encoding is not UTF-8")
+        };
+        let mut params = Self {
+            host: parsed
+                .host_str()
+                .map(|h| h.trim_matches(['[', ']']).to_string()),
+            port: parsed.port().map(|p| NumberOrString::Number(p.into())),
+            ..Self::default()
+        };
+        if !parsed.username().is_empty() {
+            params.username = Some(decoded(parsed.username())?);
+        }
+        if let Some(password) = parsed.password() {
+            params.password = Some(Secret::new(decoded(password)?));
+        }
+        let database = decoded(parsed.path().trim_start_matches('/'))?;
+        if !database.is_empty() {
+            params.database = Some(database);
+        }
+        for (key, value) in parsed.query_pairs() {
+            params
+                .other
+                .insert(key.into_owned(), Secret::new(value.into_owned()));
+        }
+        Ok(params)
+    }
+}
+
+/// `%XX` escapes decoded; `None` when the bytes are not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 impl fmt::Debug for ConnectionParams {
@@ -157,6 +312,51 @@ pub struct JobConfig {
     /// File sources: what a run does when the files' columns differ from the job's schema.
     #[serde(default)]
     pub schema_policy: Option<String>,
+    /// Fields shardflow does not know, kept to warn about: a typo'd `load_typ` would otherwise
+    /// run a catalog load without a word.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// The fields of [`JobConfig`], to tell a typo from a field that is not ours.
+const KNOWN_FIELDS: [&str; 24] = [
+    "data_source_id",
+    "source_type",
+    "connection_params",
+    "source_table_name",
+    "schema_name",
+    "dest_table_name",
+    "load_type",
+    "timestamp_column",
+    "selected_columns",
+    "merge_keys",
+    "lookback",
+    "last_sync_value",
+    "historical_start_date",
+    "processing_mode",
+    "row_count_threshold",
+    "is_file_based",
+    "file_path_prefix",
+    "file_pattern",
+    "file_format",
+    "file_format_options",
+    "load_latest_only",
+    "schema_fingerprint",
+    "bigquery_schema",
+    "schema_policy",
+];
+
+/// The warning for a field shardflow ignores, naming the known field it most resembles.
+pub fn unknown_field_warning(field: &str) -> String {
+    let closest = KNOWN_FIELDS
+        .iter()
+        .map(|known| (strsim::jaro_winkler(field, known), *known))
+        .filter(|(score, _)| *score >= 0.85)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match closest {
+        Some((_, known)) => format!("unknown field {field:?} ignored (did you mean {known}?)"),
+        None => format!("unknown field {field:?} ignored"),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -427,6 +627,8 @@ pub struct JobSpec {
     pub processing_mode: ProcessingMode,
     pub row_count_threshold: u64,
     pub files: Option<FileSpec>,
+    /// What the config says that shardflow ignores (unknown fields), for the run's report.
+    pub warnings: Vec<String>,
 }
 
 /// One problem with one field of the job config.
@@ -738,20 +940,16 @@ impl JobSpec {
             if non_empty(&params.username).is_none() {
                 problem("connection_params.username", "is required".into());
             }
-            if let Some(NumberOrString::Text(p)) = &params.port
-                && p.trim().parse::<u16>().is_err()
-            {
+            // The value is not quoted: connection_params values stay out of every message.
+            let port_ok = match &params.port {
+                None => true,
+                Some(NumberOrString::Number(p)) => (1..=65535).contains(p),
+                Some(NumberOrString::Text(p)) => p.trim().parse::<u16>().is_ok_and(|p| p > 0),
+            };
+            if !port_ok {
                 problem(
                     "connection_params.port",
-                    format!("must be a port number, got \"{p}\""),
-                );
-            }
-            if let Some(NumberOrString::Number(p)) = &params.port
-                && u16::try_from(*p).is_err()
-            {
-                problem(
-                    "connection_params.port",
-                    format!("must be a port number, got {p}"),
+                    "must be a port number from 1 to 65535".into(),
                 );
             }
         }
@@ -792,6 +990,11 @@ impl JobSpec {
             processing_mode,
             row_count_threshold,
             files,
+            warnings: config
+                .unknown
+                .keys()
+                .map(|field| unknown_field_warning(field))
+                .collect(),
         })
     }
 
@@ -996,6 +1199,57 @@ mod tests {
     }
 
     #[test]
+    fn connection_urls_become_fields() {
+        let params = ConnectionParams::from_value(serde_json::json!(
+            "postgresql://ana%40corp:p%2Fss%3Aword@[::1]:6432/sales%20db?sslmode=verify-full&sslrootcert=%2Fca.pem"
+        ))
+        .unwrap();
+        assert_eq!(params.host.as_deref(), Some("::1"));
+        assert_eq!(params.port, Some(NumberOrString::Number(6432)));
+        assert_eq!(params.username.as_deref(), Some("ana@corp"));
+        assert_eq!(
+            params.password.as_ref().map(Secret::expose),
+            Some("p/ss:word")
+        );
+        assert_eq!(params.database.as_deref(), Some("sales db"));
+        assert_eq!(params.other["sslmode"].expose(), "verify-full");
+        assert_eq!(params.other["sslrootcert"].expose(), "/ca.pem");
+        let mysql = ConnectionParams::from_value(serde_json::json!("mysql://root@db")).unwrap();
+        assert_eq!(
+            (mysql.host.as_deref(), mysql.port, mysql.password.is_none()),
+            (Some("db"), None, true)
+        );
+        for bad in [
+            "http://u:hunter2@h/db",
+            "postgresql://u:hunter2@[h/db",
+            "host=h password=hunter2",
+            "postgresql://u:%FF%FE@h/db",
+        ] {
+            let err = ConnectionParams::from_value(serde_json::json!(bad)).unwrap_err();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.starts_with("connection_params"), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_warned_about_with_the_field_they_resemble() {
+        let mut v = base();
+        v["load_typ"] = "transactional".into();
+        v["dest_tabel_name"] = "x".into();
+        v["created_by"] = "ana".into();
+        let spec = parse(v).unwrap();
+        assert_eq!(
+            spec.warnings,
+            [
+                "unknown field \"created_by\" ignored",
+                "unknown field \"dest_tabel_name\" ignored (did you mean dest_table_name?)",
+                "unknown field \"load_typ\" ignored (did you mean load_type?)",
+            ]
+        );
+        assert!(parse(base()).unwrap().warnings.is_empty());
+    }
+
+    #[test]
     fn bad_threshold_port_and_columns() {
         let mut v = base();
         v["row_count_threshold"] = "lots".into();
@@ -1007,9 +1261,10 @@ mod tests {
             "{err}"
         );
         assert!(
-            err.contains("connection_params.port: must be a port number, got \"abc\""),
+            err.contains("connection_params.port: must be a port number from 1 to 65535"),
             "{err}"
         );
+        assert!(!err.contains("abc"), "no connection value is quoted: {err}");
         assert!(
             err.contains("selected_columns: lists \"id\" twice"),
             "{err}"

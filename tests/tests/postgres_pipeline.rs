@@ -636,6 +636,65 @@ async fn bad_inputs_get_named_errors_and_move_nothing() {
     assert!(!all_output.contains("pw-never-shown-81f3"));
 }
 
+/// PostgreSQL's timestamps reach 294276 AD; Arrow's microseconds since 1970 end in 294247. A
+/// later value is refused naming its column, never wrapped to a year around -290,000.
+#[tokio::test]
+async fn timestamps_past_arrows_range_are_refused_naming_the_column() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_far").await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.t (id int PRIMARY KEY, at timestamp, atz timestamptz);
+         INSERT INTO {schema}.t VALUES (1, '294247-01-10 04:00:54.775807', '2024-01-01Z'),
+                                       (2, '2024-01-01', '2024-01-01Z');"
+    ))
+    .await
+    .unwrap();
+    let dir = scratch("far");
+    let spec = || job(&schema, "t", "t", json!({"processing_mode": "standard"}));
+    // The last microsecond Arrow holds loads exactly.
+    let report = run_job(spec(), options(&dir, 10)).await;
+    assert_eq!(report.status, "completed", "{:?}", report.error_message);
+    let at: Vec<i64> = read_table(&dir.join("warehouse/t"))
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name("at")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+                .iter()
+                .flatten()
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(at.contains(&i64::MAX), "{at:?}");
+    for (column, value) in [
+        ("at", "294247-01-10 04:00:54.775808"),
+        ("atz", "294276-12-31 23:59:59Z"),
+    ] {
+        pg.batch_execute(&format!(
+            "UPDATE {schema}.t SET at = '2024-01-01', atz = '2024-01-01Z' WHERE id = 2;
+             UPDATE {schema}.t SET {column} = '{value}' WHERE id = 2"
+        ))
+        .await
+        .unwrap();
+        let refused = run_job(spec(), options(&dir, 10)).await;
+        assert_eq!(refused.status, "failed");
+        let why = refused.error_message.unwrap();
+        assert!(
+            why.contains(&format!(
+                "{column}: timestamp is after 294247-01-10T04:00:54.775807, past what Arrow's \
+                 microsecond timestamps can hold"
+            )),
+            "{why}"
+        );
+    }
+    // The refused runs changed nothing: the table holds the first load.
+    let rows: usize = read_table(&dir.join("warehouse/t"))
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(rows, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_reports_last_and_logs_for_cloud_logging() {
     let pg = pg().await;

@@ -100,8 +100,16 @@ async fn secrets_by_reference_are_read_from_secret_manager_when_connecting() {
         0,
     );
     assert_eq!(user, "shardflow@%");
-    // Read once for the connector, however often it connects.
+    // Read once, however often the connector connects, and however many connectors of the
+    // process (a worker's shards of a run) name it.
     drop(connector.connect().await.unwrap());
+    drop(
+        MySqlConnector::from_spec(&spec, RetryPolicy::none())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
     assert_eq!(
         asked(&log),
         ["GET /v1/projects/p/secrets/db-pass/versions/3:access"]

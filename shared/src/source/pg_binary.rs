@@ -327,7 +327,12 @@ impl Builder {
             Builder::Timestamp(b) => b.append_value(match i64::from_be_bytes(fixed(v)?) {
                 i64::MAX => TIMESTAMP_INFINITY,
                 i64::MIN => TIMESTAMP_MINUS_INFINITY,
-                micros => micros + PG_EPOCH_MICROS,
+                // PostgreSQL reaches 294276 AD; microseconds since 1970 in an i64 end at
+                // 294247-01-10T04:00:54.775807, where the sum would wrap to year -290,308.
+                micros => micros.checked_add(PG_EPOCH_MICROS).ok_or(
+                    "timestamp is after 294247-01-10T04:00:54.775807, past what Arrow's \
+                     microsecond timestamps can hold",
+                )?,
             }),
         }
         Ok(())

@@ -534,12 +534,25 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The longest table name a Parquet directory warehouse takes, in bytes.
+pub const MAX_TABLE_NAME_BYTES: usize = 150;
+
 #[async_trait]
 impl Warehouse for ParquetDirWarehouse {
     fn check_table_name(&self, table: &str) -> Result<()> {
         if table.starts_with('_') || table.starts_with('.') {
             return Err(Error::Warehouse(format!(
                 "dest_table_name \"{table}\" cannot start with '_' or '.' in a Parquet directory warehouse (such names are not tables)"
+            )));
+        }
+        // The table's build directory `.shardflow-<table>-<run id>` must fit a file name
+        // (255 bytes on Linux and macOS); the rest is left to the run id.
+        if table.len() > MAX_TABLE_NAME_BYTES {
+            return Err(Error::Warehouse(format!(
+                "dest_table_name is {} bytes long; a Parquet directory warehouse takes at most \
+                 {MAX_TABLE_NAME_BYTES} (it is a directory name, with room for the run's \
+                 build directory)",
+                table.len()
             )));
         }
         Ok(())
