@@ -364,6 +364,61 @@ impl Engine {
         }
     }
 
+    /// Another run of a job's stream is running. When its owner has been silent for
+    /// `stale_after` (a killed `dispatcher run`, a dead dispatcher), the run becomes ours and is
+    /// superseded; its record comes back so the job can continue it. `None`: its owner is alive.
+    async fn take_over_stream(&self, other: &str) -> Result<Option<RunRecord>> {
+        let Some(record) = self.state.run(other).await? else {
+            return Ok(None);
+        };
+        if !self
+            .state
+            .claim_run(other, &self.owner, self.settings.stale_after)
+            .await?
+        {
+            return Ok(None);
+        }
+        let why = format!(
+            "superseded: its owner {} went quiet (last heartbeat {}) and {} took its stream over",
+            record.owner, record.heartbeat_at, self.owner
+        );
+        tracing::warn!(run_id = %other, "{why}");
+        self.state
+            .finish_run(other, &RunEnd::superseded(why))
+            .await?;
+        if let Err(e) = self.staging.remove_run(other).await {
+            tracing::warn!(error = %e, "could not clean the superseded run's staging");
+        }
+        Ok(Some(record))
+    }
+
+    /// Who holds a stream's running run, and until when it is theirs if they fall silent.
+    async fn stream_holder(&self, other: &str) -> Result<String> {
+        let Some(record) = self.state.run(other).await? else {
+            return Ok("another job of the same incremental stream (it has just ended)".into());
+        };
+        let deadline = chrono::DateTime::parse_from_rfc3339(&record.heartbeat_at)
+            .ok()
+            .and_then(|at| {
+                let stale = chrono::Duration::from_std(self.settings.stale_after).ok()?;
+                Some(
+                    (at + stale)
+                        .to_utc()
+                        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                        .to_string(),
+                )
+            });
+        Ok(format!(
+            "{} for another job of the same incremental stream (last heartbeat {}; the stream \
+             is taken over if no heartbeat comes by {})",
+            record.owner,
+            record.heartbeat_at,
+            deadline
+                .as_deref()
+                .unwrap_or("a heartbeat's staleness later")
+        ))
+    }
+
     /// Runs a job to its end, unless it already ended or another live dispatcher drives it.
     pub async fn run(&self, job: &RunJob, observer: &dyn RunObserver) -> Result<RunOutcome> {
         let mut stream = StreamState::default();
@@ -450,11 +505,26 @@ impl Engine {
                 });
             }
             Ok(Drove::StreamBusy { run_id: other }) => {
-                tracing::info!(running = %other, "another run of this incremental stream is running; waiting for it");
-                return Ok(RunOutcome::OwnedElsewhere {
-                    run_id: other,
-                    owner: "another job of the same incremental stream".into(),
-                });
+                drop(_g);
+                return match self.take_over_stream(&other).await? {
+                    // Continue the dead run's job: its key, its window, its load key, so an
+                    // append it committed before dying is not made twice.
+                    Some(dead) if dead.job_key != job.job_key => {
+                        let adopted = RunJob {
+                            job_key: dead.job_key,
+                            ..job.clone()
+                        };
+                        Box::pin(self.run(&adopted, observer)).await
+                    }
+                    _ => {
+                        let holder = self.stream_holder(&other).await?;
+                        tracing::info!(running = %other, "another run of this incremental stream is running; waiting for it");
+                        Ok(RunOutcome::OwnedElsewhere {
+                            run_id: other,
+                            owner: holder,
+                        })
+                    }
+                };
             }
             Err(e) => {
                 report.error_message = Some(e.to_string());

@@ -550,6 +550,10 @@ pub struct RunOptions {
     pub topology: Topology,
     /// The job config's JSON as read; on the fleet it travels sealed (`SHARDFLOW_SEAL_KEY`).
     pub config_json: Option<String>,
+    /// How often this run's owner says it is alive, and how long a silent owner of another run
+    /// of the same stream keeps it.
+    pub heartbeat: Duration,
+    pub stale_after: Duration,
 }
 
 impl Default for RunOptions {
@@ -568,6 +572,8 @@ impl Default for RunOptions {
             queue: QueueChoice::Embedded(EmbeddedOptions::default()),
             topology: Topology::default(),
             config_json: None,
+            heartbeat: Duration::from_secs(5),
+            stale_after: Duration::from_secs(30),
         }
     }
 }
@@ -768,6 +774,8 @@ impl Fleet {
                     ..opts.plan.clone()
                 },
                 batch_rows: opts.batch_rows,
+                heartbeat: opts.heartbeat,
+                stale_after: opts.stale_after,
                 seal_key: match opts.queue {
                     QueueChoice::Embedded(_) => None,
                     QueueChoice::PubSub { .. } => SealKey::from_env()?,

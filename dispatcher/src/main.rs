@@ -111,6 +111,13 @@ enum Command {
         /// Never draw a progress bar (it is drawn only when stderr is a terminal anyway).
         #[arg(long)]
         no_progress: bool,
+        /// Seconds between the heartbeats of the run's owner (this process).
+        #[arg(long, env = "SHARDFLOW_HEARTBEAT_SECS", default_value_t = 5)]
+        heartbeat_secs: u64,
+        /// Seconds of silence after which a run of the same incremental stream (a killed
+        /// `dispatcher run`, a dead dispatcher) is taken over.
+        #[arg(long, env = "SHARDFLOW_STALE_AFTER_SECS", default_value_t = 30)]
+        stale_after_secs: u64,
         /// Fault injection for testing: the embedded queue delivers every message twice, as
         /// Pub/Sub may. The result must not change.
         #[arg(long, env = "SHARDFLOW_DUPLICATE_DELIVERIES")]
@@ -570,6 +577,8 @@ async fn main() -> ExitCode {
             ack_deadline,
             max_delivery_attempts,
             no_progress: _,
+            heartbeat_secs,
+            stale_after_secs,
             duplicate_deliveries,
         } => {
             let report = match read_job(&plan.job) {
@@ -608,6 +617,8 @@ async fn main() -> ExitCode {
                         },
                         topology: topology.topology(),
                         config_json: Some(config_json),
+                        heartbeat: std::time::Duration::from_secs(heartbeat_secs.max(1)),
+                        stale_after: std::time::Duration::from_secs(stale_after_secs.max(2)),
                     };
                     run_job(spec, opts).await
                 }

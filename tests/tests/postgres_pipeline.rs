@@ -304,24 +304,7 @@ async fn a_killed_run_leaves_the_old_table_and_a_rerun_completes() {
     .spawn()
     .unwrap();
     // Wait until it has staged at least one part, then kill it.
-    let staging = dir.join("warehouse/_staging");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let staged = walk(&staging)
-            .into_iter()
-            .any(|p| p.extension().is_some_and(|e| e == "parquet"));
-        if staged {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the run never staged a part");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_once_staged(&dir, &mut child).await;
     assert_eq!(
         table_listing(&table_dir),
         before,
@@ -335,6 +318,102 @@ async fn a_killed_run_leaves_the_old_table_and_a_rerun_completes() {
     let rerun = run_job(job(&schema, "t", "t", json!({})), options(&dir, 50_000)).await;
     assert_eq!(rerun.status, "completed", "{rerun:?}");
     assert_same_content(&pg, &schema, "t", &table_dir, "id").await;
+}
+
+/// A `dispatcher run` of an incremental stream killed mid-way leaves its run `running`. The
+/// next run names who holds the stream and until when; once the dead owner's heartbeat is
+/// stale, the next run takes the stream over, and every row arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_incremental_run_is_taken_over_once_its_owner_is_stale() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_kill_stream").await;
+    create_events(&pg, &schema, 300_000).await;
+    let dir = scratch("kill-stream");
+    let job_file = dir.join("job.json");
+    let config = job_json(
+        &schema,
+        "events",
+        "events",
+        json!({"load_type": "transactional", "timestamp_column": "at",
+               "historical_start_date": "2024-01-01"}),
+    );
+    std::fs::write(&job_file, config.to_string()).unwrap();
+    let run = || {
+        dispatcher_run(
+            &dir,
+            &job_file,
+            &[
+                "--workers",
+                "1",
+                "--shard-rows",
+                "50000",
+                "--no-progress",
+                "--heartbeat-secs",
+                "1",
+                "--stale-after-secs",
+                "4",
+            ],
+        )
+    };
+    let report_of = |out: &std::process::Output| -> serde_json::Value {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let mut child = run()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    kill_once_staged(&dir, &mut child).await;
+
+    // At once: the dead run still holds the stream, and the refusal says until when.
+    let held = run().output().unwrap();
+    assert_eq!(held.status.code(), Some(1));
+    let why = report_of(&held)["error_message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains("for another job of the same incremental stream (last heartbeat ")
+            && why.contains("the stream is taken over if no heartbeat comes by "),
+        "{why}"
+    );
+
+    // Once the dead owner is stale: taken over, every row once.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let taken = run().output().unwrap();
+    let report = report_of(&taken);
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["rows_loaded"], 300_000);
+    let table = dir.join("warehouse/events");
+    assert_same_content(&pg, &schema, "events", &table, "id").await;
+
+    // The stream goes on from there: the new rows only.
+    add_events(&pg, &schema, 300_001, 300_010).await;
+    let next = report_of(&run().output().unwrap());
+    assert_eq!(next["status"], "completed", "{next}");
+    assert_eq!(next["rows_loaded"], 10);
+    assert_same_content(&pg, &schema, "events", &table, "id").await;
+}
+
+/// Waits until a `dispatcher run` has staged a part, then kills it with SIGKILL.
+async fn kill_once_staged(dir: &std::path::Path, child: &mut std::process::Child) {
+    let staging = dir.join("warehouse/_staging");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !walk(&staging)
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "parquet"))
+    {
+        assert!(Instant::now() < deadline, "the run never staged a part");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -961,6 +1040,16 @@ fn event_time(n: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
+/// `schema.events` with events 1..=rows.
+async fn create_events(pg: &tokio_postgres::Client, schema: &str, rows: i64) {
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.events (id bigint PRIMARY KEY, at timestamptz, note text)"
+    ))
+    .await
+    .unwrap();
+    add_events(pg, schema, 1, rows).await;
+}
+
 async fn add_events(pg: &tokio_postgres::Client, schema: &str, from: i64, to: i64) {
     pg.batch_execute(&format!(
         "INSERT INTO {schema}.events
@@ -1086,12 +1175,7 @@ async fn a_taken_over_incremental_run_rereads_its_window_and_stale_sync_values_r
 {
     let pg = pg().await;
     let schema = fresh_schema(&pg, "e2e_takeover").await;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {schema}.events (id bigint PRIMARY KEY, at timestamptz, note text)"
-    ))
-    .await
-    .unwrap();
-    add_events(&pg, &schema, 1, 10_000).await;
+    create_events(&pg, &schema, 10_000).await;
     // The state store on PostgreSQL, so the test can play the dead dispatcher's part.
     let state_db = format!("state_{}", schema.replace('.', "_"));
     for statement in [

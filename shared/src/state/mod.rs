@@ -108,6 +108,8 @@ pub struct RunRecord {
     pub data_source_id: Option<i64>,
     pub etl_run_id: Option<i64>,
     pub owner: String,
+    /// When the owner last said it was alive (fixed-width UTC text).
+    pub heartbeat_at: String,
     pub status: String,
     pub rows_extracted: Option<u64>,
     pub rows_loaded: Option<u64>,

@@ -99,7 +99,7 @@ impl SqlStateStore {
 macro_rules! select_runs {
     ($tail:literal) => {
         concat!(
-            "SELECT run_id, job_key, data_source_id, etl_run_id, owner, status, rows_extracted,
+            "SELECT run_id, job_key, data_source_id, etl_run_id, owner, heartbeat_at, status, rows_extracted,
                     rows_loaded, checksum, watermark, error_message, plan_json
              FROM shardflow_runs ",
             $tail
@@ -444,6 +444,7 @@ fn run_record(r: &AnyRow) -> Result<RunRecord> {
         data_source_id: r.try_get("data_source_id")?,
         etl_run_id: r.try_get("etl_run_id")?,
         owner: r.try_get("owner")?,
+        heartbeat_at: r.try_get("heartbeat_at")?,
         status: r.try_get("status")?,
         rows_extracted: opt_u64(r, "rows_extracted")?,
         rows_loaded: opt_u64(r, "rows_loaded")?,
