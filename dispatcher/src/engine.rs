@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow_schema::Schema;
+use arrow_schema::{DataType, Schema};
 use async_trait::async_trait;
 use shardflow::digest;
 use shardflow::messages::{self, ShardOutcome, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
@@ -643,6 +643,10 @@ impl Engine {
         report.mode = Some(plan.mode);
         report.estimated_rows = Some(plan.estimated_rows);
         report.shards = plan.shards.len();
+        for warning in &plan.warnings {
+            tracing::warn!("{warning}");
+            report.warnings.push(warning.clone());
+        }
         let wake = self.events.watch(run_id);
         observer
             .planned(run_id, plan.estimated_rows, tasks.len())
@@ -1094,7 +1098,13 @@ fn summarize_shards(
             let field = expected.field_with_name(column).map_err(|_| {
                 Error::Other(format!("timestamp_column {column:?} is not extracted"))
             })?;
-            digest::max_of(&maxima, field.data_type())?
+            match field.data_type() {
+                // An unconstrained numeric travels as its text, whose order is not the
+                // number's ("99" > "150"): the planned high-water mark, which PostgreSQL
+                // took in the column's own type, is the watermark instead.
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => None,
+                data_type => digest::max_of(&maxima, data_type)?,
+            }
         }
         None => None,
     };

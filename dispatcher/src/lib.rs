@@ -136,6 +136,9 @@ pub struct Plan {
     /// For a file job: which files the run reads and where its columns came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files: Option<files::FilesPlan>,
+    /// What the run's report should say about the plan.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Plan {
@@ -235,6 +238,8 @@ struct Survey {
     split: postgres::Split,
     window: Option<Window>,
     resumes_after: Option<String>,
+    /// What the report should say about the plan (rows no window takes).
+    warnings: Vec<String>,
 }
 
 /// The columns to read, checked, and a merge's keys.
@@ -266,13 +271,25 @@ fn window_split(
     postgres::Split,
     Option<Window>,
     Option<String>,
+    Vec<String>,
 ) {
     let postgres::PlannedWindow {
         window,
         after,
         rows,
+        beyond,
         shards,
     } = planned;
+    let warnings = match beyond {
+        0 => Vec::new(),
+        n => vec![format!(
+            "{n} row{} of timestamp_column {column:?} {} infinity (or NaN), past the end of \
+             every incremental window: an incremental load never takes {}; a catalog load does",
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "is" } else { "are" },
+            if n == 1 { "it" } else { "them" },
+        )],
+    };
     let method = match (&window, shards.len()) {
         (None, _) => "none (the window is empty)",
         (Some(_), 1) => "none",
@@ -287,7 +304,7 @@ fn window_split(
         rows,
         source: "count(*) over the window".into(),
     };
-    (estimate, split, window, after)
+    (estimate, split, window, after, warnings)
 }
 
 fn warn_if_behind(spec: &JobSpec, stream: &StreamState, after: &Option<String>) {
@@ -312,21 +329,22 @@ async fn survey_postgres(
     let client = connector.connect().await?;
     let info = postgres::describe(&client, &spec.schema_name, &spec.table_name).await?;
     let (columns, merge_keys) = columns_and_keys(spec, &info.columns, &info.primary_key)?;
-    let (estimate, split, window, resumes_after) = match (spec.load_type, &spec.timestamp_column) {
-        (LoadType::Transactional | LoadType::Merge, Some(column)) => {
-            let bounds = window_bounds(spec, stream);
-            let planned = postgres::plan_window(&client, &info, column, bounds, wanted).await?;
-            let cut = window_split(planned, column);
-            warn_if_behind(spec, stream, &cut.3);
-            cut
-        }
-        _ => {
-            let estimate = postgres::estimate(&client, &info, opts.exact_count).await?;
-            let split =
-                postgres::split(&client, &info, estimate.rows, wanted(estimate.rows)).await?;
-            (estimate, split, None, None)
-        }
-    };
+    let (estimate, split, window, resumes_after, warnings) =
+        match (spec.load_type, &spec.timestamp_column) {
+            (LoadType::Transactional | LoadType::Merge, Some(column)) => {
+                let bounds = window_bounds(spec, stream);
+                let planned = postgres::plan_window(&client, &info, column, bounds, wanted).await?;
+                let cut = window_split(planned, column);
+                warn_if_behind(spec, stream, &cut.3);
+                cut
+            }
+            _ => {
+                let estimate = postgres::estimate(&client, &info, opts.exact_count).await?;
+                let split =
+                    postgres::split(&client, &info, estimate.rows, wanted(estimate.rows)).await?;
+                (estimate, split, None, None, Vec::new())
+            }
+        };
     Ok(Survey {
         columns,
         merge_keys,
@@ -334,6 +352,7 @@ async fn survey_postgres(
         split,
         window,
         resumes_after,
+        warnings,
     })
 }
 
@@ -347,21 +366,22 @@ async fn survey_mysql(
     let mut conn = connector.connect().await?;
     let info = mysql::describe(&mut conn, &spec.schema_name, &spec.table_name).await?;
     let (columns, merge_keys) = columns_and_keys(spec, &info.columns, &info.primary_key)?;
-    let (estimate, split, window, resumes_after) = match (spec.load_type, &spec.timestamp_column) {
-        (LoadType::Transactional | LoadType::Merge, Some(column)) => {
-            let bounds = window_bounds(spec, stream);
-            let planned = mysql::plan_window(&mut conn, &info, column, bounds, wanted).await?;
-            let cut = window_split(planned, column);
-            warn_if_behind(spec, stream, &cut.3);
-            cut
-        }
-        _ => {
-            let estimate = mysql::estimate(&mut conn, &info, opts.exact_count).await?;
-            let split =
-                mysql::split(&mut conn, &info, estimate.rows, wanted(estimate.rows)).await?;
-            (estimate, split, None, None)
-        }
-    };
+    let (estimate, split, window, resumes_after, warnings) =
+        match (spec.load_type, &spec.timestamp_column) {
+            (LoadType::Transactional | LoadType::Merge, Some(column)) => {
+                let bounds = window_bounds(spec, stream);
+                let planned = mysql::plan_window(&mut conn, &info, column, bounds, wanted).await?;
+                let cut = window_split(planned, column);
+                warn_if_behind(spec, stream, &cut.3);
+                cut
+            }
+            _ => {
+                let estimate = mysql::estimate(&mut conn, &info, opts.exact_count).await?;
+                let split =
+                    mysql::split(&mut conn, &info, estimate.rows, wanted(estimate.rows)).await?;
+                (estimate, split, None, None, Vec::new())
+            }
+        };
     Ok(Survey {
         columns,
         merge_keys,
@@ -369,6 +389,7 @@ async fn survey_mysql(
         split,
         window,
         resumes_after,
+        warnings,
     })
 }
 
@@ -396,6 +417,7 @@ pub async fn plan_job_in_stream(
         split,
         window,
         resumes_after,
+        warnings,
     } = match spec.source_type {
         SourceType::Mysql => survey_mysql(spec, opts, stream, wanted).await?,
         SourceType::Postgresql => survey_postgres(spec, opts, stream, wanted).await?,
@@ -409,6 +431,7 @@ pub async fn plan_job_in_stream(
                 split: survey.split,
                 window: None,
                 resumes_after: None,
+                warnings: Vec::new(),
             }
         }
     };
@@ -482,6 +505,7 @@ pub async fn plan_job_in_stream(
         resumes_after,
         merge_keys,
         files: files_plan,
+        warnings,
     })
 }
 

@@ -360,6 +360,85 @@ async fn add_events(conn: &mut sqlx::MySqlConnection, db: &str, from: i64, to: i
     .await;
 }
 
+/// The watermark compares in the window column's own type for every type MySQL windows take
+/// (an unsigned bigint's text would put 9e17 after 1.5e19): over three runs, every row once.
+#[tokio::test]
+async fn mysql_watermarks_compare_in_the_columns_type() {
+    let mut conn = my().await;
+    let db = fresh_database(&mut conn, "sf_marks").await;
+    let cases = [
+        ("int", "i"),
+        (
+            "bigint unsigned",
+            "CAST(i AS UNSIGNED) * 100000000000000000",
+        ),
+        ("date", "DATE '2024-01-01' + INTERVAL i DAY"),
+        (
+            "datetime(6)",
+            "TIMESTAMP '2024-01-01 00:00:00' + INTERVAL i * 7 HOUR",
+        ),
+        (
+            "timestamp(6)",
+            "TIMESTAMP '2024-01-01 00:00:00' + INTERVAL i MINUTE",
+        ),
+    ];
+    for (n, (column_type, value)) in cases.into_iter().enumerate() {
+        let table = format!("w{n}");
+        let insert = |from: i32, to: i32| {
+            format!(
+                "INSERT INTO {db}.{table} SELECT i, {value} FROM
+                 (SELECT a.n * 10 + b.n + 1 AS i FROM
+                  (SELECT 0 n UNION SELECT 1 UNION SELECT 2 UNION SELECT 3 UNION SELECT 4 UNION
+                   SELECT 5 UNION SELECT 6 UNION SELECT 7 UNION SELECT 8 UNION SELECT 9
+                   UNION SELECT 10 UNION SELECT 11 UNION SELECT 12 UNION SELECT 13 UNION
+                   SELECT 14 UNION SELECT 15) a,
+                  (SELECT 0 n UNION SELECT 1 UNION SELECT 2 UNION SELECT 3 UNION SELECT 4 UNION
+                   SELECT 5 UNION SELECT 6 UNION SELECT 7 UNION SELECT 8 UNION SELECT 9) b) s
+                 WHERE i BETWEEN {from} AND {to}"
+            )
+        };
+        exec(
+            &mut conn,
+            &format!(
+                "SET SESSION time_zone = '+00:00';
+                 CREATE TABLE {db}.{table} (id int PRIMARY KEY, w {column_type} NULL);
+                 {};",
+                insert(1, 150)
+            ),
+        )
+        .await;
+        let dir = scratch(&format!("mysql-marks-{n}"));
+        let spec = || {
+            job(
+                &db,
+                &table,
+                &table,
+                json!({"load_type": "transactional", "timestamp_column": "w",
+                       "processing_mode": "dataflow"}),
+            )
+        };
+        let first = run_job(spec(), options(&dir, 40)).await;
+        assert_eq!(first.status, "completed", "{column_type}: {first:?}");
+        assert_eq!(first.rows_loaded, 150, "{column_type}");
+        let second = run_job(spec(), options(&dir, 40)).await;
+        assert_eq!(second.rows_loaded, 0, "{column_type}: {second:?}");
+        assert_eq!(second.watermark, first.watermark, "{column_type}");
+        exec(
+            &mut conn,
+            &format!("SET SESSION time_zone = '+00:00'; {};", insert(151, 160)),
+        )
+        .await;
+        let third = run_job(spec(), options(&dir, 40)).await;
+        assert_eq!(third.rows_loaded, 10, "{column_type}: {third:?}");
+        let ids = common::sorted_i32s(&dir.join(format!("warehouse/{table}")), "id");
+        assert_eq!(
+            ids,
+            (1..=160).collect::<Vec<i32>>(),
+            "{column_type}: each row once"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mysql_incremental_runs_load_every_row_exactly_once() {
     let mut conn = my().await;

@@ -1061,6 +1061,119 @@ async fn add_events(pg: &tokio_postgres::Client, schema: &str, from: i64, to: i6
     .unwrap();
 }
 
+/// The watermark compares in the window column's own type (an unconstrained numeric's text
+/// would put "99" after "150"), and `infinity` (or numeric `NaN`) never reopens a window: over
+/// three runs of each window type, every row is appended once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watermarks_compare_in_the_columns_type_and_infinity_never_reopens_a_window() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_marks").await;
+    // (type, the value of row i, values past every window, values before every window)
+    let cases: [(&str, &str, &[&str], &[&str]); 7] = [
+        (
+            "numeric",
+            "i::numeric",
+            &["'NaN'", "'Infinity'"],
+            &["'-Infinity'"],
+        ),
+        ("numeric(10,2)", "i / 4.0", &[], &[]),
+        ("integer", "i", &[], &[]),
+        ("bigint", "i::bigint * 1000000007", &[], &[]),
+        (
+            "date",
+            "date '2024-01-01' + i",
+            &["'infinity'"],
+            &["'-infinity'"],
+        ),
+        (
+            "timestamp",
+            "timestamp '2024-01-01' + i * interval '1 hour'",
+            &["'infinity'"],
+            &["'-infinity'"],
+        ),
+        (
+            "timestamptz",
+            "timestamptz '2024-01-01 00:00+00' + i * interval '1 minute'",
+            &["'infinity'"],
+            &[],
+        ),
+    ];
+    for (n, (column_type, value, beyond, before)) in cases.into_iter().enumerate() {
+        let table = format!("w{n}");
+        let specials: Vec<String> = beyond
+            .iter()
+            .chain(before)
+            .enumerate()
+            .map(|(k, v)| format!("({}, {v})", 1_000 + k))
+            .collect();
+        pg.batch_execute(&format!(
+            "CREATE TABLE {schema}.{table} (id int PRIMARY KEY, w {column_type});
+             INSERT INTO {schema}.{table} SELECT i, {value} FROM generate_series(1, 150) i;
+             {}",
+            if specials.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "INSERT INTO {schema}.{table} VALUES {};",
+                    specials.join(", ")
+                )
+            }
+        ))
+        .await
+        .unwrap();
+        let dir = scratch(&format!("marks-{n}"));
+        let spec = || {
+            job(
+                &schema,
+                &table,
+                &table,
+                json!({"load_type": "transactional", "timestamp_column": "w",
+                       "processing_mode": "dataflow"}),
+            )
+        };
+        // 1: the open first window takes everything finite, and what lies before it.
+        let first = run_job(spec(), options(&dir, 40)).await;
+        assert_eq!(first.status, "completed", "{column_type}: {first:?}");
+        assert_eq!(
+            first.rows_loaded,
+            150 + before.len() as u64,
+            "{column_type}"
+        );
+        let warned = match beyond.len() {
+            0 => vec![],
+            1 => vec![
+                "1 row of timestamp_column \"w\" is infinity (or NaN), past the end of every \
+                 incremental window: an incremental load never takes it; a catalog load does"
+                    .to_string(),
+            ],
+            k => vec![format!(
+                "{k} rows of timestamp_column \"w\" are infinity (or NaN), past the end of \
+                 every incremental window: an incremental load never takes them; a catalog \
+                 load does"
+            )],
+        };
+        assert_eq!(first.warnings, warned, "{column_type}");
+        // 2: nothing new, nothing again (the recorded watermark bounds it).
+        let second = run_job(spec(), options(&dir, 40)).await;
+        assert_eq!(second.status, "completed", "{column_type}: {second:?}");
+        assert_eq!(second.rows_loaded, 0, "{column_type}: {second:?}");
+        assert_eq!(second.watermark, first.watermark, "{column_type}");
+        // 3: ten new rows, those only.
+        pg.batch_execute(&format!(
+            "INSERT INTO {schema}.{table} SELECT i, {value} FROM generate_series(151, 160) i"
+        ))
+        .await
+        .unwrap();
+        let third = run_job(spec(), options(&dir, 40)).await;
+        assert_eq!(third.rows_loaded, 10, "{column_type}: {third:?}");
+        let ids = common::sorted_i32s(&dir.join(format!("warehouse/{table}")), "id");
+        let mut expected: Vec<i32> = (1..=160).collect();
+        expected.extend((0..before.len()).map(|k| 1_000 + (beyond.len() + k) as i32));
+        expected.sort();
+        assert_eq!(ids, expected, "{column_type}: each row once");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn incremental_runs_load_every_row_exactly_once() {
     let pg = pg().await;

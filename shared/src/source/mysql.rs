@@ -883,6 +883,8 @@ pub async fn plan_window(
             window: None,
             after: resumes_after,
             rows: 0,
+            // MySQL's dates and decimals have no infinities.
+            beyond: 0,
             shards: Vec::new(),
         });
     };
@@ -911,6 +913,7 @@ pub async fn plan_window(
         window: Some(window.clone()),
         after: resumes_after.clone(),
         rows,
+        beyond: 0,
         shards,
     };
     if wanted <= 1 {

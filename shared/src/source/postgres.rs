@@ -771,11 +771,23 @@ pub async fn plan_window(
         };
         bad_value(lower.clone().unwrap_or_default(), field, e)
     };
+    // The high-water mark is the greatest finite value: `infinity` (and numeric `NaN`, which
+    // PostgreSQL sorts above every number) would be a watermark no later row ever passes, or,
+    // clamped into Arrow's range, one the same row passes again on every run.
+    let finite = match col.type_name.as_str() {
+        "date" | "timestamp without time zone" | "timestamp with time zone" => {
+            format!("isfinite({c})")
+        }
+        "numeric" => format!("{c}::text NOT IN ('NaN', 'Infinity', '-Infinity')"),
+        _ => "true".to_string(),
+    };
     let through: Option<String> = match bounds.through {
         Some(fixed) => Some(fixed),
         None => client
             .query_one(
-                &format!("SELECT max({c})::text FROM {table} WHERE {lower_sql}"),
+                &format!(
+                    "SELECT (max({c}) FILTER (WHERE {finite}))::text FROM {table} WHERE {lower_sql}"
+                ),
                 &[&lower],
             )
             .await
@@ -783,23 +795,38 @@ pub async fn plan_window(
             .get(0),
     };
     let Some(through) = through else {
+        let beyond: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE {lower_sql} AND NOT ({finite})"),
+                &[&lower],
+            )
+            .await
+            .map_err(bad_bound)?
+            .get(0);
         return Ok(PlannedWindow {
             window: None,
             after,
             rows: 0,
+            beyond: beyond.max(0) as u64,
             shards: Vec::new(),
         });
     };
     let window_sql = format!("{lower_sql} AND {c} <= $2::text::{t}");
-    let rows: i64 = client
+    // One scan: the window's rows, and those past its end that no window takes (`infinity`,
+    // `NaN`; not rows committed since, which the next run takes).
+    let counted = client
         .query_one(
-            &format!("SELECT count(*) FROM {table} WHERE {window_sql}"),
+            &format!(
+                "SELECT count(*) FILTER (WHERE {c} <= $2::text::{t}),
+                        count(*) FILTER (WHERE {c} > $2::text::{t} AND NOT ({finite}))
+                 FROM {table} WHERE {lower_sql}"
+            ),
             &[&lower, &through],
         )
         .await
-        .map_err(bad_bound)?
-        .get(0);
-    let rows = rows.max(0) as u64;
+        .map_err(bad_bound)?;
+    let rows = counted.get::<_, i64>(0).max(0) as u64;
+    let beyond = counted.get::<_, i64>(1).max(0) as u64;
     let wanted = shards(rows);
     let window = Window {
         column: column.to_string(),
@@ -812,6 +839,7 @@ pub async fn plan_window(
         window: Some(window.clone()),
         after: after.clone(),
         rows,
+        beyond,
         shards,
     };
     if wanted <= 1 {
@@ -854,6 +882,9 @@ pub struct PlannedWindow {
     /// The exclusive lower bound it resolved to (the watermark loaded last).
     pub after: Option<String>,
     pub rows: u64,
+    /// Rows above the lower bound but past every window's end (`infinity`, numeric `NaN`): an
+    /// incremental load never takes them.
+    pub beyond: u64,
     pub shards: Vec<(ShardBounds, u64)>,
 }
 

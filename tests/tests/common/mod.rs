@@ -116,6 +116,22 @@ pub fn content_checksum(batches: &[RecordBatch]) -> String {
 }
 
 /// The files of a table and their sizes, to show a table did not change.
+/// An Int32 column of a Parquet table, sorted: which rows it holds, each as often as it does.
+pub fn sorted_i32s(dir: &Path, column: &str) -> Vec<i32> {
+    let mut values: Vec<i32> = read_table(dir)
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name(column)
+                .unwrap_or_else(|| panic!("no column {column}"))
+                .as_primitive::<arrow::datatypes::Int32Type>()
+                .values()
+                .to_vec()
+        })
+        .collect();
+    values.sort();
+    values
+}
+
 pub fn table_listing(dir: &Path) -> Vec<(String, u64)> {
     shardflow::warehouse::parquet_dir::table_files(dir)
         .expect("table dir")
