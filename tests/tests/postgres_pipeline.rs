@@ -397,6 +397,93 @@ async fn a_killed_incremental_run_is_taken_over_once_its_owner_is_stale() {
     assert_same_content(&pg, &schema, "events", &table, "id").await;
 }
 
+/// What a swap publishes is on disk first (issue 18, durability): traced with strace, every
+/// file of the new version is fsynced, then the directory naming them, before the exchange
+/// that makes it the table; the root is fsynced after it.
+#[tokio::test]
+async fn a_swap_publishes_only_what_is_on_disk() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_fsync").await;
+    create_wide_table(&pg, &schema, "t", 20_000, "i::bigint", true).await;
+    let dir = scratch("fsync");
+    let job_file = dir.join("job.json");
+    std::fs::write(
+        &job_file,
+        job_json(&schema, "t", "t", json!({"processing_mode": "dataflow"})).to_string(),
+    )
+    .unwrap();
+    let traced = |name: &str| {
+        let trace = dir.join(name);
+        let status = Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-y",
+                "-e",
+                "trace=fsync,rename,renameat,renameat2",
+                "-o",
+            ])
+            .arg(&trace)
+            .arg(dispatcher_bin())
+            .args(dispatcher_run_args(
+                &dir,
+                &job_file,
+                &["--shard-rows", "5000", "--no-progress"],
+            ))
+            .stdout(Stdio::null())
+            .status()
+            .expect("strace (Debian's strace package) runs the dispatcher");
+        assert!(status.success());
+        std::fs::read_to_string(trace).unwrap()
+    };
+    traced("first.trace");
+    // The second load replaces the table: the exchange of two directories.
+    let trace = traced("second.trace");
+    let lines: Vec<&str> = trace.lines().collect();
+    let exchange = lines
+        .iter()
+        .position(|l| l.contains("renameat2(") && l.contains("RENAME_EXCHANGE"))
+        .unwrap_or_else(|| panic!("no exchange in:\n{trace}"));
+    let table = dir.join("warehouse/t");
+    let files = table_listing(&table);
+    assert!(files.len() >= 4, "{files:?}");
+    for (name, _) in &files {
+        let synced = lines[..exchange].iter().any(|l| {
+            l.contains("fsync(") && l.contains("/.shardflow-t-") && l.contains(&format!("/{name}>"))
+        });
+        assert!(
+            synced,
+            "{name} was not fsynced before the exchange:\n{trace}"
+        );
+    }
+    let build_synced = lines[..exchange].iter().any(|l| {
+        l.contains("fsync(")
+            && l.split('<').nth(1).is_some_and(|p| {
+                p.split('>').next().is_some_and(|p| {
+                    std::path::Path::new(p)
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(".shardflow-t-"))
+                })
+            })
+    });
+    assert!(
+        build_synced,
+        "the new version's directory was not fsynced:\n{trace}"
+    );
+    // strace shows the kernel's path: no `..`.
+    let root = format!(
+        "<{}>",
+        dir.join("warehouse").canonicalize().unwrap().display()
+    );
+    assert!(
+        lines[exchange..]
+            .iter()
+            .any(|l| l.contains("fsync(") && l.contains(&root)),
+        "the root was not fsynced after the exchange:\n{trace}"
+    );
+    assert_same_content(&pg, &schema, "t", &table, "id").await;
+}
+
 /// Waits until a `dispatcher run` has staged a part, then kills it with SIGKILL.
 async fn kill_once_staged(dir: &std::path::Path, child: &mut std::process::Child) {
     let staging = dir.join("warehouse/_staging");

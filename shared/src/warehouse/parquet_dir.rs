@@ -515,6 +515,10 @@ fn appended_before(live: &Path, load_key: &str) -> Result<Option<LoadOutcome>> {
 
 /// Makes the built version the table in one step; `build` then holds the old one.
 fn swap_in(build: &Path, live: &Path, table: &str) -> Result<()> {
+    // Durable before visible: a power loss after the exchange must not leave the table's
+    // names pointing at data still in the page cache (truncated or empty files). The files
+    // first, then the directory that names them, then the exchange, then its parent.
+    sync_files(&table_files(build)?)?;
     sync_dir(build)?;
     if live.exists() {
         exchange(build, live).map_err(|e| {
@@ -527,6 +531,32 @@ fn swap_in(build: &Path, live: &Path, table: &str) -> Result<()> {
         Some(root) => sync_dir(root),
         None => Ok(()),
     }
+}
+
+/// fsync each file, a few at a time: the device takes concurrent flushes better than a queue
+/// of one, and the files of a version are independent.
+fn sync_files(files: &[PathBuf]) -> Result<()> {
+    const AT_ONCE: usize = 4;
+    let chunk = files.len().div_ceil(AT_ONCE).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|some| {
+                scope.spawn(move || -> std::io::Result<()> {
+                    for f in some {
+                        std::fs::File::open(f)?.sync_all()?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle
+                .join()
+                .map_err(|_| Error::Warehouse("a file sync thread panicked".into()))??;
+        }
+        Ok(())
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
