@@ -509,7 +509,7 @@ impl Engine {
                 return match self.take_over_stream(&other).await? {
                     // Continue the dead run's job: its key, its window, its load key, so an
                     // append it committed before dying is not made twice.
-                    Some(dead) if dead.job_key != job.job_key => {
+                    Some(dead) => {
                         let adopted = RunJob {
                             job_key: dead.job_key,
                             ..job.clone()

@@ -89,10 +89,6 @@ impl Login {
             Login::IamToken { .. } => Ok(Some(login_token().await?)),
         }
     }
-
-    pub fn is_iam(&self) -> bool {
-        matches!(self, Login::IamToken { .. })
-    }
 }
 
 /// Whether `connection_params` asks for IAM database authentication (a JSON boolean, or its

@@ -182,7 +182,10 @@ impl ConnectionParams {
             return Err(PROBLEM.into());
         }
         let decoded = |part: &str| {
-            percent_decode(part).ok_or("connection_params: the URL's percent-encoding is not UTF-8")
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .map(|text| text.into_owned())
+                .map_err(|_| "connection_params: the URL's percent-encoding is not UTF-8")
         };
         let mut params = Self {
             host: parsed
@@ -208,31 +211,6 @@ impl ConnectionParams {
         }
         Ok(params)
     }
-}
-
-/// `%XX` escapes decoded; `None` when the bytes are not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 impl fmt::Debug for ConnectionParams {
