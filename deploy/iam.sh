@@ -44,12 +44,18 @@
 #                              shard overwrites its own deterministic paths, which needs delete)
 #   both, with CLOUDSQL_PROJECTS (each project)      (both connect: the dispatcher plans, the
 #                                                     workers extract)
-#     roles/cloudsql.client    (cloudsql.instances.connect: the Cloud SQL Auth Proxy sidecar)
-#     roles/cloudsql.instanceUser (cloudsql.instances.login: "enable_iam_auth" or the proxy's
-#                              --auto-iam-authn log in as the pod's own service account)
+#     roles/cloudsql.client    (Cloud SQL: "a predefined role that contains the necessary
+#                              Cloud SQL IAM permission cloudsql.instances.connect. You need
+#                              this permission to login to a database instance with the Cloud
+#                              SQL Auth Proxy")
+#     roles/cloudsql.instanceUser ("contains the necessary Cloud SQL IAM permission
+#                              cloudsql.instances.login. You need this permission to login to a
+#                              database instance with IAM database authentication":
+#                              "enable_iam_auth", or the proxy's --auto-iam-authn)
 #   both, with SOURCE_SECRETS (each secret)
 #     roles/secretmanager.secretAccessor  (a password or TLS key by secretmanager:// reference,
-#                              read by whichever process connects)
+#                              read by whichever process connects; gcloud takes SECRET as the
+#                              "ID of the secret or fully qualified identifier for the secret")
 #   Cloud Scheduler service agent, Django's service account
 #     roles/pubsub.publisher   on etl-jobs
 #   custom-metrics-stackdriver-adapter (KSA in namespace custom-metrics)

@@ -135,15 +135,56 @@ pub fn plaintext_allowed(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The error for an explicit TLS mode that could send the token in clear.
-pub fn plaintext_refused(field: &str, mode: &str, required: &str) -> Error {
-    spec_error(
-        field,
-        &format!(
-            "{mode:?} could send the IAM access token in clear: with enable_iam_auth it must be \
-             {required} (or the host a local Cloud SQL Auth Proxy port)"
-        ),
-    )
+/// A database's TLS modes, as a token login sees them.
+pub struct TlsModes {
+    /// The field a default is set in.
+    pub field: &'static str,
+    /// What a token login uses when the config names no mode.
+    pub default: &'static str,
+    /// The modes that may connect without TLS (compared ignoring case).
+    pub plain: &'static [&'static str],
+    /// The modes a token login takes, for the error.
+    pub allowed: &'static str,
+}
+
+pub const POSTGRES_TLS: TlsModes = TlsModes {
+    field: "sslmode",
+    default: "require",
+    plain: &["disable", "allow", "prefer"],
+    allowed: "require, verify-ca or verify-full",
+};
+
+pub const MYSQL_TLS: TlsModes = TlsModes {
+    field: "ssl_mode",
+    default: "REQUIRED",
+    plain: &["DISABLED", "DISABLE", "PREFERRED", "PREFER"],
+    allowed: "REQUIRED, VERIFY_CA or VERIFY_IDENTITY",
+};
+
+/// The TLS mode a token login needs on the hop to `host`, given the mode the config names in
+/// `field` (if any): `Some(default)` to set, `None` to keep what is given (or TLS optional on
+/// a local hop), an error for a mode that could send the token in clear.
+pub fn tls_for_token(
+    modes: &TlsModes,
+    host: &str,
+    field: &str,
+    given: Option<&str>,
+) -> Result<Option<&'static str>> {
+    if plaintext_allowed(host) {
+        return Ok(None);
+    }
+    match given {
+        None => Ok(Some(modes.default)),
+        Some(mode) if modes.plain.iter().any(|p| p.eq_ignore_ascii_case(mode)) => Err(spec_error(
+            field,
+            &format!(
+                "{mode:?} could send the IAM access token in clear: with enable_iam_auth it \
+                 must be {} (or the host a local Cloud SQL Auth Proxy port)",
+                modes.allowed
+            ),
+        )),
+        Some(_) => Ok(None),
+    }
 }
 
 /// What a refused IAM login means, for the error that names the host.
@@ -237,6 +278,45 @@ mod tests {
         let err = wanted(Some("yes please")).unwrap_err().to_string();
         assert!(err.contains("connection_params.enable_iam_auth"), "{err}");
         assert!(!err.contains("please"), "{err}");
+    }
+
+    #[test]
+    fn token_logins_need_tls_off_the_local_host() {
+        let remote = "10.0.0.5";
+        assert_eq!(
+            tls_for_token(&POSTGRES_TLS, remote, "sslmode", None).unwrap(),
+            Some("require")
+        );
+        assert_eq!(
+            tls_for_token(&MYSQL_TLS, remote, "ssl_mode", None).unwrap(),
+            Some("REQUIRED")
+        );
+        assert_eq!(
+            tls_for_token(&POSTGRES_TLS, remote, "sslmode", Some("verify-full")).unwrap(),
+            None
+        );
+        for (modes, field, plain) in [
+            (&POSTGRES_TLS, "sslmode", "prefer"),
+            (&MYSQL_TLS, "sslmode", "preferred"),
+            (&MYSQL_TLS, "ssl_mode", "DISABLED"),
+        ] {
+            let err = tls_for_token(modes, remote, field, Some(plain))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("connection_params.{field}")) && err.contains(modes.allowed),
+                "{err}"
+            );
+        }
+        // The Auth Proxy's local port: the config's mode (even none) stands.
+        assert_eq!(
+            tls_for_token(&POSTGRES_TLS, "127.0.0.1", "sslmode", Some("disable")).unwrap(),
+            None
+        );
+        assert_eq!(
+            tls_for_token(&MYSQL_TLS, "localhost", "ssl_mode", None).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -67,20 +67,26 @@ pub enum NumberOrString {
     Text(String),
 }
 
+impl NumberOrString {
+    /// Any number or text, kept for `JobSpec::validate` to check and name its field (serde's
+    /// untagged enum said only "data did not match any variant" for `-1`); `None` for
+    /// anything else.
+    fn from_json(value: serde_json::Value) -> Option<Self> {
+        match value {
+            serde_json::Value::Number(n) => Some(match n.as_u64() {
+                Some(n) => NumberOrString::Number(n),
+                None => NumberOrString::Text(n.to_string()),
+            }),
+            serde_json::Value::String(text) => Some(NumberOrString::Text(text)),
+            _ => None,
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for NumberOrString {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // serde's own words for a miss ("did not match any variant of untagged enum") name
-        // neither the field nor what it wants; the field is named by the caller's path.
-        match serde_json::Value::deserialize(d)? {
-            serde_json::Value::Number(n) => n
-                .as_u64()
-                .map(NumberOrString::Number)
-                .ok_or_else(|| serde::de::Error::custom("must be a whole number from 0 up")),
-            serde_json::Value::String(text) => Ok(NumberOrString::Text(text)),
-            _ => Err(serde::de::Error::custom(
-                "must be a whole number from 0 up (or its text)",
-            )),
-        }
+        NumberOrString::from_json(serde_json::Value::deserialize(d)?)
+            .ok_or_else(|| serde::de::Error::custom("must be a whole number (or its text)"))
     }
 }
 
@@ -132,21 +138,12 @@ impl ConnectionParams {
                 "database" => params.database = text("database", value)?,
                 "username" | "user" => params.username = text(&field, value)?,
                 // Checked with the other fields in `JobSpec::validate`.
+                "port" if value.is_null() => params.port = None,
                 "port" => {
-                    params.port = match value {
-                        Value::Null => None,
-                        Value::Number(n) => Some(match n.as_u64() {
-                            Some(p) => NumberOrString::Number(p),
-                            None => NumberOrString::Text(n.to_string()),
-                        }),
-                        Value::String(t) => Some(NumberOrString::Text(t)),
-                        _ => {
-                            return Err(
-                                "connection_params.port must be a port number from 1 to 65535"
-                                    .into(),
-                            );
-                        }
-                    }
+                    params.port =
+                        Some(NumberOrString::from_json(value).ok_or(
+                            "connection_params.port must be a port number from 1 to 65535",
+                        )?);
                 }
                 "password" => params.password = Some(Secret::from_json(value)),
                 _ => {
@@ -1229,6 +1226,13 @@ mod tests {
 
     #[test]
     fn bad_threshold_port_and_columns() {
+        let mut v = base();
+        v["row_count_threshold"] = (-1).into();
+        let err = parse(v).unwrap_err().to_string();
+        assert!(
+            err.contains("row_count_threshold: must be a whole number, got \"-1\""),
+            "the field is named: {err}"
+        );
         let mut v = base();
         v["row_count_threshold"] = "lots".into();
         v["connection_params"]["port"] = "abc".into();

@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 const SENTINEL: &str = "S3ntinel-pw-7c1e";
 
 struct Outcome {
+    /// The run's scratch directory (its warehouse under `warehouse/`).
+    dir: std::path::PathBuf,
     code: Option<i32>,
     report: Value,
     output: String,
@@ -36,6 +38,7 @@ fn run(name: &str, config: Value) -> Outcome {
         .and_then(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| panic!("{name}: no report on stdout:\n{stdout}\n{stderr}"));
     Outcome {
+        dir,
         code: out.status.code(),
         report,
         output: format!("{stdout}\n{stderr}"),
@@ -187,6 +190,7 @@ async fn typos_are_warned_about_and_names_too_long_for_the_destination_are_refus
     let outcome = run("typo", typo);
     assert_eq!(outcome.code, Some(0), "{}", outcome.output);
     assert_eq!(outcome.report["rows_loaded"], 2);
+    common::assert_same_content(&pg, &schema, "t", &outcome.dir.join("warehouse/t"), "id").await;
     assert_eq!(
         outcome.report["warnings"],
         json!([

@@ -139,6 +139,19 @@ fn the_cloud_sql_proxy_component_adds_a_native_sidecar_to_the_dispatcher_and_wor
             "{name}: instances with a local port each"
         );
         assert!(args.contains(&"--health-check"), "{name}");
+        // The health server listens where the probes look: --http-port (the proxy's default
+        // is 9090, shardflow's metrics port) is the declared port.
+        let health: u64 = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--http-port="))
+            .unwrap_or_else(|| panic!("{name}: no --http-port (the default 9090 collides)"))
+            .parse()
+            .unwrap();
+        assert_eq!(container_ports(proxy), [health], "{name}");
+        assert_eq!(
+            proxy["startupProbe"]["httpGet"]["port"], proxy["ports"][0]["name"],
+            "{name}"
+        );
         assert!(args.contains(&"--structured-logs"), "{name}");
         ports.extend(container_ports(proxy));
         for container in pod["containers"].as_array().unwrap() {

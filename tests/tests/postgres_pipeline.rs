@@ -412,7 +412,7 @@ async fn a_swap_publishes_only_what_is_on_disk() {
         job_json(&schema, "t", "t", json!({"processing_mode": "dataflow"})).to_string(),
     )
     .unwrap();
-    let traced = |name: &str| {
+    let traced = |name: &str, job_file: &std::path::Path| {
         let trace = dir.join(name);
         let status = Command::new("strace")
             .args([
@@ -427,7 +427,7 @@ async fn a_swap_publishes_only_what_is_on_disk() {
             .arg(dispatcher_bin())
             .args(dispatcher_run_args(
                 &dir,
-                &job_file,
+                job_file,
                 &["--shard-rows", "5000", "--no-progress"],
             ))
             .stdout(Stdio::null())
@@ -436,23 +436,30 @@ async fn a_swap_publishes_only_what_is_on_disk() {
         assert!(status.success());
         std::fs::read_to_string(trace).unwrap()
     };
-    traced("first.trace");
+    let exchange_in = |trace: &str| {
+        trace
+            .lines()
+            .position(|l| l.contains("renameat2(") && l.contains("RENAME_EXCHANGE"))
+            .unwrap_or_else(|| panic!("no exchange in:\n{trace}"))
+    };
+    let synced_before = |lines: &[&str], exchange: usize, table: &str, name: &str| {
+        lines[..exchange].iter().any(|l| {
+            l.contains("fsync(")
+                && l.contains(&format!("/.shardflow-{table}-"))
+                && l.contains(&format!("/{name}>"))
+        })
+    };
+    traced("first.trace", &job_file);
     // The second load replaces the table: the exchange of two directories.
-    let trace = traced("second.trace");
+    let trace = traced("second.trace", &job_file);
     let lines: Vec<&str> = trace.lines().collect();
-    let exchange = lines
-        .iter()
-        .position(|l| l.contains("renameat2(") && l.contains("RENAME_EXCHANGE"))
-        .unwrap_or_else(|| panic!("no exchange in:\n{trace}"));
+    let exchange = exchange_in(&trace);
     let table = dir.join("warehouse/t");
     let files = table_listing(&table);
     assert!(files.len() >= 4, "{files:?}");
     for (name, _) in &files {
-        let synced = lines[..exchange].iter().any(|l| {
-            l.contains("fsync(") && l.contains("/.shardflow-t-") && l.contains(&format!("/{name}>"))
-        });
         assert!(
-            synced,
+            synced_before(&lines, exchange, "t", name),
             "{name} was not fsynced before the exchange:\n{trace}"
         );
     }
@@ -482,6 +489,48 @@ async fn a_swap_publishes_only_what_is_on_disk() {
         "the root was not fsynced after the exchange:\n{trace}"
     );
     assert_same_content(&pg, &schema, "t", &table, "id").await;
+
+    // An append links the table's files again: only its own new parts are fsynced.
+    create_events(&pg, &schema, 10_000).await;
+    let events_job = dir.join("events.json");
+    std::fs::write(
+        &events_job,
+        job_json(
+            &schema,
+            "events",
+            "events",
+            json!({"load_type": "transactional", "timestamp_column": "at",
+                   "processing_mode": "dataflow"}),
+        )
+        .to_string(),
+    )
+    .unwrap();
+    traced("append-1.trace", &events_job);
+    let events = dir.join("warehouse/events");
+    let before: Vec<String> = table_listing(&events).into_iter().map(|f| f.0).collect();
+    add_events(&pg, &schema, 10_001, 12_000).await;
+    let trace = traced("append-2.trace", &events_job);
+    let lines: Vec<&str> = trace.lines().collect();
+    let exchange = exchange_in(&trace);
+    let after: Vec<String> = table_listing(&events).into_iter().map(|f| f.0).collect();
+    let added: Vec<&String> = after.iter().filter(|f| !before.contains(f)).collect();
+    assert!(
+        !added.is_empty() && !before.is_empty(),
+        "{before:?} {after:?}"
+    );
+    for name in &added {
+        assert!(
+            synced_before(&lines, exchange, "events", name),
+            "{name} was not fsynced:\n{trace}"
+        );
+    }
+    for name in &before {
+        assert!(
+            !synced_before(&lines, exchange, "events", name),
+            "{name} was already durable, yet fsynced again:\n{trace}"
+        );
+    }
+    assert_same_content(&pg, &schema, "events", &events, "id").await;
 }
 
 /// Waits until a `dispatcher run` has staged a part, then kills it with SIGKILL.

@@ -220,28 +220,16 @@ impl MySqlConnector {
         if let iam_login::Login::IamToken { user } = &login {
             // Cloud SQL asks for the token through mysql_clear_password; over TLS only.
             options = options.username(user).enable_cleartext_plugin(true);
-            if !iam_login::plaintext_allowed(host) {
-                let field = if tls_params.contains("ssl_mode") {
-                    "ssl_mode"
-                } else {
-                    "sslmode"
-                };
-                match tls_params.given(field) {
-                    None => tls_params = tls_params.with("ssl_mode", "REQUIRED"),
-                    Some(mode)
-                        if matches!(
-                            mode.to_ascii_uppercase().as_str(),
-                            "DISABLED" | "DISABLE" | "PREFERRED" | "PREFER"
-                        ) =>
-                    {
-                        return Err(iam_login::plaintext_refused(
-                            field,
-                            &mode,
-                            "REQUIRED, VERIFY_CA or VERIFY_IDENTITY",
-                        ));
-                    }
-                    Some(_) => {}
-                }
+            // `with_tls` reads `ssl_mode`, else its alias `sslmode`.
+            let modes = &iam_login::MYSQL_TLS;
+            let field = if tls_params.contains(modes.field) {
+                modes.field
+            } else {
+                "sslmode"
+            };
+            let given = tls_params.given(field);
+            if let Some(mode) = iam_login::tls_for_token(modes, host, field, given.as_deref())? {
+                tls_params = tls_params.with(modes.field, mode);
             }
         }
         // An empty password is no password: MySQL tells "using password: YES" apart.

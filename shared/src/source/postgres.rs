@@ -78,23 +78,12 @@ impl PgConnector {
         let login = iam_login::Login::from_params(iam_login::Engine::Postgres, c, &tls_params)?;
         if let iam_login::Login::IamToken { user } = &login {
             config.user(user);
-            if !iam_login::plaintext_allowed(host) {
-                match tls_params.given("sslmode") {
-                    None => tls_params = tls_params.with("sslmode", "require"),
-                    Some(mode)
-                        if matches!(
-                            SslMode::parse(&mode),
-                            Some(SslMode::Disable | SslMode::Allow | SslMode::Prefer)
-                        ) =>
-                    {
-                        return Err(iam_login::plaintext_refused(
-                            "sslmode",
-                            &mode,
-                            "require, verify-ca or verify-full",
-                        ));
-                    }
-                    Some(_) => {}
-                }
+            let modes = &iam_login::POSTGRES_TLS;
+            let given = tls_params.given(modes.field);
+            if let Some(mode) =
+                iam_login::tls_for_token(modes, host, modes.field, given.as_deref())?
+            {
+                tls_params = tls_params.with(modes.field, mode);
             }
         }
         if let Some(password) = login.given_password() {

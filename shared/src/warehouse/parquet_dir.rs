@@ -517,8 +517,10 @@ fn appended_before(live: &Path, load_key: &str) -> Result<Option<LoadOutcome>> {
 fn swap_in(build: &Path, live: &Path, table: &str) -> Result<()> {
     // Durable before visible: a power loss after the exchange must not leave the table's
     // names pointing at data still in the page cache (truncated or empty files). The files
-    // first, then the directory that names them, then the exchange, then its parent.
-    sync_files(&table_files(build)?)?;
+    // first, then the directory that names them, then the exchange, then its parent. Files
+    // the table already holds (linked again by an append or a merge) were made durable by the
+    // load that published them.
+    sync_files(&unpublished(build, live)?)?;
     sync_dir(build)?;
     if live.exists() {
         exchange(build, live).map_err(|e| {
@@ -531,6 +533,23 @@ fn swap_in(build: &Path, live: &Path, table: &str) -> Result<()> {
         Some(root) => sync_dir(root),
         None => Ok(()),
     }
+}
+
+/// The files of `build` that are not the very file (same inode) under the same name in `live`.
+fn unpublished(build: &Path, live: &Path) -> Result<Vec<PathBuf>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut new = Vec::new();
+    for file in table_files(build)? {
+        let published = match (file.file_name(), std::fs::metadata(&file)) {
+            (Some(name), Ok(built)) => std::fs::metadata(live.join(name))
+                .is_ok_and(|old| (old.dev(), old.ino()) == (built.dev(), built.ino())),
+            _ => false,
+        };
+        if !published {
+            new.push(file);
+        }
+    }
+    Ok(new)
 }
 
 /// fsync each file, a few at a time: the device takes concurrent flushes better than a queue
