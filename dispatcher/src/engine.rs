@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use arrow_schema::{DataType, Schema};
 use async_trait::async_trait;
-use shardflow::digest;
 use shardflow::messages::{self, ShardOutcome, ShardResult, ShardTask, StagedFile, WIRE_VERSION};
 use shardflow::metrics::Metrics;
 use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
@@ -29,6 +28,7 @@ use shardflow::state::{
 };
 use shardflow::warehouse::{LoadRequest, SourceFilesLoad, Warehouse, WriteMode};
 use shardflow::{Error, Result};
+use shardflow::{digest, fault};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -218,6 +218,12 @@ fn window_of(plan_json: &str) -> Option<Window> {
     serde_json::from_value(plan.get("window")?.clone()).ok()
 }
 
+/// The files a file job's recorded plan selected (their URIs), if it was one.
+fn files_of(plan_json: &str) -> Option<Vec<String>> {
+    let plan: serde_json::Value = serde_json::from_str(plan_json).ok()?;
+    serde_json::from_value(plan.get("files")?.get("selected")?.clone()).ok()
+}
+
 pub struct Engine {
     pub queue: Arc<dyn Queue>,
     pub state: Arc<dyn StateStore>,
@@ -392,6 +398,20 @@ impl Engine {
         Ok(Some(record))
     }
 
+    /// The stream's newest run, when it is another job's and was superseded or abandoned:
+    /// nothing continues it yet (a continuation shares its job key and is newer), so its
+    /// committed append is in no watermark. A new window would read its rows again.
+    async fn orphaned_stream_run(&self, job: &RunJob) -> Result<Option<RunRecord>> {
+        let Some(key) = stream_key(&job.spec) else {
+            return Ok(None);
+        };
+        Ok(self.state.latest_stream_run(&key).await?.filter(|r| {
+            r.job_key != job.job_key
+                && (r.status == RunStatus::Superseded.as_str()
+                    || r.status == RunStatus::Abandoned.as_str())
+        }))
+    }
+
     /// Who holds a stream's running run, and until when it is theirs if they fall silent.
     async fn stream_holder(&self, other: &str) -> Result<String> {
         let Some(record) = self.state.run(other).await? else {
@@ -419,14 +439,41 @@ impl Engine {
         ))
     }
 
+    /// Removes what dead runs left (see `gc`); a failure is logged, never the job's.
+    pub async fn sweep(&self) -> Option<crate::gc::SweepReport> {
+        let sweeper = crate::gc::Sweeper {
+            state: self.state.as_ref(),
+            staging: &self.staging,
+            warehouse: self.warehouse.as_ref(),
+            owner: &self.owner,
+            stale_after: self.settings.stale_after,
+        };
+        match sweeper.sweep().await {
+            Ok(report) => {
+                if report != crate::gc::SweepReport::default() {
+                    tracing::info!(?report, "swept what dead runs left");
+                }
+                Some(report)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not sweep what dead runs left");
+                None
+            }
+        }
+    }
+
     /// Runs a job to its end, unless it already ended or another live dispatcher drives it.
     pub async fn run(&self, job: &RunJob, observer: &dyn RunObserver) -> Result<RunOutcome> {
         let mut stream = StreamState::default();
         let attempt = match self.state.latest_run(&job.job_key).await? {
-            Some(r) if r.status == RunStatus::Superseded.as_str() => {
+            Some(r)
+                if r.status == RunStatus::Superseded.as_str()
+                    || r.status == RunStatus::Abandoned.as_str() =>
+            {
                 // Taken over earlier, but its successor could not start (its stream was
-                // busy): start it now, on the superseded run's window.
+                // busy), or closed by the sweep: start it now, on that run's window.
                 stream.inherited_window = window_of(&r.plan_json);
+                stream.inherited_files = files_of(&r.plan_json);
                 attempt_of(&r.run_id) + 1
             }
             Some(r) if r.status != RunStatus::Running.as_str() => {
@@ -462,10 +509,21 @@ impl Engine {
                 // Its append may have committed before it died: read exactly its window
                 // again, so the watermark reported is that of the rows it appended.
                 stream.inherited_window = window_of(&r.plan_json);
+                stream.inherited_files = files_of(&r.plan_json);
                 attempt_of(&r.run_id) + 1
             }
             None => 1,
         };
+        if let Some(orphan) = self.orphaned_stream_run(job).await? {
+            // Its append may have committed: continue it (its key, its window) instead of
+            // reading its window again under a new key.
+            tracing::warn!(run_id = %orphan.run_id, "the stream's last run was superseded and nothing continued it yet; continuing it");
+            let adopted = RunJob {
+                job_key: orphan.job_key,
+                ..job.clone()
+            };
+            return Box::pin(self.run(&adopted, observer)).await;
+        }
         let run_id = format!("{}.{attempt}", job.job_key);
         let span = tracing::info_span!(
             "run",
@@ -564,6 +622,7 @@ impl Engine {
                 )
                 .await?;
         }
+        fault::point(fault::Step::StateCommitted)?;
         self.metrics.run_finished(status.as_str());
         match &report.error_message {
             None => tracing::info!(
@@ -606,7 +665,10 @@ impl Engine {
                 .plan_and_record(job, run_id, &stream, &stream_key)
                 .await?;
             match planned {
-                Planned::Created(run) => break *run,
+                Planned::Created(run) => {
+                    fault::point(fault::Step::Planned)?;
+                    break *run;
+                }
                 Planned::Exists => return Ok(Drove::TakenOver),
                 Planned::Busy(run_id) => return Ok(Drove::StreamBusy { run_id }),
                 Planned::Moved(_) if stream.inherited_window.is_some() => {
@@ -652,6 +714,7 @@ impl Engine {
             .planned(run_id, plan.estimated_rows, tasks.len())
             .await;
         if let Some(direct) = plan.files.as_ref().and_then(|f| f.direct.as_ref()) {
+            fault::point(fault::Step::LoadStarted)?;
             self.load_source_files(job, run_id, &plan, direct, report)
                 .await?;
             return Ok(Drove::Ended);
@@ -664,6 +727,7 @@ impl Engine {
                 )
                 .await?;
         }
+        fault::point(fault::Step::ShardsPublished)?;
 
         if !self.wait_for_shards(run_id, &wake, observer).await? {
             return Ok(Drove::TakenOver);
@@ -678,6 +742,7 @@ impl Engine {
             report.files_loaded = plan.files.as_ref().map(|_| 0);
             return Ok(Drove::Ended);
         }
+        fault::point(fault::Step::LoadStarted)?;
         self.load(job, run_id, &plan, timestamp_column.as_deref(), report)
             .await?;
         Ok(Drove::Ended)
@@ -850,6 +915,7 @@ impl Engine {
                     .is_some_and(|f| f.schema_policy == SchemaPolicy::AddColumns),
             })
             .await?;
+        fault::point(fault::Step::LoadCommitted)?;
         report.rows_loaded = outcome.rows_loaded;
         report.destination = Some(outcome.location);
         report.checksum = Some(summary.checksum);
@@ -914,6 +980,7 @@ impl Engine {
                 mode,
             })
             .await?;
+        fault::point(fault::Step::LoadCommitted)?;
         report.rows_extracted = outcome.rows_loaded;
         report.rows_loaded = outcome.rows_loaded;
         report.destination = Some(outcome.location);
@@ -1296,6 +1363,20 @@ mod tests {
              receive it sealed: set SHARDFLOW_SEAL_KEY (64 hex digits, the same on the \
              dispatcher and the workers), or publish the job with data_source_id alone"
         );
+    }
+
+    #[test]
+    fn a_recorded_file_plan_names_the_files_a_takeover_reads_again() {
+        let plan = r#"{"source":"s","files":{"listed":3,"selected":["file:///in/a.csv","file:///in/b.csv"]}}"#;
+        assert_eq!(
+            files_of(plan),
+            Some(vec![
+                "file:///in/a.csv".to_string(),
+                "file:///in/b.csv".to_string()
+            ])
+        );
+        assert_eq!(files_of(r#"{"source":"s","window":{}}"#), None);
+        assert_eq!(files_of("not json"), None);
     }
 
     #[test]

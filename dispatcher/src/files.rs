@@ -555,6 +555,12 @@ pub(crate) async fn survey_files(
     let fresh: Vec<&FileInfo> = listed
         .iter()
         .filter(|f| replaces || !loaded.contains(&(f.path.as_str(), f.version_key().as_str())))
+        .filter(|f| {
+            stream
+                .inherited_files
+                .as_ref()
+                .is_none_or(|uris| uris.contains(&location.uri(&f.path)))
+        })
         .collect();
     let spec_files = &location.spec;
     // Newest first as listed; read oldest first.

@@ -24,13 +24,14 @@ use shardflow::state::sql::SqlStateStore;
 use shardflow::state::{RunStatus, StateStore};
 use shardflow::warehouse::Warehouse;
 use shardflow::warehouse::bigquery;
-use shardflow::warehouse::parquet_dir::ParquetDirWarehouse;
+use shardflow::warehouse::parquet_dir::{DEFAULT_VERSION_GRACE, ParquetDirWarehouse};
 use shardflow::{Error, Result};
 use shardflow_worker::{RunRegistry, Worker, WorkerSettings};
 use tokio_util::sync::CancellationToken;
 
 pub mod engine;
 pub mod files;
+pub mod gc;
 pub mod progress;
 pub mod serve;
 
@@ -164,6 +165,10 @@ pub struct StreamState {
     pub recorded_watermark: Option<String>,
     /// A file stream: the files its committed loads read.
     pub processed_files: Vec<shardflow::state::ProcessedFile>,
+    /// A file stream's run this one takes over: the files it selected (their URIs). Only
+    /// those are read again: its append may have committed under the job's load key, and a
+    /// file listed since would be recorded as loaded with it without being in it.
+    pub inherited_files: Option<Vec<String>>,
 }
 
 /// The columns a merge matches rows on: `merge_keys`, else the primary key; each must be read.
@@ -578,6 +583,8 @@ pub struct RunOptions {
     /// of the same stream keeps it.
     pub heartbeat: Duration,
     pub stale_after: Duration,
+    /// How long a replaced version of a Parquet directory table stays readable.
+    pub version_grace: Duration,
 }
 
 impl Default for RunOptions {
@@ -598,6 +605,7 @@ impl Default for RunOptions {
             config_json: None,
             heartbeat: Duration::from_secs(5),
             stale_after: Duration::from_secs(30),
+            version_grace: DEFAULT_VERSION_GRACE,
         }
     }
 }
@@ -681,6 +689,8 @@ pub async fn run_job(spec: JobSpec, opts: RunOptions) -> RunReport {
         rows: fleet.rows.clone(),
         bar: std::sync::Mutex::new(None),
     };
+    // What killed runs before this one left, gone before it adds its own.
+    fleet.engine.sweep().await;
     let outcome = fleet.engine.run(&job, &observer).await;
     observer.finish();
     fleet.stop().await;
@@ -702,30 +712,36 @@ struct Fleet {
     rows: Arc<AtomicU64>,
 }
 
-/// The warehouse a destination URL names.
-pub async fn open_warehouse(dest: &str) -> Result<Arc<dyn Warehouse>> {
+/// The warehouse a destination URL names; a directory's replaced table versions stay
+/// readable for `version_grace`.
+pub async fn open_warehouse(dest: &str, version_grace: Duration) -> Result<Arc<dyn Warehouse>> {
     if dest.starts_with("bigquery://") {
         let (project, dataset) = bigquery::parse_bigquery_url(dest)?;
         Ok(Arc::new(
             bigquery::BigQueryWarehouse::connect(&project, &dataset).await?,
         ))
     } else {
-        Ok(Arc::new(ParquetDirWarehouse::new(PathBuf::from(dest))?))
+        Ok(Arc::new(
+            ParquetDirWarehouse::new(PathBuf::from(dest))?.with_version_grace(version_grace),
+        ))
+    }
+}
+
+/// The staging a run uses: the URL given, or `<dest>/_staging` for a directory destination.
+pub fn open_staging(staging: Option<&str>, dest: &str) -> Result<Staging> {
+    match (staging, dest.starts_with("bigquery://")) {
+        (Some(url), _) => Staging::from_url(url),
+        (None, false) => Staging::local(&PathBuf::from(dest).join("_staging")),
+        (None, true) => Err(Error::Other(
+            "a BigQuery destination needs --staging gs://bucket/prefix".into(),
+        )),
     }
 }
 
 impl Fleet {
     async fn start(spec: &JobSpec, opts: &RunOptions) -> Result<Self> {
-        let warehouse = open_warehouse(&opts.dest).await?;
-        let staging = match (&opts.staging, opts.dest.starts_with("bigquery://")) {
-            (Some(url), _) => Staging::from_url(url)?,
-            (None, false) => Staging::local(&PathBuf::from(&opts.dest).join("_staging"))?,
-            (None, true) => {
-                return Err(Error::Other(
-                    "a BigQuery destination needs --staging gs://bucket/prefix".into(),
-                ));
-            }
-        };
+        let warehouse = open_warehouse(&opts.dest, opts.version_grace).await?;
+        let staging = open_staging(opts.staging.as_deref(), &opts.dest)?;
         let state: Arc<dyn StateStore> = Arc::new(SqlStateStore::open(&opts.state_url).await?);
         let topology = opts.topology.clone();
         let shutdown = CancellationToken::new();

@@ -20,6 +20,7 @@ use shardflow::retry::RetryPolicy;
 use shardflow::seal::SealKey;
 use shardflow::spec::{JobConfig, JobSpec};
 use shardflow::telemetry::{self, LogFormat};
+use shardflow::warehouse::parquet_dir::DEFAULT_VERSION_GRACE;
 use shardflow_dispatcher::serve::{ServeSettings, serve};
 use shardflow_dispatcher::{
     DEFAULT_BATCH_ROWS, EngineSettings, PlanOptions, QueueChoice, RunOptions, RunReport, plan_job,
@@ -118,6 +119,8 @@ enum Command {
         /// `dispatcher run`, a dead dispatcher) is taken over.
         #[arg(long, env = "SHARDFLOW_STALE_AFTER_SECS", default_value_t = 30)]
         stale_after_secs: u64,
+        #[command(flatten)]
+        grace: GraceArgs,
         /// Fault injection for testing: the embedded queue delivers every message twice, as
         /// Pub/Sub may. The result must not change.
         #[arg(long, env = "SHARDFLOW_DUPLICATE_DELIVERIES")]
@@ -129,6 +132,30 @@ enum Command {
     /// Create the topics and subscriptions (with the dead-letter policy) that are missing.
     /// Idempotent.
     PubsubSetup(SetupArgs),
+    /// Remove what dead runs left: close runs whose owner went quiet (and that no stream's
+    /// next job will continue) as `abandoned`, remove the staged parts of every run that is not
+    /// running, and the warehouse's half-built and expired table versions. Prints what it did
+    /// as JSON. `dispatcher run` does the same before each run, `dispatcher serve` every
+    /// `--gc-interval-secs`.
+    Gc {
+        /// Destination, as for `run`.
+        #[arg(long, default_value = "./warehouse")]
+        dest: String,
+        /// Staging, as for `run`.
+        #[arg(long, env = "SHARDFLOW_STAGING")]
+        staging: Option<String>,
+        #[arg(
+            long,
+            env = "SHARDFLOW_STATE",
+            default_value = "sqlite://./shardflow-state.db"
+        )]
+        state: String,
+        /// Seconds of silence after which a run's owner is taken for dead.
+        #[arg(long, env = "SHARDFLOW_STALE_AFTER_SECS", default_value_t = 30)]
+        stale_after_secs: u64,
+        #[command(flatten)]
+        grace: GraceArgs,
+    },
     /// A file job's matching files, newest first, as JSON (Django's list-files response).
     ListFiles {
         #[arg(long)]
@@ -140,6 +167,21 @@ enum Command {
         #[arg(long)]
         job: PathBuf,
     },
+}
+
+#[derive(Args, Clone, Debug)]
+struct GraceArgs {
+    /// Seconds a replaced version of a directory destination's table stays readable by
+    /// readers that resolved the table's link before the swap (removed by the first load of
+    /// the table or sweep after that).
+    #[arg(long, env = "SHARDFLOW_VERSION_GRACE_SECS", default_value_t = DEFAULT_VERSION_GRACE.as_secs())]
+    version_grace_secs: u64,
+}
+
+impl GraceArgs {
+    fn grace(&self) -> Duration {
+        Duration::from_secs(self.version_grace_secs)
+    }
 }
 
 /// Topic and subscription names.
@@ -255,6 +297,11 @@ struct ServeArgs {
     /// dies has its jobs redelivered to another within about this long.
     #[arg(long, env = "SHARDFLOW_LEASE_SECS", default_value_t = 60)]
     lease_secs: u64,
+    /// Seconds between sweeps of what dead runs left (0: never; `dispatcher gc` still can).
+    #[arg(long, env = "SHARDFLOW_GC_INTERVAL_SECS", default_value_t = 300)]
+    gc_interval_secs: u64,
+    #[command(flatten)]
+    grace: GraceArgs,
     #[command(flatten)]
     topology: TopologyArgs,
 }
@@ -430,6 +477,36 @@ async fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Gc {
+            dest,
+            staging,
+            state,
+            stale_after_secs,
+            grace,
+        } => {
+            let swept = shardflow_dispatcher::gc::collect(
+                &dest,
+                staging.as_deref(),
+                &state,
+                Duration::from_secs(stale_after_secs.max(2)),
+                grace.grace(),
+            )
+            .await;
+            match swept {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    if report.errors.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::ListFiles { job } => {
             file_command(&job, |spec| async move {
                 Ok(serde_json::to_value(
@@ -542,6 +619,8 @@ async fn main() -> ExitCode {
                 drain: Duration::from_secs(args.drain_secs),
                 busy_backoff: Duration::from_secs(args.busy_backoff_secs),
                 lease: Duration::from_secs(args.lease_secs.clamp(10, 600)),
+                gc_interval: Duration::from_secs(args.gc_interval_secs),
+                version_grace: args.grace.grace(),
                 owner: format!(
                     "{}-{}",
                     std::env::var("HOSTNAME").unwrap_or_else(|_| "dispatcher".into()),
@@ -579,6 +658,7 @@ async fn main() -> ExitCode {
             no_progress: _,
             heartbeat_secs,
             stale_after_secs,
+            grace,
             duplicate_deliveries,
         } => {
             let report = match read_job(&plan.job) {
@@ -619,11 +699,15 @@ async fn main() -> ExitCode {
                         config_json: Some(config_json),
                         heartbeat: std::time::Duration::from_secs(heartbeat_secs.max(1)),
                         stale_after: std::time::Duration::from_secs(stale_after_secs.max(2)),
+                        version_grace: grace.grace(),
                     };
                     run_job(spec, opts).await
                 }
             };
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            if shardflow::fault::point(shardflow::fault::Step::ReportSent).is_err() {
+                return ExitCode::FAILURE;
+            }
             if report.status == "completed" {
                 ExitCode::SUCCESS
             } else {

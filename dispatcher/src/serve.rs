@@ -48,6 +48,10 @@ pub struct ServeSettings {
     /// Each lease extension of a job message: how soon a dead dispatcher's job comes back.
     pub lease: Duration,
     pub owner: String,
+    /// How often to sweep what dead runs left (zero: never).
+    pub gc_interval: Duration,
+    /// How long a replaced version of a directory destination's table stays readable.
+    pub version_grace: Duration,
 }
 
 /// A job message: `{"data_source_id": 123, "etl_run_id": 456, "config": {…}}`, where only
@@ -97,7 +101,7 @@ pub async fn serve(
         queue: Arc::new(queue.clone()),
         state: Arc::new(SqlStateStore::open(&settings.state_url).await?),
         staging: Staging::from_url(&settings.staging)?,
-        warehouse: open_warehouse(&settings.dest).await?,
+        warehouse: open_warehouse(&settings.dest, settings.version_grace).await?,
         topology: settings.topology.clone(),
         owner: settings.owner.clone(),
         events: Arc::new(RunEvents::default()),
@@ -108,6 +112,18 @@ pub async fn serve(
     let mut consumers = tokio::task::JoinSet::new();
     consumers.spawn(engine.clone().record_results(consumers_stop.clone()));
     consumers.spawn(engine.clone().record_dead_letters(consumers_stop.clone()));
+    if !settings.gc_interval.is_zero() {
+        let (engine, stop, every) = (engine.clone(), consumers_stop.clone(), settings.gc_interval);
+        consumers.spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = ticks.tick() => { engine.sweep().await; }
+                }
+            }
+        });
+    }
 
     let mut jobs = queue
         .subscribe(
@@ -246,10 +262,17 @@ async fn run_message(
     match engine.run(&job, &observer).await {
         Ok(RunOutcome::Finished(report)) => {
             report_final(django, &report).await;
+            if let Err(e) = shardflow::fault::point(shardflow::fault::Step::ReportSent) {
+                tracing::warn!(job_key = %key, error = %e, "job message handed back");
+                return Settle::Retry { pause: busy_pause };
+            }
             Settle::Ack
         }
         Ok(RunOutcome::AlreadyFinished(report)) => {
             tracing::info!(job_key = %key, run_id = %report.run_id, status = %report.status, "duplicate job message: the job already ran");
+            // Its dispatcher may have died between recording the end and telling Django: the
+            // final PATCH again (the same fields) costs nothing and leaves no run hanging.
+            report_final(django, &report).await;
             Settle::Ack
         }
         Ok(RunOutcome::OwnedElsewhere { run_id, owner }) => {

@@ -5,6 +5,7 @@
 pub mod digest;
 pub mod django;
 pub mod error;
+pub mod fault;
 pub mod gcs;
 pub mod iam_login;
 pub mod messages;

@@ -101,6 +101,37 @@ impl Staging {
         self.local_root.as_ref().map(|root| root.join(path))
     }
 
+    /// The runs that have something staged: the first level of the store, one folder a run.
+    /// A staging location belongs to one state store: the sweep removes every run's folder
+    /// that store does not list as running.
+    pub async fn staged_runs(&self) -> Result<Vec<String>> {
+        if let Some(root) = &self.local_root {
+            let mut runs = Vec::new();
+            let entries = match std::fs::read_dir(root) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(runs),
+                Err(e) => return Err(Error::Staging(format!("{}: {e}", root.display()))),
+            };
+            for entry in entries {
+                let entry =
+                    entry.map_err(|e| Error::Staging(format!("{}: {e}", root.display())))?;
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    runs.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+            runs.sort();
+            return Ok(runs);
+        }
+        let listing = self.store.list_with_delimiter(None).await?;
+        let mut runs: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        runs.sort();
+        Ok(runs)
+    }
+
     /// Removes everything a run staged.
     pub async fn remove_run(&self, run_id: &str) -> Result<()> {
         if let Some(root) = &self.local_root {
@@ -214,7 +245,10 @@ mod tests {
             "the big part reads back intact"
         );
 
+        // One folder a run, under the prefix only (the sweep's view).
+        assert_eq!(staging.staged_runs().await.unwrap(), vec!["r1", "r2"]);
         staging.remove_run("r1").await.unwrap();
+        assert_eq!(staging.staged_runs().await.unwrap(), vec!["r2"]);
         use futures::TryStreamExt;
         let left: Vec<String> = staging
             .store()

@@ -297,6 +297,10 @@ impl Fleet {
     }
 
     fn spawn(&mut self, binary: &'static str) -> usize {
+        self.spawn_with(binary, &[])
+    }
+
+    fn spawn_with(&mut self, binary: &'static str, extra: &[(&str, &str)]) -> usize {
         let log = std::fs::File::create(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
             format!(
                 "../target/e2e-{}-{binary}-{}.log",
@@ -308,6 +312,7 @@ impl Fleet {
         let child = Command::new(bin(binary))
             .arg("serve")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(extra.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -1360,4 +1365,88 @@ async fn file_jobs_run_on_the_fleet_and_load_each_file_once() {
             file("drops/z/part_2.csv.zst", 500),
         ]
     );
+}
+
+/// The fault-injection suite on the fleet (issue 18, point 10): for each named step a
+/// dispatcher or a worker reaches, the fleet is restarted with `SHARDFLOW_FAULT=<step>:kill`,
+/// rows are added and a transactional job is published; once the process that reached the
+/// step is dead the fleet is restarted without the fault. Django must hear the run completed
+/// and BigQuery hold each source row once (count, digest of every id and name, sum).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_killed_at_each_step_appends_each_row_once() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut fleet = Fleet::start("fault", 2, &[("ETL_BATCH_SIZE", "1000")]).await;
+    source_table("fleet_fault", 8_000).await;
+    let mut config = config("fleet_fault", "table_fault");
+    config["load_type"] = json!("transactional");
+    config["timestamp_column"] = json!("seen");
+    config["historical_start_date"] = json!("2024-01-01");
+    fleet.serve_config(801, config);
+    fleet.publish_job(801, 12000).await;
+    let first = fleet
+        .django
+        .final_status(12000, Duration::from_secs(180))
+        .await;
+    assert_completed(&first, 8_000);
+    // The Parquet warehouse's swap is not on the fleet's path (BigQuery commits the load).
+    let steps = shardflow::fault::STEPS
+        .into_iter()
+        .filter(|s| *s != shardflow::fault::Step::Swap);
+    let mut next_id = 8_001i64;
+    for (n, step) in steps.enumerate() {
+        let step = step.name();
+        let etl_run_id = 12001 + n as i64;
+        for i in 0..fleet.children.len() {
+            fleet.kill(i);
+        }
+        let fault = format!("{step}:kill");
+        let armed = [(shardflow::fault::FAULT_ENV, fault.as_str())];
+        let first_armed = fleet.children.len();
+        fleet.spawn_with("dispatcher", &armed);
+        fleet.spawn_with("worker", &armed);
+        fleet.spawn_with("worker", &armed);
+        pg().await
+            .batch_execute(&format!(
+                "INSERT INTO fleet_fault.t SELECT i, 'name-' || i, (i * 1.25)::numeric(12,2),
+                        timestamptz '2024-01-01 00:00:00+00' + i * interval '1 minute'
+                 FROM generate_series({next_id}, {}) i",
+                next_id + 2999
+            ))
+            .await
+            .unwrap();
+        next_id += 3000;
+        fleet.publish_job(801, etl_run_id).await;
+        // Until a process reached the step and died of it.
+        let start = Instant::now();
+        let killed = loop {
+            let dead = (first_armed..fleet.children.len()).find_map(|i| {
+                let status = fleet.children[i].1.try_wait().ok().flatten()?;
+                Some((fleet.children[i].0, status))
+            });
+            if let Some(dead) = dead {
+                break dead;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no process was killed at {step}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(killed.1.signal(), Some(9), "{step}: {killed:?}");
+        for i in first_armed..fleet.children.len() {
+            fleet.kill(i);
+        }
+        fleet.spawn_dispatcher();
+        fleet.spawn_worker();
+        fleet.spawn_worker();
+        let status = fleet
+            .django
+            .final_status(etl_run_id, Duration::from_secs(240))
+            .await;
+        assert_eq!(
+            status["status"], "completed",
+            "after a kill at {step}: {status}"
+        );
+        assert_loaded_exactly(&fleet, "fleet_fault", "table_fault").await;
+    }
 }

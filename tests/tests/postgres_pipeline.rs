@@ -294,17 +294,17 @@ async fn a_killed_run_leaves_the_old_table_and_a_rerun_completes() {
         job_json(&schema, "t", "t", json!({})).to_string(),
     )
     .unwrap();
-    let mut child = dispatcher_run(
-        &dir,
-        &job_file,
-        &["--workers", "1", "--shard-rows", "50000", "--no-progress"],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
     // Wait until it has staged at least one part, then kill it.
-    kill_once_staged(&dir, &mut child).await;
+    kill_once_it_staged(
+        &dir,
+        dispatcher_run(
+            &dir,
+            &job_file,
+            &["--workers", "1", "--shard-rows", "50000", "--no-progress"],
+        ),
+        Duration::ZERO,
+    )
+    .await;
     assert_eq!(
         table_listing(&table_dir),
         before,
@@ -360,12 +360,7 @@ async fn a_killed_incremental_run_is_taken_over_once_its_owner_is_stale() {
         serde_json::from_str(stdout.lines().last().unwrap_or_default())
             .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
     };
-    let mut child = run()
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    kill_once_staged(&dir, &mut child).await;
+    kill_once_it_staged(&dir, run(), Duration::ZERO).await;
 
     // At once: the dead run still holds the stream, and the refusal says until when.
     let held = run().output().unwrap();
@@ -397,9 +392,215 @@ async fn a_killed_incremental_run_is_taken_over_once_its_owner_is_stale() {
     assert_same_content(&pg, &schema, "events", &table, "id").await;
 }
 
+/// Bytes under `dir`, each file once however many links name it; links are not followed.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = vec![dir.to_path_buf()];
+    let mut bytes = 0;
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            if meta.is_dir() {
+                todo.push(entry.path());
+            } else if meta.is_file() && seen.insert((meta.dev(), meta.ino())) {
+                bytes += meta.len();
+            }
+        }
+    }
+    bytes
+}
+
+/// What killed runs leave is swept (issue 18, debris): after runs killed at several moments,
+/// the next run closes them as `abandoned` and removes their staged parts and half-built
+/// versions, so the destination stays within 1.2x of the table; `dispatcher gc` does the same
+/// without a run, and says what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_killed_runs_leave_is_swept_and_their_runs_are_closed() {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, "e2e_debris").await;
+    create_wide_table(&pg, &schema, "t", 120_000, "i::bigint", true).await;
+    let dir = scratch("debris");
+    let job_file = dir.join("job.json");
+    std::fs::write(
+        &job_file,
+        job_json(&schema, "t", "t", json!({"processing_mode": "dataflow"})).to_string(),
+    )
+    .unwrap();
+    let flags = [
+        "--workers",
+        "2",
+        "--shard-rows",
+        "10000",
+        "--no-progress",
+        "--heartbeat-secs",
+        "1",
+        "--stale-after-secs",
+        "2",
+        "--version-grace-secs",
+        "0",
+    ];
+    let run = || dispatcher_run(&dir, &job_file, &flags);
+    let warehouse = dir.join("warehouse");
+    let table = warehouse.join("t");
+    let first = run().output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    // Killed once a part is staged, and at later moments of extraction.
+    const KILLS: usize = 6;
+    for kill in 0..KILLS {
+        // A later moment each time: more parts staged (or the run already done).
+        kill_once_it_staged(&dir, run(), Duration::from_millis(100 * kill as u64)).await;
+    }
+    let littered = disk_bytes(&warehouse);
+    let table_bytes: u64 = table_listing(&table).iter().map(|f| f.1).sum();
+    assert!(
+        littered as f64 > 1.2 * table_bytes as f64,
+        "the kills left too little to tell ({littered} bytes for a {table_bytes}-byte table)"
+    );
+    // Past the dead owners' staleness, the next run sweeps before it starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let last = run().output().unwrap();
+    assert!(
+        last.status.success(),
+        "{}",
+        String::from_utf8_lossy(&last.stderr)
+    );
+    assert_same_content(&pg, &schema, "t", &table, "id").await;
+    let table_bytes: u64 = table_listing(&table).iter().map(|f| f.1).sum();
+    let swept = disk_bytes(&warehouse);
+    assert!(
+        swept as f64 <= 1.2 * table_bytes as f64,
+        "{swept} bytes on disk for a {table_bytes}-byte table: {:?}",
+        walk(&warehouse)
+    );
+    let state = shardflow::state::sql::SqlStateStore::open(&format!(
+        "sqlite://{}",
+        dir.join("state.db").display()
+    ))
+    .await
+    .unwrap();
+    use shardflow::state::StateStore as _;
+    assert_eq!(
+        state.running_runs().await.unwrap(),
+        vec![],
+        "no run is left running"
+    );
+    let statuses = sqlx_statuses(&dir).await;
+    assert_eq!(
+        statuses,
+        vec![
+            ("abandoned".to_string(), KILLS as i64),
+            ("completed".to_string(), 2)
+        ],
+        "each killed run is closed as abandoned"
+    );
+
+    // `dispatcher gc`, with no run: one more killed run, swept and reported.
+    kill_once_it_staged(&dir, run(), Duration::ZERO).await;
+    assert!(disk_bytes(&warehouse) > swept, "the kill left parts");
+    let gc = |stale: &str| {
+        let out = Command::new(dispatcher_bin())
+            .args(["gc", "--dest"])
+            .arg(&warehouse)
+            .arg("--state")
+            .arg(format!("sqlite://{}", dir.join("state.db").display()))
+            .args(["--stale-after-secs", stale, "--version-grace-secs", "0"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // While its owner could still be alive, nothing of it goes.
+    let early = gc("3600");
+    assert_eq!(early["abandoned_runs"], json!([]), "{early}");
+    assert_eq!(early["staging_removed"], json!([]), "{early}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = gc("2");
+    let abandoned = report["abandoned_runs"].as_array().unwrap();
+    assert_eq!(abandoned.len(), 1, "{report}");
+    assert_eq!(report["staging_removed"], json!(abandoned), "{report}");
+    assert_eq!(report["errors"], json!([]), "{report}");
+    assert!(disk_bytes(&warehouse) as f64 <= 1.2 * table_bytes as f64);
+    assert_same_content(&pg, &schema, "t", &table, "id").await;
+    // Nothing left to do.
+    let again = gc("2");
+    assert_eq!(
+        (
+            &again["abandoned_runs"],
+            &again["staging_removed"],
+            &again["warehouse_removed"]
+        ),
+        (&json!([]), &json!([]), &json!([])),
+        "{again}"
+    );
+}
+
+/// Starts a `dispatcher run`, waits until it staged a part of its own (other runs' parts may
+/// be there), then `after` more, and kills it with SIGKILL.
+async fn kill_once_it_staged(dir: &std::path::Path, mut run: Command, after: Duration) {
+    let staging = dir.join("warehouse/_staging");
+    let runs_in = |staging: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(staging)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    };
+    let before = runs_in(&staging);
+    let mut child = run
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !runs_in(&staging).iter().any(|r| {
+        !before.contains(r)
+            && walk(r)
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "parquet"))
+    }) {
+        assert!(Instant::now() < deadline, "the run never staged a part");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(after).await;
+    let _ = child.kill();
+    child.wait().unwrap();
+}
+
+/// How many runs the dispatcher's SQLite state store holds in each status.
+async fn sqlx_statuses(dir: &std::path::Path) -> Vec<(String, i64)> {
+    use sqlx::Row as _;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&format!("sqlite://{}", dir.join("state.db").display()))
+        .await
+        .unwrap();
+    sqlx::query("SELECT status, COUNT(*) AS n FROM shardflow_runs GROUP BY status ORDER BY status")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<String, _>("status"), r.get::<i64, _>("n")))
+        .collect()
+}
+
 /// What a swap publishes is on disk first (issue 18, durability): traced with strace, every
-/// file of the new version is fsynced, then the directory naming them, before the exchange
-/// that makes it the table; the root is fsynced after it.
+/// file of the new version is fsynced, then the directory naming them and the one naming
+/// that, before the exchange of links that makes it the table; the root is fsynced after it.
 #[tokio::test]
 async fn a_swap_publishes_only_what_is_on_disk() {
     let pg = pg().await;
@@ -445,12 +646,12 @@ async fn a_swap_publishes_only_what_is_on_disk() {
     let synced_before = |lines: &[&str], exchange: usize, table: &str, name: &str| {
         lines[..exchange].iter().any(|l| {
             l.contains("fsync(")
-                && l.contains(&format!("/.shardflow-{table}-"))
+                && l.contains(&format!("/.shardflow-versions/{table}/"))
                 && l.contains(&format!("/{name}>"))
         })
     };
     traced("first.trace", &job_file);
-    // The second load replaces the table: the exchange of two directories.
+    // The second load replaces the table: the exchange of two links to versions.
     let trace = traced("second.trace", &job_file);
     let lines: Vec<&str> = trace.lines().collect();
     let exchange = exchange_in(&trace);
@@ -463,19 +664,26 @@ async fn a_swap_publishes_only_what_is_on_disk() {
             "{name} was not fsynced before the exchange:\n{trace}"
         );
     }
-    let build_synced = lines[..exchange].iter().any(|l| {
-        l.contains("fsync(")
-            && l.split('<').nth(1).is_some_and(|p| {
-                p.split('>').next().is_some_and(|p| {
-                    std::path::Path::new(p)
-                        .file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(".shardflow-t-"))
-                })
-            })
-    });
+    let version = table.canonicalize().unwrap();
+    let dir_synced = |dir: &std::path::Path| {
+        let fd = format!("<{}>", dir.display());
+        lines[..exchange]
+            .iter()
+            .any(|l| l.contains("fsync(") && l.contains(&fd))
+    };
     assert!(
-        build_synced,
+        version
+            .parent()
+            .is_some_and(|p| p.ends_with(".shardflow-versions/t")),
+        "{version:?}"
+    );
+    assert!(
+        dir_synced(&version),
         "the new version's directory was not fsynced:\n{trace}"
+    );
+    assert!(
+        dir_synced(version.parent().unwrap()),
+        "the directory naming the new version was not fsynced:\n{trace}"
     );
     // strace shows the kernel's path: no `..`.
     let root = format!(
@@ -531,40 +739,6 @@ async fn a_swap_publishes_only_what_is_on_disk() {
         );
     }
     assert_same_content(&pg, &schema, "events", &events, "id").await;
-}
-
-/// Waits until a `dispatcher run` has staged a part, then kills it with SIGKILL.
-async fn kill_once_staged(dir: &std::path::Path, child: &mut std::process::Child) {
-    let staging = dir.join("warehouse/_staging");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !walk(&staging)
-        .iter()
-        .any(|p| p.extension().is_some_and(|e| e == "parquet"))
-    {
-        assert!(Instant::now() < deadline, "the run never staged a part");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

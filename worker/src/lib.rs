@@ -345,6 +345,8 @@ impl Worker {
                     .map(|_| ()),
                 Err(e) => Err(e),
             };
+            let published = published
+                .and_then(|()| shardflow::fault::point(shardflow::fault::Step::ResultPublished));
             // Ack only once the result is safely published; otherwise let it run again.
             let settled = match (published, settles) {
                 (Ok(()), true) => delivery.ack().await,
@@ -393,6 +395,7 @@ impl Worker {
         let extracted = shardflow::source::arrow_schema(job.source_type, &task.columns);
         let mut digest = ContentDigest::new(&extracted, task.timestamp_column.as_deref())?;
         let rows = self.rows.clone();
+        let mut batches_seen = 0u32;
         let files = write_parts(
             self.staging.store(),
             &task.run_id,
@@ -401,6 +404,11 @@ impl Worker {
             shardflow::source::renamed(stream, schema.clone()),
             &self.settings.parts,
             |batch| {
+                // The first batch is in the part; the rest of the shard is not.
+                batches_seen += 1;
+                if batches_seen == 2 {
+                    shardflow::fault::point(shardflow::fault::Step::ShardHalfWritten)?;
+                }
                 rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
                 digest.update(batch)
             },

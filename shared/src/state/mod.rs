@@ -3,6 +3,7 @@
 //! an owner (the dispatcher driving it) with a heartbeat, so a restarted or another dispatcher
 //! can take over a run whose owner went quiet, and never one that is alive.
 
+pub mod migrate;
 pub mod sql;
 
 use std::time::Duration;
@@ -23,6 +24,9 @@ pub enum RunStatus {
     /// Its dispatcher went quiet and another took the job over as a new run: not the job's
     /// outcome, which is that of the run after it.
     Superseded,
+    /// Its owner went quiet and no job continued it; the sweep closed it and removed its
+    /// scratch. A later delivery of its job starts a new run, as after `Superseded`.
+    Abandoned,
 }
 
 impl RunStatus {
@@ -32,6 +36,7 @@ impl RunStatus {
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::Superseded => "superseded",
+            RunStatus::Abandoned => "abandoned",
         }
     }
 }
@@ -118,6 +123,8 @@ pub struct RunRecord {
     pub error_message: Option<String>,
     /// The plan as recorded (a taken-over run's window is read from it).
     pub plan_json: String,
+    /// An incremental load's stream (see `NewRun`).
+    pub stream_key: Option<String>,
 }
 
 /// How a run ended, as recorded by `finish_run`.
@@ -158,6 +165,10 @@ impl RunEnd {
 
     pub fn superseded(why: impl Into<String>) -> Self {
         Self::ended(RunStatus::Superseded, why)
+    }
+
+    pub fn abandoned(why: impl Into<String>) -> Self {
+        Self::ended(RunStatus::Abandoned, why)
     }
 
     fn ended(status: RunStatus, error_message: impl Into<String>) -> Self {
@@ -203,6 +214,10 @@ pub trait StateStore: Send + Sync {
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>>;
     /// The newest run of a job key.
     async fn latest_run(&self, job_key: &str) -> Result<Option<RunRecord>>;
+    /// Every run whose status is `running`, oldest first.
+    async fn running_runs(&self) -> Result<Vec<RunRecord>>;
+    /// The newest run of an incremental stream.
+    async fn latest_stream_run(&self, stream_key: &str) -> Result<Option<RunRecord>>;
     /// The watermark recorded with the newest completed load of an incremental stream.
     async fn stream_watermark(&self, stream_key: &str) -> Result<Option<String>>;
     /// Every file the committed loads of a file stream read.
@@ -606,9 +621,99 @@ pub(crate) mod conformance {
         assert_eq!(store.stream_watermark("ds10:events").await.unwrap(), None);
     }
 
+    /// The sweep's view: running runs with their streams; an abandoned run is not one, and
+    /// frees its stream.
+    pub async fn running_runs_are_listed_until_abandoned(store: &dyn StateStore) {
+        let run = |id: &str, stream: Option<&str>| NewRun {
+            run_id: id.into(),
+            job_key: id.into(),
+            data_source_id: None,
+            etl_run_id: None,
+            dest_table: "t".into(),
+            mode: "standard".into(),
+            plan_json: "{}".into(),
+            owner: "a".into(),
+            stream_key: stream.map(str::to_string),
+            stream_watermark: None,
+        };
+        for (id, stream) in [("sweep-1", None), ("sweep-2", Some("ds11:events"))] {
+            assert_eq!(
+                store.create_run(&run(id, stream), &[]).await.unwrap(),
+                Created::Created
+            );
+        }
+        let mine = |runs: Vec<RunRecord>| -> Vec<(String, String, Option<String>)> {
+            runs.into_iter()
+                .filter(|r| r.run_id.starts_with("sweep-"))
+                .map(|r| (r.run_id, r.status, r.stream_key))
+                .collect()
+        };
+        let running = store.running_runs().await.unwrap();
+        assert!(running.iter().all(|r| r.status == "running"), "{running:?}");
+        assert_eq!(
+            mine(running),
+            vec![
+                ("sweep-1".into(), "running".into(), None),
+                (
+                    "sweep-2".into(),
+                    "running".into(),
+                    Some("ds11:events".into())
+                ),
+            ]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            store
+                .claim_run("sweep-2", "sweeper", Duration::from_millis(10))
+                .await
+                .unwrap()
+        );
+        store
+            .finish_run(
+                "sweep-2",
+                &RunEnd::abandoned("abandoned: its owner a went quiet"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            mine(store.running_runs().await.unwrap()),
+            vec![("sweep-1".into(), "running".into(), None)]
+        );
+        assert_eq!(
+            store.run("sweep-2").await.unwrap().unwrap().status,
+            "abandoned"
+        );
+        let latest = store
+            .latest_stream_run("ds11:events")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (latest.run_id.as_str(), latest.status.as_str()),
+            ("sweep-2", "abandoned")
+        );
+        assert_eq!(store.latest_stream_run("ds12:none").await.unwrap(), None);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store
+                .create_run(&run("sweep-3", Some("ds11:events")), &[])
+                .await
+                .unwrap(),
+            Created::Created,
+            "the stream is free again"
+        );
+        let latest = store
+            .latest_stream_run("ds11:events")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(latest.run_id, "sweep-3");
+    }
+
     pub async fn run_all(store: &dyn StateStore) {
         results_are_idempotent_by_shard(store).await;
         only_a_quiet_owner_loses_its_run(store).await;
         incremental_streams_run_one_at_a_time(store).await;
+        running_runs_are_listed_until_abandoned(store).await;
     }
 }

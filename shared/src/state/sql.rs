@@ -1,6 +1,6 @@
 //! The state store on SQL: SQLite (the embedded default, one file) or PostgreSQL (for a fleet
 //! of dispatchers), through sqlx's `Any` driver. The queries are shared (`$n` placeholders
-//! work in both); each backend's schema lives beside this file.
+//! work in both); each backend's schema is built by the versioned migrations of `migrate`.
 
 use std::time::Duration;
 
@@ -15,11 +15,8 @@ use super::{
 use crate::messages::{ShardOutcome, ShardResult};
 use crate::{Error, Result};
 
-const SQLITE_SCHEMA: &str = include_str!("sqlite.sql");
-const POSTGRES_SCHEMA: &str = include_str!("postgres.sql");
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
+pub(crate) enum Backend {
     Sqlite,
     Postgres,
 }
@@ -86,11 +83,7 @@ impl SqlStateStore {
             .map_err(|e| {
                 Error::State(format!("cannot open state store {}: {e}", redact_url(&url)))
             })?;
-        let schema = match backend {
-            Backend::Sqlite => SQLITE_SCHEMA,
-            Backend::Postgres => POSTGRES_SCHEMA,
-        };
-        sqlx::raw_sql(schema).execute(&pool).await?;
+        super::migrate::migrate(&pool, backend).await?;
         Ok(SqlStateStore { pool })
     }
 }
@@ -100,7 +93,7 @@ macro_rules! select_runs {
     ($tail:literal) => {
         concat!(
             "SELECT run_id, job_key, data_source_id, etl_run_id, owner, heartbeat_at, status, rows_extracted,
-                    rows_loaded, checksum, watermark, error_message, plan_json
+                    rows_loaded, checksum, watermark, error_message, plan_json, stream_key
              FROM shardflow_runs ",
             $tail
         )
@@ -397,6 +390,27 @@ impl StateStore for SqlStateStore {
         row.as_ref().map(run_record).transpose()
     }
 
+    async fn latest_stream_run(&self, stream_key: &str) -> Result<Option<RunRecord>> {
+        let row = sqlx::query(select_runs!(
+            "WHERE stream_key = $1 ORDER BY started_at DESC, run_id DESC LIMIT 1"
+        ))
+        .bind(stream_key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(run_record).transpose()
+    }
+
+    async fn running_runs(&self) -> Result<Vec<RunRecord>> {
+        sqlx::query(select_runs!(
+            "WHERE status = 'running' ORDER BY started_at, run_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(run_record)
+        .collect()
+    }
+
     async fn stream_watermark(&self, stream_key: &str) -> Result<Option<String>> {
         Ok(sqlx::query_scalar(
             "SELECT watermark FROM shardflow_runs
@@ -452,6 +466,7 @@ fn run_record(r: &AnyRow) -> Result<RunRecord> {
         watermark: r.try_get("watermark")?,
         error_message: r.try_get("error_message")?,
         plan_json: r.try_get("plan_json")?,
+        stream_key: r.try_get("stream_key")?,
     })
 }
 
@@ -502,6 +517,238 @@ mod tests {
         .execute(&pool)
         .await
         .unwrap();
+    }
+
+    /// The stores made before schemas were versioned: as first released, and as last shipped.
+    const UNVERSIONED: [(&str, &str, &str); 2] = [
+        (
+            "506d605",
+            include_str!("testdata/unversioned_506d605.sqlite.sql"),
+            include_str!("testdata/unversioned_506d605.postgres.sql"),
+        ),
+        (
+            "b617157",
+            include_str!("testdata/unversioned_b617157.sqlite.sql"),
+            include_str!("testdata/unversioned_b617157.postgres.sql"),
+        ),
+    ];
+
+    /// A run and a shard as the first release wrote them (its columns only).
+    const FIRST_RELEASE_ROWS: &str = "
+        INSERT INTO shardflow_runs (run_id, job_key, data_source_id, etl_run_id, dest_table,
+            status, mode, plan_json, owner, heartbeat_at, started_at, finished_at,
+            rows_extracted, rows_loaded, error_message)
+        VALUES ('old-run.1', 'old-run', 7, 41, 'orders', 'completed', 'catalog', '{}',
+            'dispatcher-a', '2026-11-22T10:00:00.000000Z', '2026-11-22T09:59:00.000000Z',
+            '2026-11-22T10:00:01.000000Z', 1500, 1500, NULL);
+        INSERT INTO shardflow_shards (run_id, shard_id, shard_index, estimated_rows,
+            bounds_json, task_json, status, rows, bytes, files_json, attempts)
+        VALUES ('old-run.1', 's0', 0, 1500, '{}', '{}', 'succeeded', 1500, 4096, '[]', 1);";
+
+    /// (table, column, type, nullable, default) of every shardflow table, as the catalog says.
+    async fn columns(pool: &AnyPool, backend: Backend) -> Vec<(String, String, String, String)> {
+        let sql = match backend {
+            Backend::Sqlite => {
+                "SELECT m.name AS t, p.name AS c, p.type AS ty,
+                        CAST(p.\"notnull\" AS TEXT) AS n
+                 FROM sqlite_master m, pragma_table_info(m.name) p
+                 WHERE m.type = 'table' AND m.name LIKE 'shardflow%'
+                 ORDER BY 1, 2"
+            }
+            Backend::Postgres => {
+                "SELECT table_name::text AS t, column_name::text AS c, data_type::text AS ty,
+                        is_nullable::text AS n
+                 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name LIKE 'shardflow%'
+                 ORDER BY 1, 2"
+            }
+        };
+        sqlx::query(sql)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<String, _>("t"),
+                    r.get::<String, _>("c"),
+                    r.get::<String, _>("ty").to_uppercase(),
+                    r.get::<String, _>("n"),
+                )
+            })
+            .collect()
+    }
+
+    async fn indexes(pool: &AnyPool, backend: Backend) -> Vec<String> {
+        let sql = match backend {
+            Backend::Sqlite => {
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'shardflow%'
+                 ORDER BY 1"
+            }
+            Backend::Postgres => {
+                "SELECT indexname::text AS name FROM pg_indexes
+                 WHERE schemaname = current_schema() AND indexname LIKE 'shardflow%' ORDER BY 1"
+            }
+        };
+        sqlx::query(sql)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>("name"))
+            .collect()
+    }
+
+    async fn ledger(pool: &AnyPool) -> Vec<i64> {
+        sqlx::query_scalar("SELECT version FROM shardflow_schema_migrations ORDER BY version")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    }
+
+    /// Each unversioned store upgrades in place to the schema a new store gets, keeps its
+    /// rows, passes the suite, and is not migrated again; a store newer than the build is
+    /// refused. `url_of(name)` makes an empty store.
+    async fn unversioned_stores_upgrade_in_place(
+        backend: Backend,
+        url_of: &dyn Fn(&str) -> String,
+        raw: &dyn Fn(&str) -> AnyPool,
+    ) {
+        let fresh_url = url_of("fresh");
+        let fresh = SqlStateStore::open(&fresh_url).await.unwrap();
+        let want_columns = columns(&fresh.pool, backend).await;
+        let want_indexes = indexes(&fresh.pool, backend).await;
+        let latest = super::super::migrate::latest_version();
+        assert_eq!(ledger(&fresh.pool).await, (1..=latest).collect::<Vec<_>>());
+        assert!(
+            want_columns
+                .iter()
+                .any(|(t, c, _, _)| t == "shardflow_runs" && c == "stream_key"),
+            "{want_columns:?}"
+        );
+        for (commit, sqlite, postgres) in UNVERSIONED {
+            let url = url_of(commit);
+            let pool = raw(&url);
+            let schema = match backend {
+                Backend::Sqlite => sqlite,
+                Backend::Postgres => postgres,
+            };
+            sqlx::raw_sql(sqlx::AssertSqlSafe(schema))
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::raw_sql(FIRST_RELEASE_ROWS)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+
+            let store = SqlStateStore::open(&url).await.unwrap();
+            assert_eq!(
+                columns(&store.pool, backend).await,
+                want_columns,
+                "{commit}"
+            );
+            assert_eq!(
+                indexes(&store.pool, backend).await,
+                want_indexes,
+                "{commit}"
+            );
+            assert_eq!(ledger(&store.pool).await, (1..=latest).collect::<Vec<_>>());
+            let old = store
+                .run("old-run.1")
+                .await
+                .unwrap()
+                .expect("the old run is kept");
+            assert_eq!(
+                (
+                    old.status.as_str(),
+                    old.rows_loaded,
+                    old.etl_run_id,
+                    old.checksum
+                ),
+                ("completed", Some(1500), Some(41), None),
+                "{commit}"
+            );
+            let shards = store.shards("old-run.1").await.unwrap();
+            assert_eq!((shards.len(), shards[0].rows), (1, Some(1500)), "{commit}");
+            conformance::run_all(&store).await;
+            drop(store);
+            // Opened again: nothing to apply, nothing lost.
+            let again = SqlStateStore::open(&url).await.unwrap();
+            assert_eq!(ledger(&again.pool).await, (1..=latest).collect::<Vec<_>>());
+            assert_eq!(again.shards("run-1").await.unwrap().len(), 2, "{commit}");
+            // A store upgraded by a newer shardflow is refused, not misread.
+            sqlx::query(
+                "INSERT INTO shardflow_schema_migrations VALUES ($1, 'from the future', 'f', 'now')",
+            )
+            .bind(latest + 1)
+            .execute(&again.pool)
+            .await
+            .unwrap();
+            drop(again);
+            let refused = SqlStateStore::open(&url)
+                .await
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                refused.contains(&format!(
+                    "schema is at version {}, newer than this shardflow knows (version {latest})",
+                    latest + 1
+                )),
+                "{refused}"
+            );
+        }
+    }
+
+    fn lazy_pool(url: &str) -> AnyPool {
+        sqlx::any::install_default_drivers();
+        AnyPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy(url)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn unversioned_sqlite_stores_upgrade_in_place() {
+        let dir = std::env::temp_dir().join(format!("shardflow-upgrade-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url_of = |name: &str| format!("sqlite://{}?mode=rwc", dir.join(name).display());
+        unversioned_stores_upgrade_in_place(Backend::Sqlite, &url_of, &lazy_pool).await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn unversioned_postgres_stores_upgrade_in_place() {
+        let admin = std::env::var("SHARDFLOW_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let admin_pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {admin} is needed (start it): {e}"));
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let mut dbs = Vec::new();
+        for name in ["fresh", "506d605", "b617157"] {
+            let db = format!("shardflow_upgrade_{name}_{tag}");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+                .execute(&admin_pool)
+                .await
+                .unwrap();
+            dbs.push(db);
+        }
+        let base = admin.rsplit_once('/').unwrap().0.to_string();
+        let url_of = |name: &str| format!("{base}/shardflow_upgrade_{name}_{tag}");
+        unversioned_stores_upgrade_in_place(Backend::Postgres, &url_of, &lazy_pool).await;
+        for db in dbs {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE {db} WITH (FORCE)"
+            )))
+            .execute(&admin_pool)
+            .await
+            .unwrap();
+        }
     }
 
     #[test]

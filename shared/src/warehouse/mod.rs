@@ -149,6 +149,34 @@ pub struct SourceFilesLoad<'a> {
     pub mode: WriteMode,
 }
 
+/// Something a load left outside the tables: a replaced version still in its grace period, or
+/// the scratch of a run (a half-built version, a link) that was killed or failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Leftover {
+    /// The run whose scratch it is; None when no run's state decides (a replaced version).
+    pub run_id: Option<String>,
+    /// Where it is, as `remove_leftover` takes it back.
+    pub location: String,
+    /// Not removed before this time (a replaced version's readers may still read it).
+    #[serde(skip)]
+    pub keep_until: Option<std::time::SystemTime>,
+}
+
+impl Leftover {
+    /// Whether the sweep may remove it now: no running run of the state store owns it, and
+    /// its grace period, if it has one, is over.
+    pub fn removable(
+        &self,
+        running: &std::collections::HashSet<String>,
+        now: std::time::SystemTime,
+    ) -> bool {
+        self.run_id
+            .as_ref()
+            .is_none_or(|run| !running.contains(run))
+            && self.keep_until.is_none_or(|until| until <= now)
+    }
+}
+
 /// Column names as they are: a warehouse that takes any name.
 pub fn names_as_they_are(names: &[String]) -> Vec<String> {
     names.to_vec()
@@ -173,11 +201,47 @@ pub trait Warehouse: Send + Sync {
     fn loads_gcs_files(&self) -> bool {
         false
     }
+    /// What loads left behind (see `Leftover`). The sweep lists these before it asks the state
+    /// store which runs are running, so a run that starts in between keeps its scratch.
+    async fn leftovers(&self) -> Result<Vec<Leftover>> {
+        Ok(Vec::new())
+    }
+    async fn remove_leftover(&self, leftover: &Leftover) -> Result<()> {
+        Err(crate::Error::Warehouse(format!(
+            "this warehouse leaves nothing to remove ({})",
+            leftover.location
+        )))
+    }
     async fn load_source_files(&self, request: SourceFilesLoad<'_>) -> Result<LoadOutcome> {
         Err(crate::Error::Warehouse(format!(
             "this warehouse cannot load {} source files into {} itself",
             request.uris.len(),
             request.table
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Leftover;
+    use std::collections::HashSet;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_leftover_goes_when_its_run_is_not_running_and_its_grace_is_over() {
+        let now = SystemTime::now();
+        let running: HashSet<String> = ["live.1".to_string()].into();
+        let of = |run: Option<&str>, keep: Option<SystemTime>| Leftover {
+            run_id: run.map(str::to_string),
+            location: "x".into(),
+            keep_until: keep,
+        };
+        assert!(!of(Some("live.1"), None).removable(&running, now));
+        assert!(of(Some("dead.1"), None).removable(&running, now));
+        let later = now + Duration::from_secs(1);
+        assert!(!of(None, Some(later)).removable(&running, now));
+        assert!(of(None, Some(now)).removable(&running, now));
+        assert!(!of(Some("dead.1"), Some(later)).removable(&running, now));
+        assert!(!of(Some("live.1"), Some(now)).removable(&running, later));
     }
 }

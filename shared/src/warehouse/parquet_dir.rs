@@ -1,11 +1,19 @@
 //! The embedded warehouse: a table is the set of Parquet files under `ROOT/<table>/`; files and
 //! folders whose names start with `_` or `.` are not part of it.
 //!
-//! A load builds the new version of the table in `ROOT/.shardflow-<table>-<run_id>/` (hard
-//! links to the staged parts, and for an append to the current files too), checks its row count
-//! against the workers' reports, then swaps it in with one `renameat2(RENAME_EXCHANGE)`: a
-//! reader that lists the directory sees the old set of files or the new set, never a mix, and a
-//! run that fails or is killed before the swap leaves the old table untouched.
+//! Each version of a table is a directory `ROOT/.shardflow-versions/<table>/<ms>-<run_id>/`,
+//! and `ROOT/<table>` is a symbolic link to the current one. A load builds the new version
+//! (hard links to the staged parts, and for an append to the current files too), checks its row
+//! count against the workers' reports, then swaps it in by exchanging a new link with the old
+//! one (`renameat2(RENAME_EXCHANGE)`): a reader that lists `ROOT/<table>/` sees the old set of
+//! files or the new set, never a mix, and a run that fails or is killed before the swap leaves
+//! the old table untouched.
+//!
+//! The version a swap replaced stays where it is for the grace period (`version_grace`): a
+//! reader that resolved the link once (`realpath ROOT/<table>`) reads that version to the end
+//! even while swaps go on. After the grace period the next load of the table, or
+//! `dispatcher gc`, removes it. What a killed run left (a half-built version, a link) is removed
+//! by the sweep once the state store says the run is not running (`leftovers`).
 //!
 //! A merge builds the same way: files that hold none of the staged keys are linked, files that
 //! hold some are rewritten without those rows, and the staged rows (the latest of each key) are
@@ -13,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arrow::array::{BooleanArray, RecordBatch, RecordBatchReader};
 use arrow::compute::filter_record_batch;
@@ -23,24 +32,64 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use async_trait::async_trait;
 
-use super::{LoadOutcome, LoadRequest, Warehouse, WriteMode};
+use super::{Leftover, LoadOutcome, LoadRequest, Warehouse, WriteMode};
 use crate::{Error, Result};
 
 pub struct ParquetDirWarehouse {
     root: PathBuf,
+    version_grace: Duration,
 }
+
+/// How long a replaced version stays readable by default: longer than a reader takes to read
+/// a table it listed, short enough that a table rewritten every few minutes keeps a few.
+pub const DEFAULT_VERSION_GRACE: Duration = Duration::from_secs(600);
+
+/// Under `ROOT`: every table's versions, one folder per table.
+pub const VERSIONS_DIR: &str = ".shardflow-versions";
+/// In a replaced version: when it stopped being the table (milliseconds since the epoch).
+const RETIRED_MARKER: &str = "_shardflow_retired_at";
+/// Scratch entries directly under `ROOT` start with this (the link a swap puts in place, and
+/// the build directories of releases before versions).
+const SCRATCH_PREFIX: &str = ".shardflow-";
+const LINK_PREFIX: &str = ".shardflow-link-";
 
 impl ParquetDirWarehouse {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root)
             .map_err(|e| Error::Warehouse(format!("cannot create {}: {e}", root.display())))?;
-        Ok(ParquetDirWarehouse { root })
+        Ok(ParquetDirWarehouse {
+            root,
+            version_grace: DEFAULT_VERSION_GRACE,
+        })
     }
 
+    /// How long a replaced version stays readable (see the module's documentation).
+    pub fn with_version_grace(mut self, grace: Duration) -> Self {
+        self.version_grace = grace;
+        self
+    }
+
+    /// The table as readers name it: a link to its current version.
     pub fn table_dir(&self, table: &str) -> PathBuf {
         self.root.join(table)
     }
+
+    fn versions_of(&self, table: &str) -> PathBuf {
+        self.root.join(VERSIONS_DIR).join(table)
+    }
+
+    /// The version directory the table's link names now; None without a table, or for a
+    /// table made before versions (a plain directory).
+    fn live_version(&self, table: &str) -> Option<PathBuf> {
+        let target = std::fs::read_link(self.table_dir(table)).ok()?;
+        Some(self.root.join(target))
+    }
+}
+
+fn millis_since_epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Whether a file in a table directory belongs to the table.
@@ -132,17 +181,114 @@ fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
 impl ParquetDirWarehouse {
     fn load_blocking(&self, req: &LoadRequest<'_>) -> Result<LoadOutcome> {
         let live = self.table_dir(req.table);
-        let build = self
-            .root
-            .join(format!(".shardflow-{}-{}", req.table, req.run_id));
+        let versions = self.versions_of(req.table);
+        std::fs::create_dir_all(&versions)?;
+        // A new name for every attempt, so no attempt touches a version a reader may hold.
+        let build = versions.join(format!(
+            "{:013}-{}",
+            millis_since_epoch(SystemTime::now()),
+            req.run_id
+        ));
         if build.exists() {
             std::fs::remove_dir_all(&build)?;
         }
-        std::fs::create_dir_all(&build)?;
+        std::fs::create_dir(&build)?;
         let outcome = self.fill_and_swap(req, &live, &build);
-        // On success `build` holds the previous version; on failure, the half-built one.
-        let _ = std::fs::remove_dir_all(&build);
+        if outcome.is_err() && self.live_version(req.table).as_deref() != Some(build.as_path()) {
+            let _ = std::fs::remove_dir_all(&build);
+        }
+        if outcome.is_ok()
+            && let Err(e) = self.expire_versions(req.table)
+        {
+            tracing::warn!(table = req.table, error = %e, "could not remove expired versions");
+        }
         outcome
+    }
+
+    /// Removes the table's replaced versions whose grace period is over.
+    fn expire_versions(&self, table: &str) -> Result<()> {
+        let now = SystemTime::now();
+        for leftover in self.table_leftovers(table)? {
+            if leftover.run_id.is_none() && leftover.keep_until.is_some_and(|until| until <= now) {
+                remove_entry(Path::new(&leftover.location))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A table's versions that are not its current one: replaced (kept until their grace
+    /// period ends, whatever their run's state) or never published (their run's).
+    fn table_leftovers(&self, table: &str) -> Result<Vec<Leftover>> {
+        let live = self.live_version(table);
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.versions_of(table)) else {
+            return Ok(out);
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if Some(&path) == live.as_ref() {
+                continue;
+            }
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let retired_at = std::fs::read_to_string(path.join(RETIRED_MARKER))
+                .ok()
+                .and_then(|ms| ms.trim().parse::<u64>().ok())
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+            out.push(match retired_at {
+                Some(at) => Leftover {
+                    run_id: None,
+                    location: path.display().to_string(),
+                    keep_until: Some(at + self.version_grace),
+                },
+                None => Leftover {
+                    run_id: name.split_once('-').map(|(_, run)| run.to_string()),
+                    location: path.display().to_string(),
+                    keep_until: None,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    fn leftovers_blocking(&self) -> Result<Vec<Leftover>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == VERSIONS_DIR || !name.starts_with(SCRATCH_PREFIX) {
+                continue;
+            }
+            let path = entry.path().display().to_string();
+            out.push(match name.strip_prefix(LINK_PREFIX) {
+                // The link a swap was about to put in place, or the one it took out.
+                Some(run) => Leftover {
+                    run_id: Some(run.to_string()),
+                    location: path,
+                    keep_until: None,
+                },
+                // `.shardflow-<table>-<run>` of a release before versions: the run cannot be
+                // told from the table, so it goes once it is a grace period old.
+                None => Leftover {
+                    run_id: None,
+                    location: path,
+                    keep_until: entry
+                        .metadata()?
+                        .modified()
+                        .ok()
+                        .map(|at| at + self.version_grace),
+                },
+            });
+        }
+        if let Ok(tables) = std::fs::read_dir(self.root.join(VERSIONS_DIR)) {
+            for table in tables {
+                let table = table?.file_name().to_string_lossy().into_owned();
+                out.extend(self.table_leftovers(&table)?);
+            }
+        }
+        Ok(out)
     }
 
     fn fill_and_swap(
@@ -152,7 +298,9 @@ impl ParquetDirWarehouse {
         build: &Path,
     ) -> Result<LoadOutcome> {
         if req.mode == WriteMode::Merge {
-            return merge_into(req, live, build);
+            let outcome = merge_into(req, live, build)?;
+            self.swap_in(build, live, req)?;
+            return Ok(outcome);
         }
         let mut rows = 0u64;
         let mut files = 0usize;
@@ -215,7 +363,7 @@ impl ParquetDirWarehouse {
                 req.expected_rows, req.table
             )));
         }
-        swap_in(build, live, req.table)?;
+        self.swap_in(build, live, req)?;
         Ok(LoadOutcome {
             rows_loaded: loaded,
             files,
@@ -481,7 +629,6 @@ fn merge_into(req: &LoadRequest<'_>, live: &Path, build: &Path) -> Result<LoadOu
             winners.len()
         )));
     }
-    swap_in(build, live, req.table)?;
     Ok(LoadOutcome {
         rows_loaded: merged,
         files,
@@ -513,26 +660,64 @@ fn appended_before(live: &Path, load_key: &str) -> Result<Option<LoadOutcome>> {
     }))
 }
 
-/// Makes the built version the table in one step; `build` then holds the old one.
-fn swap_in(build: &Path, live: &Path, table: &str) -> Result<()> {
-    // Durable before visible: a power loss after the exchange must not leave the table's
-    // names pointing at data still in the page cache (truncated or empty files). The files
-    // first, then the directory that names them, then the exchange, then its parent. Files
-    // the table already holds (linked again by an append or a merge) were made durable by the
-    // load that published them.
-    sync_files(&unpublished(build, live)?)?;
-    sync_dir(build)?;
-    if live.exists() {
-        exchange(build, live).map_err(|e| {
-            Error::Warehouse(format!("cannot swap in the new version of {table}: {e}"))
+impl ParquetDirWarehouse {
+    /// Makes the built version the table in one step: a link to it replaces the table's link
+    /// (or, once, the plain directory of a table made before versions).
+    fn swap_in(&self, build: &Path, live: &Path, req: &LoadRequest<'_>) -> Result<()> {
+        let table = req.table;
+        // Durable before visible: a power loss after the exchange must not leave the table's
+        // names pointing at data still in the page cache (truncated or empty files). The
+        // files first, then the directory that names them and the one that names it, then the
+        // exchange, then its parent. Files the table already holds (linked again by an append
+        // or a merge) were made durable by the load that published them.
+        sync_files(&unpublished(build, live)?)?;
+        sync_dir(build)?;
+        if let Some(versions) = build.parent() {
+            sync_dir(versions)?;
+        }
+        let target = build.strip_prefix(&self.root).map_err(|_| {
+            Error::Warehouse(format!(
+                "version {} is outside the warehouse",
+                build.display()
+            ))
         })?;
-    } else {
-        std::fs::rename(build, live)?;
+        let link = self.root.join(format!("{LINK_PREFIX}{}", req.run_id));
+        remove_entry(&link)?;
+        std::os::unix::fs::symlink(target, &link)?;
+        if std::fs::symlink_metadata(live).is_ok() {
+            if let Some(previous) = self.live_version(table) {
+                // Before the exchange: its grace period starts when readers can no longer
+                // reach it through the table's name. (If the exchange fails, the marker in
+                // the still-current version means nothing: the current one is never removed.)
+                std::fs::write(
+                    previous.join(RETIRED_MARKER),
+                    millis_since_epoch(SystemTime::now()).to_string(),
+                )?;
+            }
+            crate::fault::point(crate::fault::Step::Swap)?;
+            exchange(&link, live).map_err(|e| {
+                Error::Warehouse(format!("cannot swap in the new version of {table}: {e}"))
+            })?;
+            // `link` now holds the old link, or the directory of a table made before
+            // versions: no reader could pin that one, so it goes now.
+            remove_entry(&link)?;
+        } else {
+            crate::fault::point(crate::fault::Step::Swap)?;
+            std::fs::rename(&link, live)?;
+        }
+        sync_dir(&self.root)
     }
-    match live.parent() {
-        Some(root) => sync_dir(root),
-        None => Ok(()),
-    }
+}
+
+/// Removes a file, a link (not what it names) or a directory tree; absent is fine.
+fn remove_entry(path: &Path) -> Result<()> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => Err(e),
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+    };
+    removed.map_err(|e| Error::Warehouse(format!("cannot remove {}: {e}", path.display())))
 }
 
 /// The files of `build` that are not the very file (same inode) under the same name in `live`.
@@ -613,6 +798,30 @@ impl Warehouse for ParquetDirWarehouse {
         // on the dispatcher's task.
         self.load_blocking(&request)
     }
+
+    async fn leftovers(&self) -> Result<Vec<Leftover>> {
+        self.leftovers_blocking()
+    }
+
+    async fn remove_leftover(&self, leftover: &Leftover) -> Result<()> {
+        let path = Path::new(&leftover.location);
+        // Only what `leftovers` names: entries of this warehouse's scratch space.
+        let ours = path.strip_prefix(&self.root).is_ok_and(|rest| {
+            rest.components().next().is_some_and(|first| {
+                first
+                    .as_os_str()
+                    .to_string_lossy()
+                    .starts_with(SCRATCH_PREFIX)
+            })
+        });
+        if !ours {
+            return Err(Error::Warehouse(format!(
+                "{} is not a leftover of this warehouse",
+                leftover.location
+            )));
+        }
+        remove_entry(path)
+    }
 }
 
 #[cfg(test)]
@@ -690,6 +899,235 @@ mod tests {
             .iter()
             .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
             .collect()
+    }
+
+    fn replace<'a>(
+        schema: &'a arrow::datatypes::Schema,
+        staging: &'a Staging,
+        run_id: &'a str,
+        parts: &'a [StagedFile],
+        expected_rows: u64,
+    ) -> LoadRequest<'a> {
+        LoadRequest {
+            table: "t",
+            schema,
+            run_id,
+            load_key: run_id,
+            parts,
+            staging,
+            mode: WriteMode::Replace,
+            expected_rows,
+            merge_keys: &[],
+            latest_by: None,
+            allow_new_columns: false,
+        }
+    }
+
+    /// A reader that resolves the table's link once reads one whole version to the end while
+    /// swaps go on; replaced versions go once their grace period is over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_pinned_a_version_reads_it_whole_through_repeated_swaps() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let root =
+            std::env::temp_dir().join(format!("shardflow-pin-{}", uuid::Uuid::new_v4().simple()));
+        let staging = Staging::local(&root.join("stage")).unwrap();
+        let wh = ParquetDirWarehouse::new(root.join("wh"))
+            .unwrap()
+            .with_version_grace(Duration::from_secs(60));
+        let schema = schema();
+        // Version k: k + 2 rows over two parts, each row saying how many rows its version has.
+        let version = |k: usize| -> Vec<Vec<(i64, String, Option<i64>)>> {
+            let n = k + 2;
+            let rows: Vec<_> = (0..n as i64).map(|i| (i, format!("n={n}"), None)).collect();
+            vec![rows[..1].to_vec(), rows[1..].to_vec()]
+        };
+        let stage_version = |k: usize| {
+            let staging = staging.clone();
+            async move {
+                let parts = version(k);
+                let parts: Vec<Vec<(i64, &str, Option<i64>)>> = parts
+                    .iter()
+                    .map(|p| p.iter().map(|(i, v, a)| (*i, v.as_str(), *a)).collect())
+                    .collect();
+                let refs: Vec<&[(i64, &str, Option<i64>)]> =
+                    parts.iter().map(|p| p.as_slice()).collect();
+                stage(&staging, &format!("r{k}"), &refs).await
+            }
+        };
+        let first = stage_version(0).await;
+        wh.load(replace(&schema, &staging, "r0", &first, 2))
+            .await
+            .unwrap();
+
+        let table = wh.table_dir("t");
+        let stop = Arc::new(AtomicBool::new(false));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let reader = {
+            let (stop, reads, table) = (stop.clone(), reads.clone(), table.clone());
+            std::thread::spawn(move || -> std::result::Result<(), String> {
+                let mut pause = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let pinned = std::fs::canonicalize(&table).map_err(|e| e.to_string())?;
+                    let files = table_files(&pinned).map_err(|e| e.to_string())?;
+                    // Long enough for swaps to happen between the listing and the reading.
+                    pause = (pause + 7) % 40;
+                    std::thread::sleep(Duration::from_millis(pause));
+                    let mut tags = Vec::new();
+                    for f in &files {
+                        let (_, batches) =
+                            read_batches(f, None).map_err(|e| format!("{}: {e}", f.display()))?;
+                        for b in batches {
+                            let v = b.column(1).as_string::<i32>();
+                            tags.extend((0..b.num_rows()).map(|i| v.value(i).to_string()));
+                        }
+                    }
+                    let whole = format!("n={}", tags.len());
+                    if tags.is_empty() || tags.iter().any(|t| *t != whole) {
+                        return Err(format!("read a mix or a part: {tags:?}"));
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        };
+        const SWAPS: usize = 30;
+        for k in 1..=SWAPS {
+            let parts = stage_version(k).await;
+            let run = format!("r{k}");
+            wh.load(replace(&schema, &staging, &run, &parts, k as u64 + 2))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap().unwrap();
+        assert!(
+            reads.load(Ordering::Relaxed) >= 5,
+            "the reader read too rarely to tell"
+        );
+        assert_eq!(rows(&table).len(), SWAPS + 2);
+        // Every replaced version is still there, in its grace period, and none is a leftover
+        // the sweep may take yet.
+        let leftovers = wh.leftovers().await.unwrap();
+        assert_eq!(leftovers.len(), SWAPS, "{leftovers:?}");
+        let nothing_running = std::collections::HashSet::new();
+        assert!(
+            leftovers
+                .iter()
+                .all(|l| l.run_id.is_none() && !l.removable(&nothing_running, SystemTime::now()))
+        );
+        // With the grace period over, the next load removes them: only the table is left.
+        let wh = ParquetDirWarehouse::new(root.join("wh"))
+            .unwrap()
+            .with_version_grace(Duration::ZERO);
+        let last = stage_version(SWAPS + 1).await;
+        let run = format!("r{}", SWAPS + 1);
+        wh.load(replace(&schema, &staging, &run, &last, SWAPS as u64 + 3))
+            .await
+            .unwrap();
+        assert_eq!(wh.leftovers().await.unwrap(), vec![]);
+        let versions: Vec<_> = std::fs::read_dir(root.join("wh").join(VERSIONS_DIR).join("t"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(versions, vec![std::fs::canonicalize(&table).unwrap()]);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A table made before versions (a plain directory) becomes a link at its first load;
+    /// a killed run's scratch is listed under its run, and nothing else can be removed.
+    #[tokio::test]
+    async fn leftovers_name_their_runs_and_a_plain_table_directory_is_taken_over() {
+        let root =
+            std::env::temp_dir().join(format!("shardflow-left-{}", uuid::Uuid::new_v4().simple()));
+        let staging = Staging::local(&root.join("stage")).unwrap();
+        let wh = ParquetDirWarehouse::new(root.join("wh")).unwrap();
+        let schema = schema();
+        let old = stage(&staging, "r0", &[&[(1, "old", None)]]).await;
+        let table = wh.table_dir("t");
+        std::fs::create_dir_all(&table).unwrap();
+        std::fs::copy(
+            staging.local_path(&old[0].path).unwrap(),
+            table.join("legacy.parquet"),
+        )
+        .unwrap();
+        let new = stage(&staging, "r1", &[&[(1, "new", None), (2, "new", None)]]).await;
+        wh.load(replace(&schema, &staging, "r1", &new, 2))
+            .await
+            .unwrap();
+        assert!(
+            std::fs::symlink_metadata(&table)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(rows(&table), vec![(1, "new".into()), (2, "new".into())]);
+        assert_eq!(
+            wh.leftovers().await.unwrap(),
+            vec![],
+            "the plain directory is gone"
+        );
+
+        // What a run killed mid-load leaves, and a build directory of a release before versions.
+        let half = root
+            .join("wh")
+            .join(VERSIONS_DIR)
+            .join("t")
+            .join("0000000000001-dead.1");
+        std::fs::create_dir_all(&half).unwrap();
+        std::fs::write(half.join("part.parquet"), b"half").unwrap();
+        std::os::unix::fs::symlink(
+            ".shardflow-versions/t/0000000000001-dead.1",
+            root.join("wh/.shardflow-link-dead.1"),
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("wh/.shardflow-t-cli-x.1")).unwrap();
+        let mut found = wh.leftovers().await.unwrap();
+        found.sort_by(|a, b| a.location.cmp(&b.location));
+        let runs: Vec<_> = found.iter().map(|l| l.run_id.clone()).collect();
+        assert_eq!(
+            runs,
+            vec![Some("dead.1".into()), None, Some("dead.1".into())],
+            "{found:?}"
+        );
+        let running: std::collections::HashSet<String> = ["dead.1".to_string()].into();
+        assert!(
+            found
+                .iter()
+                .all(|l| !l.removable(&running, SystemTime::now())),
+            "running: kept"
+        );
+        for l in &found {
+            if l.removable(&Default::default(), SystemTime::now()) {
+                wh.remove_leftover(l).await.unwrap();
+            }
+        }
+        // The old build directory waits its grace period (its run cannot be told); the rest went.
+        let left: Vec<_> = wh
+            .leftovers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.location)
+            .collect();
+        assert_eq!(
+            left,
+            vec![root.join("wh/.shardflow-t-cli-x.1").display().to_string()]
+        );
+        assert!(!half.exists());
+        assert_eq!(rows(&table).len(), 2, "the table is untouched");
+        let err = wh
+            .remove_leftover(&Leftover {
+                run_id: None,
+                location: table.display().to_string(),
+                keep_until: None,
+            })
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not a leftover of this warehouse"), "{err}");
+        assert_eq!(rows(&table).len(), 2);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[tokio::test]

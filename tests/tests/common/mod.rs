@@ -405,6 +405,20 @@ pub fn dispatcher_json(args: &[&str]) -> serde_json::Value {
     })
 }
 
+/// Every file under `dir` (links to directories followed).
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 /// The dispatcher binary, built by `cargo build --bins` (tests/run.sh does it first).
 pub fn dispatcher_bin() -> PathBuf {
     let path = std::env::var_os("SHARDFLOW_DISPATCHER_BIN")
