@@ -1369,33 +1369,32 @@ async fn file_jobs_run_on_the_fleet_and_load_each_file_once() {
 
 /// The fault-injection suite on the fleet (issue 18, point 10): for each named step a
 /// dispatcher or a worker reaches, the fleet is restarted with `SHARDFLOW_FAULT=<step>:kill`,
-/// rows are added and a transactional job is published; once the process that reached the
-/// step is dead the fleet is restarted without the fault. Django must hear the run completed
-/// and BigQuery hold each source row once (count, digest of every id and name, sum).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_fleet_killed_at_each_step_appends_each_row_once() {
+/// the source changes (`change(n)`; change 0 before the first run) and the job is published; once the process that reached the step is
+/// dead the fleet is restarted without the fault. Django must hear the run completed and
+/// BigQuery hold each source row once (`check`).
+async fn fleet_killed_at_each_step(
+    name: &str,
+    job: impl Fn(&Fleet) -> Value,
+    steps: &[shardflow::fault::Step],
+    mut change: impl AsyncFnMut(&Fleet, usize),
+    mut check: impl AsyncFnMut(&Fleet, &str),
+) {
     use std::os::unix::process::ExitStatusExt as _;
-    let mut fleet = Fleet::start("fault", 2, &[("ETL_BATCH_SIZE", "1000")]).await;
-    source_table("fleet_fault", 8_000).await;
-    let mut config = config("fleet_fault", "table_fault");
-    config["load_type"] = json!("transactional");
-    config["timestamp_column"] = json!("seen");
-    config["historical_start_date"] = json!("2024-01-01");
-    fleet.serve_config(801, config);
+    let mut fleet = Fleet::start(name, 2, &[("ETL_BATCH_SIZE", "1000")]).await;
+    fleet.serve_config(801, job(&fleet));
+    change(&fleet, 0).await;
     fleet.publish_job(801, 12000).await;
     let first = fleet
         .django
         .final_status(12000, Duration::from_secs(180))
         .await;
-    assert_completed(&first, 8_000);
-    // The Parquet warehouse's swap is not on the fleet's path (BigQuery commits the load).
-    let steps = shardflow::fault::STEPS
-        .into_iter()
-        .filter(|s| *s != shardflow::fault::Step::Swap);
-    let mut next_id = 8_001i64;
-    for (n, step) in steps.enumerate() {
+    assert_eq!(first["status"], "completed", "{first}");
+    check(&fleet, "the first run").await;
+    for (n, step) in steps.iter().enumerate() {
+        // Change 0 was made before the first run.
+        let n = n + 1;
         let step = step.name();
-        let etl_run_id = 12001 + n as i64;
+        let etl_run_id = 12000 + n as i64;
         for i in 0..fleet.children.len() {
             fleet.kill(i);
         }
@@ -1405,16 +1404,7 @@ async fn a_fleet_killed_at_each_step_appends_each_row_once() {
         fleet.spawn_with("dispatcher", &armed);
         fleet.spawn_with("worker", &armed);
         fleet.spawn_with("worker", &armed);
-        pg().await
-            .batch_execute(&format!(
-                "INSERT INTO fleet_fault.t SELECT i, 'name-' || i, (i * 1.25)::numeric(12,2),
-                        timestamptz '2024-01-01 00:00:00+00' + i * interval '1 minute'
-                 FROM generate_series({next_id}, {}) i",
-                next_id + 2999
-            ))
-            .await
-            .unwrap();
-        next_id += 3000;
+        change(&fleet, n).await;
         fleet.publish_job(801, etl_run_id).await;
         // Until a process reached the step and died of it.
         let start = Instant::now();
@@ -1447,6 +1437,160 @@ async fn a_fleet_killed_at_each_step_appends_each_row_once() {
             status["status"], "completed",
             "after a kill at {step}: {status}"
         );
-        assert_loaded_exactly(&fleet, "fleet_fault", "table_fault").await;
+        check(&fleet, step).await;
     }
+}
+
+/// Every step the fleet reaches with workers: the Parquet warehouse's swap is not on its
+/// path (BigQuery commits the load).
+fn fleet_steps() -> Vec<shardflow::fault::Step> {
+    shardflow::fault::STEPS
+        .into_iter()
+        .filter(|s| *s != shardflow::fault::Step::Swap)
+        .collect()
+}
+
+async fn add_rows(schema: &str, from: i64, count: i64) {
+    pg().await
+        .batch_execute(&format!(
+            "INSERT INTO {schema}.t SELECT i, 'name-' || i, (i * 1.25)::numeric(12,2),
+                    timestamptz '2024-01-01 00:00:00+00' + i * interval '1 minute'
+             FROM generate_series({from}, {}) i",
+            from + count - 1
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_killed_at_each_step_appends_each_row_once() {
+    source_table("fleet_fault", 8_000).await;
+    let mut job = config("fleet_fault", "table_fault");
+    job["load_type"] = json!("transactional");
+    job["timestamp_column"] = json!("seen");
+    job["historical_start_date"] = json!("2024-01-01");
+    fleet_killed_at_each_step(
+        "fault",
+        |_| job.clone(),
+        &fleet_steps(),
+        async |_, n| add_rows("fleet_fault", 8_001 + 3000 * n as i64, 3000).await,
+        async |fleet, _| assert_loaded_exactly(fleet, "fleet_fault", "table_fault").await,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_killed_at_each_step_replaces_the_table_with_each_row_once() {
+    source_table("fleet_fault_cat", 8_000).await;
+    fleet_killed_at_each_step(
+        "faultcat",
+        |_| config("fleet_fault_cat", "table_fault_cat"),
+        &fleet_steps(),
+        async |_, n| {
+            add_rows("fleet_fault_cat", 20_001 + 1000 * n as i64, 1000).await;
+            pg().await
+                .batch_execute(&format!(
+                    "DELETE FROM fleet_fault_cat.t WHERE id % 53 = {n};
+                     UPDATE fleet_fault_cat.t SET name = name || '+' WHERE id % 41 = {n};"
+                ))
+                .await
+                .unwrap();
+        },
+        async |fleet, _| assert_loaded_exactly(fleet, "fleet_fault_cat", "table_fault_cat").await,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_killed_at_each_step_merges_each_key_once() {
+    source_table("fleet_fault_merge", 8_000).await;
+    let mut job = config("fleet_fault_merge", "table_fault_merge");
+    job["load_type"] = json!("merge");
+    job["timestamp_column"] = json!("seen");
+    fleet_killed_at_each_step(
+        "faultmerge",
+        |_| job.clone(),
+        &fleet_steps(),
+        async |_, n| {
+            // Changed keys move past every earlier change; new keys come after them.
+            pg().await
+                .batch_execute(&format!(
+                    "UPDATE fleet_fault_merge.t SET name = 'renamed-{n}-' || id, amount = amount + 1,
+                            seen = timestamptz '2025-01-01 00:00:00+00' + interval '{n} hour'
+                     WHERE id % 17 = {n};
+                     INSERT INTO fleet_fault_merge.t SELECT i, 'late-' || i, i,
+                            timestamptz '2025-01-01 00:00:00+00' + interval '{n} hour'
+                     FROM generate_series({}, {}) i",
+                    20_001 + 500 * n,
+                    20_500 + 500 * n
+                ))
+                .await
+                .unwrap();
+        },
+        async |fleet, _| assert_loaded_exactly(fleet, "fleet_fault_merge", "table_fault_merge").await,
+    )
+    .await;
+}
+
+/// A file stream BigQuery loads itself (the fast path: no workers, one load job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_killed_at_each_step_of_a_direct_file_load_loads_each_file_once() {
+    use shardflow::fault::Step;
+    let gcs = env_or_fail("STORAGE_EMULATOR_HOST");
+    // File n holds ids 1000n to 1000n + 999; the files live in the fleet's own bucket.
+    let put = async |fleet: &Fleet, n: usize| {
+        let mut text = "id,name\n".to_string();
+        for i in 1000 * n..1000 * (n + 1) {
+            text.push_str(&format!("{i},name {i}\n"));
+        }
+        let response = reqwest::Client::new()
+            .post(format!("{gcs}/upload/storage/v1/b/stage-{}/o", fleet.id))
+            .query(&[
+                ("uploadType", "media"),
+                ("name", &format!("drops/part_{n:03}.csv")),
+            ])
+            .body(text)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+    };
+    let files = std::cell::Cell::new(0usize);
+    let job = |fleet: &Fleet| {
+        json!({
+            "source_type": "gcs", "dest_table_name": "files_fault", "load_type": "transactional",
+            "connection_params": {"bucket": format!("stage-{}", fleet.id), "endpoint": gcs},
+            "file_path_prefix": "drops/", "file_pattern": "part_*",
+            "file_format": "csv", "load_latest_only": false, "processing_mode": "dataflow",
+            "bigquery_schema": [
+                {"name": "id", "bigquery_type": "INT64", "bigquery_mode": "NULLABLE"},
+                {"name": "name", "bigquery_type": "STRING", "bigquery_mode": "NULLABLE"}
+            ]
+        })
+    };
+    let steps = [
+        Step::Planned,
+        Step::LoadStarted,
+        Step::LoadCommitted,
+        Step::StateCommitted,
+        Step::ReportSent,
+    ];
+    fleet_killed_at_each_step(
+        "faultfiles",
+        job,
+        &steps,
+        async |fleet, n| {
+            put(fleet, n).await;
+            files.set(n + 1);
+        },
+        async |fleet, step| {
+            let want: Vec<String> = (0..1000 * files.get())
+                .map(|i| format!("{i}|name {i}"))
+                .collect();
+            let got = id_name_rows(fleet, "files_fault").await;
+            assert_eq!(got.len(), want.len(), "rows after a kill at {step}");
+            assert!(got == want, "content after a kill at {step}");
+        },
+    )
+    .await;
 }
