@@ -1377,6 +1377,7 @@ async fn fleet_killed_at_each_step(
     job: impl Fn(&Fleet) -> Value,
     steps: &[shardflow::fault::Step],
     mut change: impl AsyncFnMut(&Fleet, usize),
+    mut after_kill: impl AsyncFnMut(&Fleet, usize),
     mut check: impl AsyncFnMut(&Fleet, &str),
 ) {
     use std::os::unix::process::ExitStatusExt as _;
@@ -1426,6 +1427,7 @@ async fn fleet_killed_at_each_step(
         for i in first_armed..fleet.children.len() {
             fleet.kill(i);
         }
+        after_kill(&fleet, n).await;
         fleet.spawn_dispatcher();
         fleet.spawn_worker();
         fleet.spawn_worker();
@@ -1439,7 +1441,19 @@ async fn fleet_killed_at_each_step(
         );
         check(&fleet, step).await;
     }
+    // And the job after: what came after the last kill.
+    let last = 12001 + steps.len() as i64;
+    fleet.publish_job(801, last).await;
+    let status = fleet
+        .django
+        .final_status(last, Duration::from_secs(240))
+        .await;
+    assert_eq!(status["status"], "completed", "{status}");
+    check(&fleet, AFTER_EVERY_KILL).await;
 }
+
+/// What `check` is told after the job that follows the last kill.
+const AFTER_EVERY_KILL: &str = "the job after every kill";
 
 /// Every step the fleet reaches with workers: the Parquet warehouse's swap is not on its
 /// path (BigQuery commits the load).
@@ -1474,6 +1488,7 @@ async fn a_fleet_killed_at_each_step_appends_each_row_once() {
         |_| job.clone(),
         &fleet_steps(),
         async |_, n| add_rows("fleet_fault", 8_001 + 3000 * n as i64, 3000).await,
+        async |_, _| {},
         async |fleet, _| assert_loaded_exactly(fleet, "fleet_fault", "table_fault").await,
     )
     .await;
@@ -1496,6 +1511,7 @@ async fn a_fleet_killed_at_each_step_replaces_the_table_with_each_row_once() {
                 .await
                 .unwrap();
         },
+        async |_, _| {},
         async |fleet, _| assert_loaded_exactly(fleet, "fleet_fault_cat", "table_fault_cat").await,
     )
     .await;
@@ -1527,6 +1543,7 @@ async fn a_fleet_killed_at_each_step_merges_each_key_once() {
                 .await
                 .unwrap();
         },
+        async |_, _| {},
         async |fleet, _| assert_loaded_exactly(fleet, "fleet_fault_merge", "table_fault_merge").await,
     )
     .await;
@@ -1556,6 +1573,7 @@ async fn a_fleet_killed_at_each_step_of_a_direct_file_load_loads_each_file_once(
         assert!(response.status().is_success(), "{}", response.status());
     };
     let files = std::cell::Cell::new(0usize);
+    let late = std::cell::Cell::new(0usize);
     let job = |fleet: &Fleet| {
         json!({
             "source_type": "gcs", "dest_table_name": "files_fault", "load_type": "transactional",
@@ -1579,12 +1597,24 @@ async fn a_fleet_killed_at_each_step_of_a_direct_file_load_loads_each_file_once(
         "faultfiles",
         job,
         &steps,
-        async |fleet, n| {
-            put(fleet, n).await;
-            files.set(n + 1);
+        async |fleet, _| {
+            put(fleet, files.get()).await;
+            files.set(files.get() + 1);
+        },
+        // A file listed after the kill: the run that continues the dead one reads only what
+        // that one selected (its load may have committed), so this file waits for the next.
+        async |fleet, _| {
+            put(fleet, files.get()).await;
+            files.set(files.get() + 1);
+            late.set(1);
         },
         async |fleet, step| {
-            let want: Vec<String> = (0..1000 * files.get())
+            let loaded = if step == AFTER_EVERY_KILL {
+                files.get()
+            } else {
+                files.get() - late.get()
+            };
+            let want: Vec<String> = (0..1000 * loaded)
                 .map(|i| format!("{i}|name {i}"))
                 .collect();
             let got = id_name_rows(fleet, "files_fault").await;
