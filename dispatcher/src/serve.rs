@@ -271,8 +271,8 @@ async fn run_message(
         Ok(RunOutcome::AlreadyFinished(report)) => {
             tracing::info!(job_key = %key, run_id = %report.run_id, status = %report.status, "duplicate job message: the job already ran");
             // Its dispatcher may have died between recording the end and telling Django: the
-            // final PATCH again (the same fields) costs nothing and leaves no run hanging.
-            report_final(django, &report).await;
+            // ended status again, with what the state store knows of it, leaves no run hanging.
+            report_ended_again(django, &report).await;
             Settle::Ack
         }
         Ok(RunOutcome::OwnedElsewhere { run_id, owner }) => {
@@ -351,6 +351,24 @@ async fn report_final(django: Option<&DjangoClient>, report: &RunReport) {
     };
     if let Err(e) = django.update_run(id, &update).await {
         tracing::error!(error = %e, etl_run_id = id, "could not report the run to Django");
+    }
+}
+
+/// An ended run's status once more, from the state store: only the fields it records (a
+/// PATCH leaves the others as the first report set them; the duration is not recorded).
+async fn report_ended_again(django: Option<&DjangoClient>, report: &RunReport) {
+    let (Some(django), Some(id)) = (django, report.etl_run_id) else {
+        return;
+    };
+    let update = RunUpdate {
+        status: report.status.clone(),
+        rows_extracted: Some(report.rows_extracted),
+        rows_loaded: Some(report.rows_loaded),
+        error_message: report.error_message.clone(),
+        ..Default::default()
+    };
+    if let Err(e) = django.update_run(id, &update).await {
+        tracing::error!(error = %e, etl_run_id = id, "could not report the ended run to Django");
     }
 }
 

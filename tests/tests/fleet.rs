@@ -120,16 +120,24 @@ impl Django {
             .collect()
     }
 
-    /// Waits for the final status of a run.
+    /// Waits for the final status of a run: the run as Django holds it once a PATCH said
+    /// `completed` or `failed`, every PATCH applied in order (a PATCH is a partial update:
+    /// the fields it omits keep their values).
     async fn final_status(&self, etl_run_id: i64, within: Duration) -> Value {
         let start = Instant::now();
         loop {
-            if let Some(last) = self
-                .patches(etl_run_id)
-                .into_iter()
-                .rfind(|b| b["status"] == "completed" || b["status"] == "failed")
+            let patches = self.patches(etl_run_id);
+            if patches
+                .iter()
+                .any(|b| b["status"] == "completed" || b["status"] == "failed")
             {
-                return last;
+                let mut run = serde_json::Map::new();
+                for patch in patches {
+                    if let Value::Object(fields) = patch {
+                        run.extend(fields);
+                    }
+                }
+                return Value::Object(run);
             }
             assert!(
                 start.elapsed() < within,
