@@ -1,5 +1,10 @@
 -- The sample the README's first command loads: 2,000,000 orders with skewed keys and NULLs.
--- Idempotent: recreates the table each time.
+-- Idempotent: recreates the table each time. Another size: psql -v rows=20000 … (the shape
+-- stays: the last tenth of the keys jumps past 10^9).
+\if :{?rows}
+\else
+\set rows 2000000
+\endif
 DROP TABLE IF EXISTS public.shardflow_sample_orders;
 CREATE TABLE public.shardflow_sample_orders (
     order_id     bigint PRIMARY KEY,
@@ -21,7 +26,7 @@ CREATE TABLE public.shardflow_sample_orders (
     signature    bytea
 );
 INSERT INTO public.shardflow_sample_orders
-SELECT CASE WHEN i <= 1800000 THEN i ELSE 1000000000 + i::bigint * 997 END,
+SELECT CASE WHEN i <= :rows * 9 / 10 THEN i ELSE 1000000000 + i::bigint * 997 END,
        NULLIF(i % 50000, 7),
        (i % 20)::smallint,
        round((i % 100000) / 7.0, 2),
@@ -38,5 +43,5 @@ SELECT CASE WHEN i <= 1800000 THEN i ELSE 1000000000 + i::bigint * 997 END,
        CASE WHEN i % 7 = 0 THEN NULL ELSE jsonb_build_object('i', i, 'tags', jsonb_build_array('a', i % 3)) END,
        CASE WHEN i % 8 = 0 THEN NULL ELSE json_build_object('src', 'web', 'n', i) END,
        CASE WHEN i % 6 = 0 THEN NULL ELSE decode(md5(i::text), 'hex') END
-FROM generate_series(1, 2000000) AS i;
+FROM generate_series(1, :rows) AS i;
 ANALYZE public.shardflow_sample_orders;

@@ -33,6 +33,7 @@ pub mod engine;
 pub mod files;
 pub mod gc;
 pub mod progress;
+pub mod report;
 pub mod serve;
 
 pub use engine::{Engine, EngineSettings, RunEvents, RunJob, RunObserver, RunOutcome};

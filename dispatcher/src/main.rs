@@ -21,11 +21,25 @@ use shardflow::seal::SealKey;
 use shardflow::spec::{JobConfig, JobSpec};
 use shardflow::telemetry::{self, LogFormat};
 use shardflow::warehouse::parquet_dir::DEFAULT_VERSION_GRACE;
+use shardflow_dispatcher::report::ReporterSettings;
 use shardflow_dispatcher::serve::{ServeSettings, serve};
 use shardflow_dispatcher::{
     DEFAULT_BATCH_ROWS, EngineSettings, PlanOptions, QueueChoice, RunOptions, RunReport, plan_job,
     run_job,
 };
+
+/// The environment `dispatcher serve` reads besides its flags' own variables.
+const SERVE_ENV_HELP: &str = "Environment (besides each flag's own variable):
+  DJANGO_API_URL        Django's base URL: job configs by data source, and run statuses
+                        (unset: only inline configs run, and nothing is reported)
+  ETL_API_TOKEN         the bearer token for Django (a warning when DJANGO_API_URL is set
+                        without it)
+  SHARDFLOW_SEAL_KEY    64 hex digits, the same on the workers: seals inline configs for them
+  PUBSUB_EMULATOR_HOST  host:port of the Pub/Sub emulator instead of Google's service
+  STORAGE_EMULATOR_HOST the GCS emulator's URL instead of Google's service
+  BIGQUERY_EMULATOR_HOST the BigQuery emulator's URL instead of Google's service
+  BIGQUERY_LOCATION     where load and query jobs run (default: the dataset's location)
+  ETL_MAX_RETRIES, ETL_RETRY_DELAY  retries of transient errors (default 3, from 5 s)";
 
 #[derive(Parser)]
 #[command(
@@ -128,6 +142,7 @@ enum Command {
     },
     /// Pull job messages from Pub/Sub, run them on the fleet, report each run to Django.
     /// Every flag also reads the environment variable it names.
+    #[command(after_help = SERVE_ENV_HELP)]
     Serve(Box<ServeArgs>),
     /// Create the topics and subscriptions (with the dead-letter policy) that are missing.
     /// Idempotent.
@@ -300,6 +315,10 @@ struct ServeArgs {
     /// Seconds between sweeps of what dead runs left (0: never; `dispatcher gc` still can).
     #[arg(long, env = "SHARDFLOW_GC_INTERVAL_SECS", default_value_t = 300)]
     gc_interval_secs: u64,
+    /// Seconds a run's final status is resent to Django until it is accepted; then it is
+    /// given up with a logged error (a 4xx answer gives it up at once).
+    #[arg(long, env = "SHARDFLOW_REPORT_GIVE_UP_SECS", default_value_t = 86400)]
+    report_give_up_secs: u64,
     #[command(flatten)]
     grace: GraceArgs,
     #[command(flatten)]
@@ -621,6 +640,10 @@ async fn main() -> ExitCode {
                 lease: Duration::from_secs(args.lease_secs.clamp(10, 600)),
                 gc_interval: Duration::from_secs(args.gc_interval_secs),
                 version_grace: args.grace.grace(),
+                reporting: ReporterSettings {
+                    give_up_after: Duration::from_secs(args.report_give_up_secs),
+                    ..ReporterSettings::default()
+                },
                 owner: format!(
                     "{}-{}",
                     std::env::var("HOSTNAME").unwrap_or_else(|_| "dispatcher".into()),

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::engine::{Engine, EngineSettings, RunEvents, RunJob, RunObserver, RunOutcome};
+use crate::report::{Reporter, ReporterSettings};
 use crate::{RunReport, check_supported, open_warehouse};
 
 #[derive(Clone, Debug)]
@@ -52,6 +53,8 @@ pub struct ServeSettings {
     pub gc_interval: Duration,
     /// How long a replaced version of a directory destination's table stays readable.
     pub version_grace: Duration,
+    /// How run statuses reach Django (off the runs' path).
+    pub reporting: ReporterSettings,
 }
 
 /// A job message: `{"data_source_id": 123, "etl_run_id": 456, "config": {…}}`, where only
@@ -125,6 +128,17 @@ pub async fn serve(
         });
     }
 
+    let reporter = django
+        .clone()
+        .map(|d| Reporter::new(d, engine.state.clone(), settings.reporting.clone()));
+    if let Some(reporter) = &reporter {
+        let (reporter, stop) = (reporter.clone(), consumers_stop.clone());
+        consumers.spawn(async move {
+            reporter.serve(stop, Duration::from_secs(10)).await;
+            Ok(())
+        });
+    }
+
     let mut jobs = queue
         .subscribe(
             &settings.topology.jobs_subscription,
@@ -146,9 +160,10 @@ pub async fn serve(
                     Ok(d) => d,
                     Err(e) => break Err(e),
                 };
-                let (engine, django, pause) = (engine.clone(), django.clone(), settings.busy_backoff);
+                let (engine, pause) = (engine.clone(), settings.busy_backoff);
+                let django = Django { config: django.clone(), reporter: reporter.clone() };
                 running.spawn(async move {
-                    let settle = handle_job(&engine, django.as_deref(), &delivery, pause).await;
+                    let settle = handle_job(&engine, &django, &delivery, pause).await;
                     let settled = match settle {
                         Settle::Ack => delivery.ack().await,
                         Settle::Retry { pause } => {
@@ -198,9 +213,15 @@ pub async fn serve(
     outcome
 }
 
+/// Django as a job sees it: where its config comes from, and where its statuses go.
+struct Django {
+    config: Option<Arc<DjangoClient>>,
+    reporter: Option<Arc<Reporter>>,
+}
+
 async fn handle_job(
     engine: &Engine,
-    django: Option<&DjangoClient>,
+    django: &Django,
     delivery: &Delivery,
     busy_pause: Duration,
 ) -> Settle {
@@ -232,12 +253,12 @@ async fn handle_job(
 /// Resolves, runs and reports one parsed job message.
 async fn run_message(
     engine: &Engine,
-    django: Option<&DjangoClient>,
+    django: &Django,
     message: JobMessage,
     key: String,
     busy_pause: Duration,
 ) -> Settle {
-    let spec = match resolve(django, &message).await {
+    let spec = match resolve(django.config.as_deref(), &message).await {
         Ok(spec) => spec,
         Err(e) if e.is_transient() => {
             tracing::warn!(job_key = %key, error = %e, "job config unavailable; will retry");
@@ -256,12 +277,16 @@ async fn run_message(
         own_config: message.config.as_ref().map(|c| Arc::new(c.to_string())),
     };
     let observer = DjangoObserver {
-        django,
+        reporter: django.reporter.as_ref(),
         etl_run_id: message.etl_run_id,
     };
     match engine.run(&job, &observer).await {
         Ok(RunOutcome::Finished(report)) => {
-            report_final(django, &report).await;
+            if let Err(e) = report_final(django, &report).await {
+                // The job message comes back, finds the run ended and records it then.
+                tracing::warn!(job_key = %key, error = %e, "could not record the final status for Django; job message handed back");
+                return Settle::Retry { pause: busy_pause };
+            }
             if let Err(e) = shardflow::fault::point(shardflow::fault::Step::ReportSent) {
                 tracing::warn!(job_key = %key, error = %e, "job message handed back");
                 return Settle::Retry { pause: busy_pause };
@@ -272,8 +297,13 @@ async fn run_message(
             tracing::info!(job_key = %key, run_id = %report.run_id, status = %report.status, "duplicate job message: the job already ran");
             // Its dispatcher may have died between recording the end and telling Django: the
             // ended status again, with what the state store knows of it, leaves no run hanging.
-            report_ended_again(django, &report).await;
-            Settle::Ack
+            match report_ended_again(django, &report).await {
+                Ok(()) => Settle::Ack,
+                Err(e) => {
+                    tracing::warn!(job_key = %key, error = %e, "could not record the final status for Django; job message handed back");
+                    Settle::Retry { pause: busy_pause }
+                }
+            }
         }
         Ok(RunOutcome::OwnedElsewhere { run_id, owner }) => {
             tracing::info!(job_key = %key, %run_id, %owner, "job is running on another dispatcher");
@@ -318,10 +348,7 @@ async fn resolve(django: Option<&DjangoClient>, message: &JobMessage) -> Result<
     Ok(spec)
 }
 
-async fn report_failure(django: Option<&DjangoClient>, etl_run_id: Option<i64>, why: &str) {
-    let (Some(django), Some(id)) = (django, etl_run_id) else {
-        return;
-    };
+async fn report_failure(django: &Django, etl_run_id: Option<i64>, why: &str) {
     let update = RunUpdate {
         status: "failed".into(),
         error_message: Some(why.to_string()),
@@ -329,15 +356,26 @@ async fn report_failure(django: Option<&DjangoClient>, etl_run_id: Option<i64>, 
         rows_loaded: Some(0),
         ..Default::default()
     };
-    if let Err(e) = django.update_run(id, &update).await {
-        tracing::error!(error = %e, etl_run_id = id, "could not tell Django the run failed");
+    if let Err(e) = record_final(django, etl_run_id, &update).await {
+        tracing::error!(error = %e, etl_run_id, "could not record the refusal for Django");
     }
 }
 
-async fn report_final(django: Option<&DjangoClient>, report: &RunReport) {
-    let (Some(django), Some(id)) = (django, report.etl_run_id) else {
-        return;
+/// Records a final status for the reporter to send; nothing without Django or a Django run.
+async fn record_final(django: &Django, etl_run_id: Option<i64>, update: &RunUpdate) -> Result<()> {
+    let (Some(reporter), Some(id)) = (&django.reporter, etl_run_id) else {
+        return Ok(());
     };
+    if !reporter.record_final(id, update).await? {
+        tracing::info!(
+            etl_run_id = id,
+            "a final status of this Django run was recorded already; it stands"
+        );
+    }
+    Ok(())
+}
+
+async fn report_final(django: &Django, report: &RunReport) -> Result<()> {
     let update = RunUpdate {
         status: report.status.clone(),
         rows_extracted: Some(report.rows_extracted),
@@ -349,17 +387,13 @@ async fn report_final(django: Option<&DjangoClient>, report: &RunReport) {
         warnings: report.warnings.clone(),
         ..Default::default()
     };
-    if let Err(e) = django.update_run(id, &update).await {
-        tracing::error!(error = %e, etl_run_id = id, "could not report the run to Django");
-    }
+    record_final(django, report.etl_run_id, &update).await
 }
 
-/// An ended run's status once more, from the state store: only the fields it records (a
-/// PATCH leaves the others as the first report set them; the duration is not recorded).
-async fn report_ended_again(django: Option<&DjangoClient>, report: &RunReport) {
-    let (Some(django), Some(id)) = (django, report.etl_run_id) else {
-        return;
-    };
+/// An ended run's status once more, from the state store, for a dispatcher that died between
+/// recording the run's end and recording its report: only the fields the store records (the
+/// duration is not). A report recorded already stands.
+async fn report_ended_again(django: &Django, report: &RunReport) -> Result<()> {
     let update = RunUpdate {
         status: report.status.clone(),
         rows_extracted: Some(report.rows_extracted),
@@ -367,23 +401,19 @@ async fn report_ended_again(django: Option<&DjangoClient>, report: &RunReport) {
         error_message: report.error_message.clone(),
         ..Default::default()
     };
-    if let Err(e) = django.update_run(id, &update).await {
-        tracing::error!(error = %e, etl_run_id = id, "could not report the ended run to Django");
-    }
+    record_final(django, report.etl_run_id, &update).await
 }
 
-/// Tells Django `running`, then progress as shards finish.
+/// Queues `running`, then progress as shards finish, for the reporter (never waits on it).
 struct DjangoObserver<'a> {
-    django: Option<&'a DjangoClient>,
+    reporter: Option<&'a Arc<Reporter>>,
     etl_run_id: Option<i64>,
 }
 
 impl DjangoObserver<'_> {
     async fn send(&self, update: RunUpdate) {
-        if let (Some(django), Some(id)) = (self.django, self.etl_run_id)
-            && let Err(e) = django.update_run(id, &update).await
-        {
-            tracing::warn!(error = %e, etl_run_id = id, "could not report progress to Django");
+        if let (Some(reporter), Some(id)) = (self.reporter, self.etl_run_id) {
+            reporter.progress(id, update);
         }
     }
 }

@@ -2,11 +2,12 @@
 //! (`GET {DJANGO_API_URL}/api/etl/job-config/{id}/`) and the run status
 //! (`PATCH {DJANGO_API_URL}/api/etl/runs/{id}/update/`), both with `Bearer ETL_API_TOKEN`.
 //! Server errors and unreachable hosts are transient (retried by the caller's policy); a 4xx
-//! is a problem with the request and is reported as it is.
+//! is a problem with the request and is reported as it is. Every error names the request and
+//! the cause (`net`).
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::retry::RetryPolicy;
 use crate::spec::{JobConfig, Secret};
@@ -15,13 +16,15 @@ use crate::{Error, Result};
 #[derive(Clone)]
 pub struct DjangoClient {
     base_url: String,
-    token: Secret,
+    /// None when `ETL_API_TOKEN` is empty: no `Authorization` header rather than `Bearer `.
+    token: Option<Secret>,
     http: reqwest::Client,
     retry: RetryPolicy,
 }
 
 /// The body of a run-status PATCH. `None` fields are left out.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunUpdate {
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,6 +68,7 @@ impl DjangoClient {
                 message: format!("HTTP client: {e}"),
                 transient: false,
             })?;
+        let token = (!token.expose().is_empty()).then_some(token);
         Ok(DjangoClient {
             base_url,
             token,
@@ -82,7 +86,13 @@ impl DjangoClient {
             return Ok(None);
         }
         let token = std::env::var("ETL_API_TOKEN").unwrap_or_default();
-        Self::new(&url, Secret::new(token), retry).map(Some)
+        if token.trim().is_empty() {
+            tracing::warn!(
+                "DJANGO_API_URL is set but ETL_API_TOKEN is empty: requests to Django carry no \
+                 Authorization header"
+            );
+        }
+        Self::new(&url, Secret::new(token.trim().to_string()), retry).map(Some)
     }
 
     pub fn job_config_url(&self, data_source_id: i64) -> String {
@@ -100,17 +110,15 @@ impl DjangoClient {
             .retry
             .run(&what, || async {
                 let response = self
-                    .http
-                    .get(&url)
-                    .bearer_auth(self.token.expose())
+                    .authorized(self.http.get(&url))
                     .send()
                     .await
-                    .map_err(|e| unreachable(&url, e))?;
-                checked(&url, response)
+                    .map_err(|e| unreachable("GET", &url, &e))?;
+                checked("GET", &url, response)
                     .await?
                     .bytes()
                     .await
-                    .map_err(|e| unreachable(&url, e))
+                    .map_err(|e| unreachable("GET", &url, &e))
             })
             .await?;
         let mut config: JobConfig = serde_json::from_slice(&body).map_err(|e| Error::Api {
@@ -121,41 +129,46 @@ impl DjangoClient {
         Ok(config)
     }
 
-    pub async fn update_run(&self, etl_run_id: i64, update: &RunUpdate) -> Result<()> {
+    /// One PATCH of the run's status, no retry: the reporter (`dispatcher::report`) decides
+    /// when to try again, off the run's path.
+    pub async fn update_run_once(&self, etl_run_id: i64, update: &RunUpdate) -> Result<()> {
         let url = self.run_update_url(etl_run_id);
-        let what = format!("PATCH run {etl_run_id} {}", update.status);
-        self.retry
-            .run(&what, || async {
-                let response = self
-                    .http
-                    .patch(&url)
-                    .bearer_auth(self.token.expose())
-                    .json(update)
-                    .send()
-                    .await
-                    .map_err(|e| unreachable(&url, e))?;
-                checked(&url, response).await.map(|_| ())
-            })
+        let response = self
+            .authorized(self.http.patch(&url))
+            .json(update)
+            .send()
             .await
+            .map_err(|e| unreachable("PATCH", &url, &e))?;
+        checked("PATCH", &url, response).await.map(|_| ())
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token.expose()),
+            None => request,
+        }
     }
 }
 
-fn unreachable(url: &str, e: reqwest::Error) -> Error {
+fn unreachable(method: &str, url: &str, e: &reqwest::Error) -> Error {
     Error::Api {
-        message: format!("{url}: {e}"),
+        message: crate::net::unanswered(method, url, e),
         transient: true,
     }
 }
 
-async fn checked(url: &str, response: reqwest::Response) -> Result<reqwest::Response> {
+async fn checked(
+    method: &str,
+    url: &str,
+    response: reqwest::Response,
+) -> Result<reqwest::Response> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
     }
-    let mut body = response.text().await.unwrap_or_default();
-    body.truncate(500);
+    let body = response.text().await.unwrap_or_default();
     Err(Error::Api {
-        message: format!("{url} answered {status}: {body}"),
+        message: crate::net::answered(method, url, status, &body),
         transient: status.is_server_error() || status.as_u16() == 429,
     })
 }

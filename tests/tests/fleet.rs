@@ -39,6 +39,8 @@ fn bin(name: &str) -> std::path::PathBuf {
 struct Django {
     configs: Arc<Mutex<HashMap<i64, Value>>>,
     calls: Arc<Mutex<Vec<(String, String, Value)>>>,
+    /// While set, every PATCH is answered 503 (and not counted as heard).
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Django {
@@ -82,6 +84,11 @@ impl Django {
             .map(|b| b.to_bytes())
             .unwrap_or_default();
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if method == "PATCH" && self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut r = Response::new(Full::new(Bytes::from("Django is down for this test")));
+            *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+            return r;
+        }
         self.calls
             .lock()
             .unwrap()
@@ -158,6 +165,10 @@ struct Fleet {
     /// The processes, with the binary each runs.
     children: Vec<(&'static str, Child)>,
     queue: PubSubQueue,
+    /// The test (its thread) whose source schemas go with this fleet ([`source_table`]).
+    test: std::thread::ThreadId,
+    /// Drops the state database once the processes are gone (fields drop after `drop`).
+    _state_db: common::DropOnExit,
 }
 
 impl Fleet {
@@ -192,6 +203,8 @@ impl Fleet {
             .batch_execute(&format!("CREATE DATABASE state_{id}"))
             .await
             .unwrap();
+        let state_db =
+            common::DropOnExit::pg_database(common::PG_ADMIN_URL, &format!("state_{id}"));
         let dataset = format!("ds_{id}");
         let mut env: Vec<(String, String)> = vec![
             ("PUBSUB_EMULATOR_HOST", pubsub.as_str()),
@@ -288,6 +301,8 @@ impl Fleet {
             dataset,
             children: Vec::new(),
             queue,
+            test: std::thread::current().id(),
+            _state_db: state_db,
         };
         fleet.spawn_dispatcher();
         for _ in 0..workers {
@@ -309,13 +324,11 @@ impl Fleet {
     }
 
     fn spawn_with(&mut self, binary: &'static str, extra: &[(&str, &str)]) -> usize {
-        let log = std::fs::File::create(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
-            format!(
-                "../target/e2e-{}-{binary}-{}.log",
-                self.id,
-                self.children.len()
-            ),
-        ))
+        let log = std::fs::File::create(common::test_logs().join(format!(
+            "e2e-{}-{binary}-{}.log",
+            self.id,
+            self.children.len()
+        )))
         .unwrap();
         let child = Command::new(bin(binary))
             .arg("serve")
@@ -398,13 +411,32 @@ impl Drop for Fleet {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // The source schemas of this fleet's test, now that nothing reads them.
+        let mine: Vec<common::Scoped> = {
+            let mut sources = SOURCES.lock().unwrap_or_else(|e| e.into_inner());
+            let (mine, others) = std::mem::take(&mut *sources)
+                .into_iter()
+                .partition(|(test, _)| *test == self.test);
+            *sources = others;
+            mine.into_iter().map(|(_, schema)| schema).collect()
+        };
+        drop(mine);
     }
 }
 
-/// A source table: `rows` rows with an id key, text, a decimal and a timestamp.
+/// The source schemas [`source_table`] made, by the test (thread) that made them: each is
+/// dropped when that test's [`Fleet`] is, at the end of the test or when it fails.
+static SOURCES: Mutex<Vec<(std::thread::ThreadId, common::Scoped)>> = Mutex::new(Vec::new());
+
+/// A source table: `rows` rows with an id key, text, a decimal and a timestamp, in a fresh
+/// schema that goes with the test's fleet.
 async fn source_table(schema: &str, rows: i64) {
     let pg = pg().await;
-    fresh_schema(&pg, schema).await;
+    let made = fresh_schema(&pg, schema).await;
+    SOURCES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((std::thread::current().id(), made));
     pg.batch_execute(&format!(
         "CREATE TABLE {schema}.t (id bigint PRIMARY KEY, name text, amount numeric(12,2), \
          seen timestamptz);
@@ -614,6 +646,80 @@ async fn embedded_run(schema: &str, extra: Value, shard_rows: u64) -> RunReport 
     run_job(common::job(schema, "t", "t", extra), options).await
 }
 
+/// With Django answering 503 to every PATCH, a run is not held up: it ends in the state store
+/// and its job message is acked while Django is down (no PATCH awaited, no retry inline), its
+/// final status stays recorded, and Django hears it once it is back, exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_ends_while_django_is_down_and_django_hears_it_when_back() {
+    let fleet = Fleet::start("down", 1, &[]).await;
+    source_table("fleet_down", 20_000).await;
+    fleet
+        .django
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let inline = json!({"etl_run_id": 9101, "config": config("fleet_down", "table_d")});
+    fleet
+        .publish("SHARDFLOW_JOBS_TOPIC", Message::new(inline.to_string()))
+        .await;
+    let state = fleet.state().await;
+    let start = Instant::now();
+    loop {
+        let row = state
+            .query_opt(
+                "SELECT r.status, d.delivered_at FROM shardflow_runs r
+                 JOIN shardflow_django_reports d USING (etl_run_id)
+                 WHERE r.etl_run_id = 9101 AND r.status <> 'running'",
+                &[],
+            )
+            .await
+            // The dispatcher may not have made its tables yet.
+            .unwrap_or(None);
+        if let Some(row) = row {
+            assert_eq!(row.get::<_, String>(0), "completed");
+            assert_eq!(
+                row.get::<_, Option<String>>(1),
+                None,
+                "delivered while Django is down"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run did not end while Django was down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_loaded_exactly(&fleet, "fleet_down", "table_d").await;
+    assert!(fleet.django.patches(9101).is_empty(), "Django was down");
+    // The report is retried (2 s, 4 s, …) until Django answers again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet
+        .django
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let status = fleet
+        .django
+        .final_status(9101, Duration::from_secs(60))
+        .await;
+    assert_completed(&status, 20_000);
+    let finals: Vec<Value> = fleet
+        .django
+        .patches(9101)
+        .into_iter()
+        .filter(|p| p["status"] != "running")
+        .collect();
+    assert_eq!(finals.len(), 1, "one final status: {finals:?}");
+    let delivered: Option<String> = state
+        .query_one(
+            "SELECT delivered_at FROM shardflow_django_reports WHERE etl_run_id = 9101",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(delivered.is_some(), "the state store records the delivery");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scheduled_and_inline_jobs_run_without_django_run_ids_or_configs() {
     let fleet = Fleet::start("sched", 1, &[]).await;
@@ -783,7 +889,7 @@ async fn failures_reach_django_with_the_reason() {
     let fleet = Fleet::start("fail", 1, &[]).await;
     // A shard that always fails: a date PostgreSQL has and BigQuery cannot hold.
     let pg = pg().await;
-    fresh_schema(&pg, "fleet_poison").await;
+    let _poison = fresh_schema(&pg, "fleet_poison").await;
     pg.batch_execute(
         "CREATE TABLE fleet_poison.t (id bigint PRIMARY KEY, d numeric(10,2));
          INSERT INTO fleet_poison.t SELECT i, 1.5 FROM generate_series(1, 30000) i;
@@ -979,7 +1085,7 @@ async fn dispatcher_run_with_the_pubsub_queue_uses_the_fleet_and_waits() {
     let mut config = config("fleet_cli", "table_cli");
     config["data_source_id"] = json!(501);
     fleet.serve_config(501, config.clone());
-    let job_file = std::env::temp_dir().join(format!("{}-job.json", fleet.id));
+    let job_file = common::scratch("fleet-cli-job").join("job.json");
     std::fs::write(&job_file, config.to_string()).unwrap();
     let output = Command::new(bin("dispatcher"))
         .args(["run", "--queue", "pubsub", "--shard-rows", "10000", "--job"])

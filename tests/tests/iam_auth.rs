@@ -112,6 +112,10 @@ async fn iam_logins_use_the_identitys_token_refresh_it_and_name_a_refusal() {
             .unwrap();
     };
     set_passwords(&mut my_admin, "tok-one").await;
+    // Dropped at the end; these guards drop them when the test fails first.
+    let _drop_user = common::DropOnExit::mysql_user(&my_admin_url, "'iam-loader'@'%'");
+    let _drop_role =
+        common::DropOnExit::pg_role(&common::pg_with_passwords_url(), "iam-loader@proj.iam");
 
     // The first token expires in 245 s: inside the credentials' 240 s refresh slack after 5 s,
     // so they fetch the next one then, long before the first expires.

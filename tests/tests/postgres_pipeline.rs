@@ -1607,6 +1607,7 @@ async fn a_taken_over_incremental_run_rereads_its_window_and_stale_sync_values_r
     ] {
         pg.batch_execute(&statement).await.unwrap();
     }
+    let _drop_state_db = common::DropOnExit::pg_database(common::PG_ADMIN_URL, &state_db);
     let (state, connection) = tokio_postgres::connect(
         &format!("host=127.0.0.1 user=postgres dbname={state_db}"),
         tokio_postgres::NoTls,
@@ -1902,6 +1903,7 @@ async fn arrays_enums_intervals_and_other_types_round_trip_exactly() {
     ))
     .await
     .unwrap();
+    let _drop_role = common::DropOnExit::pg_role(common::PG_URL, &role);
     let more_job = || {
         job(
             &schema,

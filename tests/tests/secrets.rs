@@ -61,6 +61,8 @@ async fn secrets_by_reference_are_read_from_secret_manager_when_connecting() {
         )
         .await
         .unwrap();
+    // Dropped below; this guard drops it when the test fails first.
+    let _drop_role = common::DropOnExit::pg_role(&common::pg_with_passwords_url(), "secret_reader");
     let (endpoint, log) = secret_manager(&[
         ("db-pass/versions/3", "tls-test-password".to_string()),
         ("server-ca/versions/1", ca_pem),

@@ -261,6 +261,7 @@ async fn mysql_sources_load_over_tls_in_every_ssl_mode_and_name_what_fails() {
         .connect()
         .await
         .expect("the TLS MariaDB answers (bash tests/emulators.sh start)");
+    let _drop_tls_my = common::DropOnExit::mysql_database(&common::mariadb_tls_url(), "tls_my");
     common::my::exec(
         &mut conn,
         "DROP DATABASE IF EXISTS tls_my; CREATE DATABASE tls_my;

@@ -107,6 +107,25 @@ impl JobResolver for DjangoJobResolver {
     }
 }
 
+/// A worker started without `DJANGO_API_URL`: a shard whose config must be fetched from
+/// Django fails at once, saying what to set (retrying would not make the variable appear).
+pub struct NoDjangoResolver;
+
+#[async_trait]
+impl JobResolver for NoDjangoResolver {
+    async fn job_for(&self, task: &ShardTask) -> Result<Arc<JobSpec>> {
+        Err(Error::Message(format!(
+            "shard {} of run {} carries no sealed config, and this worker has no DJANGO_API_URL \
+             to fetch data source {}'s config from: set DJANGO_API_URL on the workers, or \
+             SHARDFLOW_SEAL_KEY on the dispatcher and the workers for inline configs",
+            task.shard_id,
+            task.run_id,
+            task.data_source_id
+                .map_or_else(|| "(none)".to_string(), |id| id.to_string())
+        )))
+    }
+}
+
 /// A shard's staged parts and what the worker says of their rows.
 #[derive(Debug)]
 pub struct Extracted {

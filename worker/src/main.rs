@@ -20,7 +20,7 @@ use shardflow::spec::JobSpec;
 use shardflow::staging::Staging;
 use shardflow::telemetry::{self, LogFormat};
 use shardflow_worker::{
-    DjangoJobResolver, RunRegistry, SealedConfigResolver, Worker, WorkerSettings,
+    DjangoJobResolver, NoDjangoResolver, RunRegistry, SealedConfigResolver, Worker, WorkerSettings,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -41,11 +41,23 @@ struct Cli {
     command: Command,
 }
 
+/// The environment `worker serve` reads besides its flags' own variables.
+const WORKER_ENV_HELP: &str = "Environment (besides each flag's own variable):
+  DJANGO_API_URL       Django's base URL, for shards whose config is named by data source
+                       (not needed when every job's config is inline and sealed)
+  ETL_API_TOKEN        the bearer token for Django (a warning when DJANGO_API_URL is set
+                       without it)
+  SHARDFLOW_SEAL_KEY   64 hex digits, the same as the dispatcher's: opens sealed inline configs
+  PUBSUB_EMULATOR_HOST host:port of the Pub/Sub emulator instead of Google's service
+  STORAGE_EMULATOR_HOST the GCS emulator's URL instead of Google's service
+  ETL_MAX_RETRIES, ETL_RETRY_DELAY  retries of transient errors (default 3, from 5 s)";
+
 #[derive(Subcommand)]
 enum Command {
     /// Pull shards from Pub/Sub, extract them to Parquet in staging, publish each result, ack.
-    /// Job configs come from Django by data source. Every flag also reads the environment
-    /// variable it names.
+    /// A shard's job config travels sealed in it (an inline config) or is fetched from Django
+    /// by data source. Every flag also reads the environment variable it names.
+    #[command(after_help = WORKER_ENV_HELP)]
     Serve(ServeArgs),
     /// Extract one shard: read the shard message and job config from files, write the Parquet
     /// parts to a staging directory, print the shard result as JSON.
@@ -102,11 +114,14 @@ struct ServeArgs {
 
 async fn serve(args: ServeArgs) -> shardflow::Result<()> {
     let retry = RetryPolicy::from_env()?;
-    let django = DjangoClient::from_env(retry.clone())?.ok_or_else(|| {
-        shardflow::Error::Other(
-            "DJANGO_API_URL is not set: workers fetch each job's config from Django".into(),
-        )
-    })?;
+    // Django is needed only for shards whose config is named by data source; a sealed
+    // config travels in the shard itself.
+    let django = DjangoClient::from_env(retry.clone())?;
+    if django.is_none() {
+        tracing::info!(
+            "DJANGO_API_URL is not set: this worker takes only shards that carry a sealed config"
+        );
+    }
     let metrics_registry = Arc::new(Metrics::new());
     let stop_http = CancellationToken::new();
     let addr = format!("{}:{}", args.metrics_host, args.metrics_port)
@@ -143,10 +158,13 @@ async fn serve(args: ServeArgs) -> shardflow::Result<()> {
         Arc::new(queue),
         Arc::new(SealedConfigResolver {
             key: SealKey::from_env()?,
-            otherwise: Arc::new(DjangoJobResolver::new(
-                django,
-                Duration::from_secs(args.config_cache_secs),
-            )),
+            otherwise: match django {
+                Some(django) => Arc::new(DjangoJobResolver::new(
+                    django,
+                    Duration::from_secs(args.config_cache_secs),
+                )),
+                None => Arc::new(NoDjangoResolver),
+            },
         }),
         Staging::from_url(&args.staging)?,
         settings,

@@ -437,7 +437,7 @@ pub fn csv_text_schema(
 
 /// Detects a CSV sample's columns by pandas' `read_csv` rules and the seed's type mapping
 /// (`pandas::csv_column_kind`).
-fn sample_csv(
+pub(crate) fn sample_csv(
     sample: &[u8],
     options: &crate::spec::FileOptions,
     uri: &str,
@@ -633,7 +633,7 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-fn sample_json(sample: &[u8], uri: &str) -> Result<(Vec<DetectedColumn>, u64)> {
+pub(crate) fn sample_json(sample: &[u8], uri: &str) -> Result<(Vec<DetectedColumn>, u64)> {
     let lines = files::json_lines(sample);
     let (inferred, _) =
         arrow::json::reader::infer_json_schema(Cursor::new(&lines), None).map_err(|e| {

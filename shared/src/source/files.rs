@@ -642,11 +642,11 @@ pub async fn extract(
 }
 
 /// Where a file's batches go: conformed to the job's columns, counted, sent.
-struct BatchSink<'a> {
-    tx: &'a mpsc::Sender<Result<RecordBatch>>,
-    counts: &'a FileRowCounts,
-    index: usize,
-    target: &'a SchemaRef,
+pub(crate) struct BatchSink<'a> {
+    pub(crate) tx: &'a mpsc::Sender<Result<RecordBatch>>,
+    pub(crate) counts: &'a FileRowCounts,
+    pub(crate) index: usize,
+    pub(crate) target: &'a SchemaRef,
 }
 
 impl BatchSink<'_> {
@@ -734,7 +734,7 @@ async fn read_part(
 
 /// The field a text decoder parses a column as: nullable, and a UTC timestamp as offset
 /// `+00:00` (arrow parses named zones only with chrono-tz; the cast back is metadata only).
-fn parse_field(field: &Field) -> Field {
+pub(crate) fn parse_field(field: &Field) -> Field {
     let data_type = match field.data_type() {
         DataType::Timestamp(unit, Some(_)) => DataType::Timestamp(*unit, Some("+00:00".into())),
         other => other.clone(),
@@ -822,7 +822,7 @@ fn convert_text(
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Source(e.to_string()))
 }
 
-async fn read_csv(
+pub(crate) async fn read_csv(
     mut text: Box<dyn AsyncBufRead + Send + Unpin>,
     file_schema: SchemaRef,
     options: &FileOptions,
@@ -975,8 +975,9 @@ impl QuoteScan {
             };
             self.state = match self.state {
                 Quoted => QuoteInQuoted,
-                // A quote opens a field at the start of the input, a line or a field.
-                _ if previous.is_none_or(|b| b == self.delimiter || b == b'\n') => {
+                // A quote opens a field at the start of the input, a line or a field. The
+                // decoder (csv_core) ends a line at a lone `\r` too.
+                _ if previous.is_none_or(|b| b == self.delimiter || b == b'\n' || b == b'\r') => {
                     opened_here = Some(at);
                     Quoted
                 }
@@ -1121,7 +1122,7 @@ impl ArrayUnwrapper {
     }
 }
 
-async fn read_json(
+pub(crate) async fn read_json(
     mut text: Box<dyn AsyncBufRead + Send + Unpin>,
     schema: SchemaRef,
     encoding: TextEncoding,
@@ -1443,6 +1444,8 @@ mod tests {
             assert_eq!(unclosed(b"a,\"b\"c\n", chunks), None);
             // A doubled quote at the very end leaves the field open.
             assert_eq!(unclosed(b"a,\"b\"\"", chunks), Some(1));
+            // A lone `\r` ends a line for the decoder: the quote after it opens a field.
+            assert_eq!(unclosed(b"a\r\"x\n2\n3\n", chunks), Some(1));
         }
     }
 

@@ -313,7 +313,11 @@ impl Builder {
             Builder::Date(b) => b.append_value(match i32::from_be_bytes(fixed(v)?) {
                 i32::MAX => DATE_INFINITY,
                 i32::MIN => DATE_MINUS_INFINITY,
-                days => days + PG_EPOCH_DAYS,
+                // PostgreSQL's dates end in 5874897 AD, far inside this sum's range; bytes
+                // past it are refused rather than wrapped (found by the pg_copy fuzz target).
+                days => days
+                    .checked_add(PG_EPOCH_DAYS)
+                    .ok_or("date is past what PostgreSQL and Arrow's Date32 can hold")?,
             }),
             Builder::Time(b) => {
                 let micros = i64::from_be_bytes(fixed(v)?);
@@ -631,7 +635,13 @@ impl CopyDecoder {
                     "COPY stream does not start with the binary signature".into(),
                 ));
             }
-            let ext = i32::from_be_bytes([data[15], data[16], data[17], data[18]]) as usize;
+            let ext = i32::from_be_bytes([data[15], data[16], data[17], data[18]]);
+            // A negative length would wrap `19 + ext` (found by the pg_copy fuzz target).
+            let Ok(ext) = usize::try_from(ext) else {
+                return Err(Error::Database(format!(
+                    "COPY header extension length is negative ({ext})"
+                )));
+            };
             if data.len() < 19 + ext {
                 return Ok(0);
             }
@@ -1043,5 +1053,25 @@ mod tests {
         let mut d = CopyDecoder::new(&columns, 10).unwrap();
         d.push(&copy_stream(&[])[..20]).unwrap();
         assert!(d.finish().unwrap_err().to_string().contains("ended early"));
+    }
+
+    /// Found by the pg_copy fuzz target: both panicked (an overflowing add) before.
+    #[test]
+    fn a_negative_header_extension_and_a_date_past_postgres_range_are_refused() {
+        let columns = [col("day", oid::DATE, -1)];
+        let mut stream = copy_stream(&[]);
+        stream[15..19].copy_from_slice(&(-2i32).to_be_bytes());
+        let mut d = CopyDecoder::new(&columns, 10).unwrap();
+        assert_eq!(
+            d.push(&stream).unwrap_err().to_string(),
+            "source database error: COPY header extension length is negative (-2)"
+        );
+        let stream = copy_stream(&[vec![Some((i32::MAX - 1).to_be_bytes().to_vec())]]);
+        let mut d = CopyDecoder::new(&columns, 10).unwrap();
+        let e = d.push(&stream).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "decoding day: date is past what PostgreSQL and Arrow's Date32 can hold"
+        );
     }
 }

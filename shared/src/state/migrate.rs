@@ -86,6 +86,11 @@ const MIGRATIONS: &[Migration] = &[
             sql!("0004_processed_files"),
         ],
     },
+    Migration {
+        version: 5,
+        description: "final run statuses for Django, sent until accepted",
+        steps: &[sql!("0005_django_reports")],
+    },
 ];
 
 /// The schema version this build writes.

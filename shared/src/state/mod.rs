@@ -184,6 +184,34 @@ impl RunEnd {
     }
 }
 
+/// A run's final status for Django, recorded before the job message is acked and sent until
+/// Django accepts it (`dispatcher::report`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingReport {
+    pub etl_run_id: i64,
+    /// The PATCH body (a `RunUpdate` as JSON).
+    pub body: String,
+    /// When it was recorded (fixed-width UTC text): the give-up time counts from here.
+    pub recorded_at: String,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+}
+
+/// How an attempt to deliver a report went.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReportAttempt {
+    Delivered,
+    /// Not delivered; try again after this long.
+    RetryAfter {
+        delay: Duration,
+        error: String,
+    },
+    /// Never to be delivered (Django refused it, or it failed for too long).
+    GaveUp {
+        error: String,
+    },
+}
+
 /// What recording a shard result did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recorded {
@@ -222,6 +250,26 @@ pub trait StateStore: Send + Sync {
     async fn stream_watermark(&self, stream_key: &str) -> Result<Option<String>>;
     /// Every file the committed loads of a file stream read.
     async fn processed_files(&self, stream_key: &str) -> Result<Vec<ProcessedFile>>;
+    /// Records a run's final report for Django unless one is recorded for that Django run
+    /// already (the first is the run's outcome; a redelivered job reports it no differently).
+    /// True when this call recorded it.
+    async fn record_report(&self, etl_run_id: i64, body: &str) -> Result<bool>;
+    /// The reports due for an attempt, each claimed for `claim_for` (another dispatcher of
+    /// the store does not take it meanwhile) and its attempts counted.
+    async fn claim_due_reports(&self, claim_for: Duration) -> Result<Vec<PendingReport>>;
+    async fn report_attempted(&self, etl_run_id: i64, attempt: &ReportAttempt) -> Result<()>;
+    /// Delivered or given-up reports recorded longer ago than `older_than` are deleted.
+    async fn prune_reports(&self, older_than: Duration) -> Result<u64>;
+    /// A report as recorded, and whether it is delivered, given up or neither.
+    async fn report(&self, etl_run_id: i64) -> Result<Option<(PendingReport, ReportState)>>;
+}
+
+/// Where a recorded report stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportState {
+    Pending,
+    Delivered,
+    GaveUp,
 }
 
 /// What a success stores.
@@ -710,10 +758,91 @@ pub(crate) mod conformance {
         assert_eq!(latest.run_id, "sweep-3");
     }
 
+    /// A report is recorded once, claimed by one taker at a time, retried when due, and
+    /// gone from the due list once delivered or given up.
+    pub async fn reports_are_sent_until_delivered_or_given_up(store: &dyn StateStore) {
+        let claim = Duration::from_secs(60);
+        assert!(
+            store
+                .record_report(901, r#"{"status":"completed"}"#)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .record_report(901, r#"{"status":"failed"}"#)
+                .await
+                .unwrap(),
+            "the first report of a Django run stands"
+        );
+        assert!(
+            store
+                .record_report(902, r#"{"status":"failed"}"#)
+                .await
+                .unwrap()
+        );
+        let mut due = store.claim_due_reports(claim).await.unwrap();
+        due.sort_by_key(|r| r.etl_run_id);
+        let ids: Vec<i64> = due.iter().map(|r| r.etl_run_id).collect();
+        assert_eq!(ids, [901, 902]);
+        assert_eq!(due[0].body, r#"{"status":"completed"}"#);
+        assert_eq!(due[0].attempts, 1);
+        assert!(
+            store.claim_due_reports(claim).await.unwrap().is_empty(),
+            "a claimed report is not due again while its claim lasts"
+        );
+        store
+            .report_attempted(901, &ReportAttempt::Delivered)
+            .await
+            .unwrap();
+        store
+            .report_attempted(
+                902,
+                &ReportAttempt::RetryAfter {
+                    delay: Duration::ZERO,
+                    error: "connection refused".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let again = store.claim_due_reports(claim).await.unwrap();
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!((again[0].etl_run_id, again[0].attempts), (902, 2));
+        store
+            .report_attempted(
+                902,
+                &ReportAttempt::GaveUp {
+                    error: "answered 404".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(store.claim_due_reports(claim).await.unwrap().is_empty());
+        assert_eq!(
+            store.report(901).await.unwrap().map(|(_, s)| s),
+            Some(ReportState::Delivered)
+        );
+        assert_eq!(
+            store.report(902).await.unwrap().map(|(_, s)| s),
+            Some(ReportState::GaveUp)
+        );
+        assert_eq!(store.report(903).await.unwrap(), None);
+        assert_eq!(
+            store
+                .prune_reports(Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(store.prune_reports(Duration::ZERO).await.unwrap(), 2);
+        assert_eq!(store.report(901).await.unwrap(), None);
+    }
+
     pub async fn run_all(store: &dyn StateStore) {
         results_are_idempotent_by_shard(store).await;
         only_a_quiet_owner_loses_its_run(store).await;
         incremental_streams_run_one_at_a_time(store).await;
         running_runs_are_listed_until_abandoned(store).await;
+        reports_are_sent_until_delivered_or_given_up(store).await;
     }
 }

@@ -9,8 +9,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor as _, Row};
 
 use super::{
-    Created, NewRun, NewShard, ProcessedFile, Recorded, RunEnd, RunRecord, ShardRecord, StateStore,
-    success,
+    Created, NewRun, NewShard, PendingReport, ProcessedFile, Recorded, ReportAttempt, ReportState,
+    RunEnd, RunRecord, ShardRecord, StateStore, success,
 };
 use crate::messages::{ShardOutcome, ShardResult};
 use crate::{Error, Result};
@@ -105,8 +105,36 @@ fn timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
+/// `t` moved `by` later (or earlier), saturating at the ends of chrono's range.
+fn shifted(
+    t: chrono::DateTime<chrono::Utc>,
+    by: Duration,
+    later: bool,
+) -> chrono::DateTime<chrono::Utc> {
+    let by = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);
+    let moved = if later {
+        t.checked_add_signed(by)
+    } else {
+        t.checked_sub_signed(by)
+    };
+    moved.unwrap_or(if later {
+        chrono::DateTime::<chrono::Utc>::MAX_UTC
+    } else {
+        chrono::DateTime::<chrono::Utc>::MIN_UTC
+    })
+}
+
 fn now() -> String {
     timestamp(chrono::Utc::now())
+}
+
+fn pending_report(row: &AnyRow) -> Result<PendingReport> {
+    Ok(PendingReport {
+        etl_run_id: row.try_get("etl_run_id")?,
+        body: row.try_get("body")?,
+        recorded_at: row.try_get("recorded_at")?,
+        attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
+    })
 }
 
 fn opt_u64(row: &AnyRow, column: &str) -> Result<Option<u64>> {
@@ -370,6 +398,103 @@ impl StateStore for SqlStateStore {
                 })
             })
             .collect()
+    }
+
+    async fn record_report(&self, etl_run_id: i64, body: &str) -> Result<bool> {
+        let now = now();
+        let inserted = sqlx::query(
+            "INSERT INTO shardflow_django_reports (etl_run_id, body, recorded_at, next_attempt_at)
+             VALUES ($1, $2, $3, $3)
+             ON CONFLICT (etl_run_id) DO NOTHING",
+        )
+        .bind(etl_run_id)
+        .bind(body)
+        .bind(&now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(inserted > 0)
+    }
+
+    async fn claim_due_reports(&self, claim_for: Duration) -> Result<Vec<PendingReport>> {
+        let now = chrono::Utc::now();
+        let until = shifted(now, claim_for, true);
+        // One statement: under PostgreSQL's READ COMMITTED a concurrent claim of the same row
+        // waits for this one and then finds `next_attempt_at` in the future.
+        let rows = sqlx::query(
+            "UPDATE shardflow_django_reports SET next_attempt_at = $1, attempts = attempts + 1
+             WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= $2
+             RETURNING etl_run_id, body, recorded_at, attempts",
+        )
+        .bind(timestamp(until))
+        .bind(timestamp(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(pending_report).collect()
+    }
+
+    async fn report_attempted(&self, etl_run_id: i64, attempt: &ReportAttempt) -> Result<()> {
+        let query = match attempt {
+            ReportAttempt::Delivered => sqlx::query(
+                "UPDATE shardflow_django_reports SET delivered_at = $1, last_error = NULL
+                 WHERE etl_run_id = $2",
+            )
+            .bind(now())
+            .bind(etl_run_id),
+            ReportAttempt::RetryAfter { delay, error } => {
+                let at = shifted(chrono::Utc::now(), *delay, true);
+                sqlx::query(
+                    "UPDATE shardflow_django_reports SET next_attempt_at = $1, last_error = $2
+                     WHERE etl_run_id = $3",
+                )
+                .bind(timestamp(at))
+                .bind(error.clone())
+                .bind(etl_run_id)
+            }
+            ReportAttempt::GaveUp { error } => sqlx::query(
+                "UPDATE shardflow_django_reports SET given_up_at = $1, last_error = $2
+                 WHERE etl_run_id = $3",
+            )
+            .bind(now())
+            .bind(error.clone())
+            .bind(etl_run_id),
+        };
+        query.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn prune_reports(&self, older_than: Duration) -> Result<u64> {
+        let before = shifted(chrono::Utc::now(), older_than, false);
+        let deleted = sqlx::query(
+            "DELETE FROM shardflow_django_reports
+             WHERE (delivered_at IS NOT NULL OR given_up_at IS NOT NULL) AND recorded_at <= $1",
+        )
+        .bind(timestamp(before))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(deleted)
+    }
+
+    async fn report(&self, etl_run_id: i64) -> Result<Option<(PendingReport, ReportState)>> {
+        let row = sqlx::query(
+            "SELECT etl_run_id, body, recorded_at, attempts, delivered_at, given_up_at
+             FROM shardflow_django_reports WHERE etl_run_id = $1",
+        )
+        .bind(etl_run_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let state = if row.try_get::<Option<String>, _>("delivered_at")?.is_some() {
+            ReportState::Delivered
+        } else if row.try_get::<Option<String>, _>("given_up_at")?.is_some() {
+            ReportState::GaveUp
+        } else {
+            ReportState::Pending
+        };
+        Ok(Some((pending_report(&row)?, state)))
     }
 
     async fn run(&self, run_id: &str) -> Result<Option<RunRecord>> {

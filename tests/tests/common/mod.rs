@@ -31,15 +31,268 @@ pub async fn pg() -> Client {
     }
 }
 
-/// A fresh schema for one test, so tests can run in parallel.
-pub async fn fresh_schema(client: &Client, name: &str) -> String {
+/// The machine's PostgreSQL as its superuser, on a database no test makes or drops.
+pub const PG_ADMIN_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
+
+/// A fresh schema for one test, so tests can run in parallel; dropped with what it holds when
+/// the returned name goes out of scope (the end of the test, or its panic).
+pub async fn fresh_schema(client: &Client, name: &str) -> Scoped {
     client
         .batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name};"
         ))
         .await
         .expect("create schema");
-    name.to_string()
+    Scoped::new(name, DropOnExit::pg_schema(PG_URL, name))
+}
+
+/// The URL of the suite's own PostgreSQL that checks passwords, as its superuser.
+pub fn pg_with_passwords_url() -> String {
+    let port = env_or_fail("SHARDFLOW_TEST_PG_PASSWORD_PORT");
+    format!("postgres://postgres:pg-test-password@127.0.0.1:{port}/postgres")
+}
+
+/// The URL of the suite's own MariaDB with TLS, as its user with every privilege.
+pub fn mariadb_tls_url() -> String {
+    let port = env_or_fail("SHARDFLOW_TEST_MARIADB_TLS_PORT");
+    format!("mysql://shardflow:tls-test-password@127.0.0.1:{port}/test")
+}
+
+/// A name a test made on a database server (a schema, a database), used as a `&str`, and the
+/// guard that drops what it names when it goes out of scope.
+#[must_use = "what it names is dropped as soon as it goes out of scope"]
+pub struct Scoped {
+    name: String,
+    _drop: DropOnExit,
+}
+
+impl Scoped {
+    pub fn new(name: &str, guard: DropOnExit) -> Scoped {
+        Scoped {
+            name: name.to_string(),
+            _drop: guard,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::ops::Deref for Scoped {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl AsRef<str> for Scoped {
+    fn as_ref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Display for Scoped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl std::fmt::Debug for Scoped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.name, f)
+    }
+}
+
+/// What a test made on a database server that outlives the test unless dropped.
+#[derive(Clone, Debug)]
+enum Made {
+    PgSchema(String),
+    PgDatabase(String),
+    /// A role, with what it owns and the privileges it holds in the guard's database.
+    PgRole(String),
+    MyDatabase(String),
+    /// `'user'@'host'`, quoted as MySQL writes it.
+    MyUser(String),
+}
+
+/// Drops one thing a test made on a database server when the guard goes: at the end of the
+/// test, or while the test unwinds from a failure, so a run leaves PostgreSQL and MariaDB as it
+/// found them. `tests/run.sh` checks that after the run, and drops what a test binary killed
+/// outright could not. Drop cannot be async: the statements run on a thread of their own with
+/// a runtime of its own, waited for (bounded by lock and statement timeouts).
+#[must_use = "what it names is dropped as soon as the guard is"]
+pub struct DropOnExit {
+    url: String,
+    made: Made,
+}
+
+impl DropOnExit {
+    /// A schema in the database of `url` (a tokio-postgres URL), dropped with what it holds.
+    pub fn pg_schema(url: &str, name: &str) -> DropOnExit {
+        Self::new(url, Made::PgSchema(name.into()))
+    }
+
+    /// A database of the server at `url` (connected to another database of it), dropped with
+    /// the sessions still on it.
+    pub fn pg_database(url: &str, name: &str) -> DropOnExit {
+        Self::new(url, Made::PgDatabase(name.into()))
+    }
+
+    /// A role of the server at `url`, after what it owns and its grants in that database.
+    pub fn pg_role(url: &str, name: &str) -> DropOnExit {
+        Self::new(url, Made::PgRole(name.into()))
+    }
+
+    /// A database of the MySQL/MariaDB server at `url` (a sqlx URL).
+    pub fn mysql_database(url: &str, name: &str) -> DropOnExit {
+        Self::new(url, Made::MyDatabase(name.into()))
+    }
+
+    /// A user of the MySQL/MariaDB server at `url`, written `'name'@'host'`.
+    pub fn mysql_user(url: &str, user: &str) -> DropOnExit {
+        Self::new(url, Made::MyUser(user.into()))
+    }
+
+    fn new(url: &str, made: Made) -> DropOnExit {
+        DropOnExit {
+            url: url.into(),
+            made,
+        }
+    }
+}
+
+impl Drop for DropOnExit {
+    fn drop(&mut self) {
+        let (url, made) = (self.url.clone(), self.made.clone());
+        let outcome = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(90),
+                    drop_made(&url, &made),
+                )
+                .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err("timed out after 90 s".to_string()),
+                }
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the cleanup thread panicked".into()));
+        if let Err(e) = outcome {
+            // Never a panic here: it may run while the test unwinds, which would abort.
+            eprintln!(
+                "cleanup: could not drop {:?} ({e}); tests/run.sh reports it and drops it after the run",
+                self.made
+            );
+        }
+    }
+}
+
+fn pg_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn my_ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+async fn drop_made(url: &str, made: &Made) -> Result<(), String> {
+    match made {
+        Made::MyDatabase(_) | Made::MyUser(_) => drop_in_mysql(url, made).await,
+        _ => drop_in_postgres(url, made).await,
+    }
+}
+
+async fn drop_in_postgres(url: &str, made: &Made) -> Result<(), String> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| format!("connecting to {url}: {e}"))?;
+    tokio::spawn(connection);
+    // A session of the test still holding a lock (a child process left running by a failed
+    // assertion) would make the DROP wait forever: wait a while, then end those sessions.
+    client
+        .batch_execute("SET lock_timeout = '5s'; SET statement_timeout = '60s'")
+        .await
+        .map_err(|e| e.to_string())?;
+    let statement = match made {
+        Made::PgSchema(name) => format!("DROP SCHEMA IF EXISTS {} CASCADE", pg_ident(name)),
+        Made::PgDatabase(name) => {
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", pg_ident(name))
+        }
+        Made::PgRole(name) => {
+            let quoted = pg_ident(name).replace('\'', "''");
+            format!(
+                "DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{}') THEN
+                   EXECUTE 'DROP OWNED BY {quoted}'; EXECUTE 'DROP ROLE {quoted}'; END IF; END $$",
+                name.replace('\'', "''")
+            )
+        }
+        _ => unreachable!(),
+    };
+    let first = client.batch_execute(&statement).await;
+    let Err(first) = first else { return Ok(()) };
+    let Made::PgSchema(name) = made else {
+        return Err(first.to_string());
+    };
+    client
+        .execute(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+             JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()",
+            &[name],
+        )
+        .await
+        .map_err(|e| format!("{first}; then ending the sessions holding locks: {e}"))?;
+    client
+        .batch_execute(&statement)
+        .await
+        .map_err(|e| format!("{first}; then, with the lock holders ended: {e}"))
+}
+
+async fn drop_in_mysql(url: &str, made: &Made) -> Result<(), String> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::MySqlConnection::connect(url)
+        .await
+        .map_err(|e| format!("connecting to {url}: {e}"))?;
+    let run = async |conn: &mut sqlx::MySqlConnection, sql: String| {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    run(&mut conn, "SET SESSION lock_wait_timeout = 5".into()).await?;
+    let statement = match made {
+        Made::MyDatabase(name) => format!("DROP DATABASE IF EXISTS {}", my_ident(name)),
+        Made::MyUser(user) => format!("DROP USER IF EXISTS {user}"),
+        _ => unreachable!(),
+    };
+    let Err(first) = run(&mut conn, statement.clone()).await else {
+        return Ok(());
+    };
+    let Made::MyDatabase(name) = made else {
+        return Err(first);
+    };
+    // The sessions using the database hold the metadata locks the DROP waits for.
+    let ids: Vec<u64> = sqlx::query_scalar(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()",
+    )
+    .bind(name)
+    .fetch_all(&mut conn)
+    .await
+    .map_err(|e| format!("{first}; then listing the sessions on it: {e}"))?;
+    for id in ids {
+        let _ = run(&mut conn, format!("KILL {id}")).await;
+    }
+    run(&mut conn, statement)
+        .await
+        .map_err(|e| format!("{first}; then, with its sessions ended: {e}"))
 }
 
 /// A scratch directory under the target dir, emptied first.
@@ -49,6 +302,16 @@ pub fn scratch(name: &str) -> PathBuf {
         .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// The one folder of the suite's logs: `target/test-logs` (`SHARDFLOW_TEST_LOGS` when set, as
+/// `tests/emulators.sh` prints it), made if missing.
+pub fn test_logs() -> PathBuf {
+    let dir = std::env::var_os("SHARDFLOW_TEST_LOGS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs"));
+    std::fs::create_dir_all(&dir).expect("the test-logs folder");
     dir
 }
 
@@ -523,8 +786,9 @@ pub mod my {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
-    /// A fresh database (MySQL's schema) for one test, so tests can run in parallel.
-    pub async fn fresh_database(conn: &mut MySqlConnection, name: &str) -> String {
+    /// A fresh database (MySQL's schema) on the test server ([`MY_URL`]'s) for one test, so
+    /// tests can run in parallel; dropped when the returned name goes out of scope.
+    pub async fn fresh_database(conn: &mut MySqlConnection, name: &str) -> Scoped {
         exec(
             conn,
             &format!(
@@ -532,7 +796,7 @@ pub mod my {
             ),
         )
         .await;
-        name.to_string()
+        Scoped::new(name, DropOnExit::mysql_database(MY_URL, name))
     }
 
     pub fn job_json(
