@@ -255,8 +255,9 @@ fn created_or_existing<T>(
     what: &str,
 ) -> Result<bool> {
     match outcome {
+        // Debug, not info: `pubsub-setup` prints each outcome itself (info printed it twice).
         Ok(_) => {
-            tracing::info!("created {what}");
+            tracing::debug!("created {what}");
             Ok(true)
         }
         Err(e) if e.status().is_some_and(|s| s.code == Code::AlreadyExists) => Ok(false),
