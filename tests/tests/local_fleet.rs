@@ -51,6 +51,8 @@ async fn the_local_fleet_script_loads_the_sample_into_bigquery_and_stops_what_it
     let dir = common::scratch("local_fleet");
     let (django_port, metrics_port) = free_ports();
     let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    // The script makes the sample table; it goes when the test ends, passed or failed.
+    let _sample = common::DropOnExit::pg_table(common::PG_URL, "public.shardflow_sample_orders");
     let mut script = Command::new("bash");
     script
         .arg(root.join("deploy/local-fleet.sh"))

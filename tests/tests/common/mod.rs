@@ -108,6 +108,8 @@ impl std::fmt::Debug for Scoped {
 #[derive(Clone, Debug)]
 enum Made {
     PgSchema(String),
+    /// `schema.table`.
+    PgTable(String),
     PgDatabase(String),
     /// A role, with what it owns and the privileges it holds in the guard's database.
     PgRole(String),
@@ -131,6 +133,11 @@ impl DropOnExit {
     /// A schema in the database of `url` (a tokio-postgres URL), dropped with what it holds.
     pub fn pg_schema(url: &str, name: &str) -> DropOnExit {
         Self::new(url, Made::PgSchema(name.into()))
+    }
+
+    /// A table (`schema.table`) in the database of `url`.
+    pub fn pg_table(url: &str, name: &str) -> DropOnExit {
+        Self::new(url, Made::PgTable(name.into()))
     }
 
     /// A database of the server at `url` (connected to another database of it), dropped with
@@ -222,6 +229,10 @@ async fn drop_in_postgres(url: &str, made: &Made) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let statement = match made {
         Made::PgSchema(name) => format!("DROP SCHEMA IF EXISTS {} CASCADE", pg_ident(name)),
+        Made::PgTable(name) => {
+            let quoted: Vec<String> = name.split('.').map(pg_ident).collect();
+            format!("DROP TABLE IF EXISTS {} CASCADE", quoted.join("."))
+        }
         Made::PgDatabase(name) => {
             format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", pg_ident(name))
         }
