@@ -9,11 +9,20 @@
       RUNS/<id>.patches.jsonl. With ETL_API_TOKEN set, a request without
       "Authorization: Bearer <ETL_API_TOKEN>" gets 401. Listens on 127.0.0.1:PORT (default 8000;
       0 picks a free port) and writes the port to RUNS/port once it listens.
+      Every PATCH received, taken or not, is also merged into RUNS/<id>.sent.json: what the
+      dispatcher sent.
 
-  django_standin.py wait RUNS RUN_ID SECONDS
+      DJANGO_STANDIN_PATCH plays a Django that is down for updates while job configs are still
+      served: "accept" (the default), "503" (every PATCH is answered 503 Service Unavailable,
+      as a Django behind a load balancer with no healthy backend) or "hang" (every PATCH is
+      read and never answered, as a Django stuck on its database). Neither takes the update.
+
+  django_standin.py wait RUNS RUN_ID SECONDS [--sent]
       Waits until run RUN_ID's status is completed or failed and prints the run as JSON; exit
       status 0 when completed, 1 when failed, 2 when SECONDS passed first. Status changes go to
-      stderr while it waits.
+      stderr while it waits. With --sent it waits on what the dispatcher sent (RUNS/<id>.sent.json)
+      rather than on what the stand-in took: with DJANGO_STANDIN_PATCH=503 or hang, the time the
+      final status was first sent is when the run ended.
 """
 
 import http.server
@@ -36,8 +45,14 @@ def write_atomically(path, text):
     os.replace(tmp, path)
 
 
+PATCH_MODES = ("accept", "503", "hang")
+
+
 def serve(configs, runs, port="8000"):
     token = os.environ.get("ETL_API_TOKEN", "")
+    patch_mode = os.environ.get("DJANGO_STANDIN_PATCH", "accept")
+    if patch_mode not in PATCH_MODES:
+        sys.exit(f"DJANGO_STANDIN_PATCH must be one of {', '.join(PATCH_MODES)}, not {patch_mode!r}")
     lock = threading.Lock()
     os.makedirs(runs, exist_ok=True)
 
@@ -91,6 +106,21 @@ def serve(configs, runs, port="8000"):
                 return self._reply(400, {"detail": "Expected a JSON object."})
             run_id = match.group(1)
             file = os.path.join(runs, f"{run_id}.json")
+            sent_file = os.path.join(runs, f"{run_id}.sent.json")
+            with lock:
+                sent = {"id": int(run_id)}
+                if os.path.exists(sent_file):
+                    with open(sent_file) as f:
+                        sent = json.load(f)
+                sent.update(body)
+                write_atomically(sent_file, json.dumps(sent, indent=2) + "\n")
+            if patch_mode == "503":
+                print(f"PATCH run {run_id} refused (503): {json.dumps(body)}", flush=True)
+                return self._reply(503, {"detail": "Service Unavailable"})
+            if patch_mode == "hang":
+                print(f"PATCH run {run_id} left unanswered: {json.dumps(body)}", flush=True)
+                time.sleep(3600)
+                return
             with lock:
                 run = {"id": int(run_id), "status": "pending"}
                 if os.path.exists(file):
@@ -109,12 +139,12 @@ def serve(configs, runs, port="8000"):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", int(port)), Handler)
     write_atomically(os.path.join(runs, "port"), str(server.server_address[1]))
     print(f"Django stand-in on http://127.0.0.1:{server.server_address[1]}, configs in {configs}, "
-          f"token {'checked' if token else 'not checked'}", flush=True)
+          f"token {'checked' if token else 'not checked'}, PATCHes: {patch_mode}", flush=True)
     server.serve_forever()
 
 
-def wait(runs, run_id, seconds):
-    file = os.path.join(runs, f"{run_id}.json")
+def wait(runs, run_id, seconds, sent=False):
+    file = os.path.join(runs, f"{run_id}.sent.json" if sent else f"{run_id}.json")
     deadline = time.time() + float(seconds)
     last = None
     while time.time() < deadline:
@@ -130,7 +160,7 @@ def wait(runs, run_id, seconds):
             if status in ("completed", "failed"):
                 print(json.dumps(run, indent=2))
                 return 0 if status == "completed" else 1
-        time.sleep(0.5)
+        time.sleep(0.1)
     print(f"run {run_id}: no final status after {seconds} s", file=sys.stderr)
     return 2
 
@@ -142,6 +172,8 @@ if __name__ == "__main__":
             serve(*args)
         elif command == "wait" and len(args) == 3:
             sys.exit(wait(*args))
+        elif command == "wait" and len(args) == 4 and args[3] == "--sent":
+            sys.exit(wait(*args[:3], sent=True))
         else:
             print(__doc__, file=sys.stderr)
             sys.exit(2)

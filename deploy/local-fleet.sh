@@ -26,6 +26,9 @@
 #   LOCAL_FLEET_METRICS_PORT=9090   the dispatcher's /metrics and /healthz; worker N on +N
 #   LOCAL_FLEET_WORKERS=2           worker processes
 #   LOCAL_FLEET_STOP_EMULATORS=1    also stop the emulators at the end
+#   LOCAL_FLEET_DJANGO_PATCH=accept the stand-in's answer to PATCHes: accept, 503 or hang (a
+#                                   Django down for updates; the run's end is then read from
+#                                   what the dispatcher sent: bench/django_down.sh)
 #   SHARDFLOW_BIN_DIR               dispatcher and worker binaries (default target/release,
 #                                   else target/debug)
 #   ETL_API_TOKEN=local-fleet-token the Bearer token the stand-in checks (empty: not checked)
@@ -46,6 +49,7 @@ DATASET=${LOCAL_FLEET_DATASET:-raw_data}
 DJANGO_PORT=${LOCAL_FLEET_DJANGO_PORT:-8000}
 METRICS_PORT=${LOCAL_FLEET_METRICS_PORT:-9090}
 WORKERS=${LOCAL_FLEET_WORKERS:-2}
+DJANGO_PATCH=${LOCAL_FLEET_DJANGO_PATCH:-accept}
 BUCKET=shardflow-staging
 LOGS=$DIR/logs
 RUNS=$DIR/runs
@@ -140,6 +144,10 @@ done
 [[ $ROWS =~ ^[0-9]+$ ]] || fail "LOCAL_FLEET_ROWS must be a number of rows, not $ROWS"
 [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || fail "LOCAL_FLEET_WORKERS must be a positive number, not $WORKERS"
 [[ $ETL_RUN_ID =~ ^[0-9]+$ ]] || fail "LOCAL_FLEET_ETL_RUN_ID must be a number, not $ETL_RUN_ID"
+case $DJANGO_PATCH in
+    accept|503|hang) ;;
+    *) fail "LOCAL_FLEET_DJANGO_PATCH must be accept, 503 or hang, not $DJANGO_PATCH" ;;
+esac
 CONFIG=$CONFIGS/$DATA_SOURCE_ID.json
 [ -f "$CONFIG" ] || fail "no job config $CONFIG for data source $DATA_SOURCE_ID"
 # The source and destination the config names; psql connects as the config says.
@@ -253,7 +261,8 @@ PG_ROWS=$(psql -At -v ON_ERROR_STOP=1 -c "SELECT count(*) FROM $quoted_table" 2>
 
 # --- Django, the dispatcher, the workers. ---------------------------------------------------
 export ETL_API_TOKEN=${ETL_API_TOKEN-local-fleet-token}
-start django-standin "$LOGS/django-standin.log" python3 "$STANDIN" serve "$CONFIGS" "$RUNS" "$DJANGO_PORT"
+DJANGO_STANDIN_PATCH=$DJANGO_PATCH \
+    start django-standin "$LOGS/django-standin.log" python3 "$STANDIN" serve "$CONFIGS" "$RUNS" "$DJANGO_PORT"
 export DJANGO_API_URL=http://127.0.0.1:$DJANGO_PORT
 wait_healthy "the Django stand-in" "${PIDS[-1]}" "$DJANGO_API_URL/" "$LOGS/django-standin.log"
 curl -sSf -o /dev/null -H "authorization: Bearer $ETL_API_TOKEN" \
@@ -276,17 +285,20 @@ say "running: Django stand-in $DJANGO_API_URL, dispatcher :$METRICS_PORT, $WORKE
 # --- The job message, as Django publishes it. ------------------------------------------------
 # topics.publish: PubsubMessage.data is "A base64-encoded string"; attribute values are strings.
 JOBS_TOPIC=${SHARDFLOW_JOBS_TOPIC:-etl-jobs}
+published_at=$(date +%s.%N)
 data=$(printf '{"data_source_id":%s,"etl_run_id":%s}' "$DATA_SOURCE_ID" "$ETL_RUN_ID" | base64 | tr -d '\n')
 curl -sSf -o "$LOGS/publish.answer" -X POST -H 'content-type: application/json' \
     --data-binary "{\"messages\": [{\"data\": \"$data\", \"attributes\": {\"data_source_id\": \"$DATA_SOURCE_ID\", \"etl_run_id\": \"$ETL_RUN_ID\"}}]}" \
     "$PUBSUB/projects/$PROJECT/topics/$JOBS_TOPIC:publish" || fail "publishing the job message to $JOBS_TOPIC"
 say "published {\"data_source_id\": $DATA_SOURCE_ID, \"etl_run_id\": $ETL_RUN_ID} to $JOBS_TOPIC; waiting for the run (at most $TIMEOUT s)"
 
-started=$(date +%s)
+WAIT_ARGS=()
+[ "$DJANGO_PATCH" = accept ] || WAIT_ARGS=(--sent)
 set +e
-python3 "$STANDIN" wait "$RUNS" "$ETL_RUN_ID" "$TIMEOUT" >"$LOGS/final-status.json"
+python3 "$STANDIN" wait "$RUNS" "$ETL_RUN_ID" "$TIMEOUT" "${WAIT_ARGS[@]}" >"$LOGS/final-status.json"
 waited=$?
 set -e
+heard_at=$(date +%s.%N)
 if [ "$waited" != 0 ]; then
     cat "$LOGS/final-status.json" >&2
     echo "--- $LOGS/dispatcher.log" >&2; tail -40 "$LOGS/dispatcher.log" >&2
@@ -296,11 +308,37 @@ if [ "$waited" != 0 ]; then
     if [ "$waited" = 1 ]; then fail "run $ETL_RUN_ID failed"; fi
     fail "run $ETL_RUN_ID: no final status within $TIMEOUT s"
 fi
-say "run $ETL_RUN_ID completed in $(($(date +%s) - started)) s; the run as Django holds it:"
+# When the run ended: its finished_at in the dispatcher's state store (the same clock), which
+# does not wait on Django; and when Django heard it (the stand-in's record of the final PATCH).
+run_seconds=$(python3 - "$DIR/state.db" "etl-$ETL_RUN_ID" "$published_at" <<'PY'
+import datetime, sqlite3, sys
+row = sqlite3.connect(sys.argv[1]).execute(
+    "SELECT finished_at FROM shardflow_runs WHERE job_key = ? AND finished_at IS NOT NULL "
+    "ORDER BY finished_at DESC LIMIT 1", (sys.argv[2],)).fetchone()
+if row is None:
+    sys.exit("the state store has no finished run of this job")
+finished = datetime.datetime.fromisoformat(row[0].replace("Z", "+00:00")).timestamp()
+print(f"{finished - float(sys.argv[3]):.1f}")
+PY
+) || fail "reading the run's end from $DIR/state.db"
+say "run $ETL_RUN_ID completed in $run_seconds s (from the job message to the run's end in the state store); the final status reached the Django stand-in after $(python3 -c "print(f'{$heard_at - $published_at:.1f}')") s"
+if [ "$DJANGO_PATCH" = accept ]; then
+    say "the run as Django holds it:"
+else
+    say "Django is down for updates (DJANGO_STANDIN_PATCH=$DJANGO_PATCH): what the dispatcher sent, which Django did not take:"
+fi
 cat "$LOGS/final-status.json"
 for n in $(seq "$WORKERS"); do
     say "worker-$n extracted $(grep -c 'shard extracted' "$LOGS/worker-$n.log" || true) shard(s)"
 done
+# Peak resident memory of each process so far (VmHWM), as the kernel counts it.
+peaks=()
+for i in "${!PIDS[@]}"; do
+    [ "${NAMES[$i]}" = django-standin ] && continue
+    hwm=$(awk '/^VmHWM:/ {print int($2 / 1024)}' "/proc/${PIDS[$i]}/status" 2>/dev/null || true)
+    peaks+=("${NAMES[$i]} ${hwm:-?} MB")
+done
+say "peak RSS: $(IFS=,; echo "${peaks[*]}" | sed 's/,/, /g')"
 
 # --- What landed in BigQuery. ----------------------------------------------------------------
 SQL="SELECT COUNT(*) AS n FROM \`$PROJECT.$DATASET.$DEST_TABLE\`"

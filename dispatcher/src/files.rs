@@ -9,7 +9,7 @@ use serde::Serialize;
 use shardflow::plan::{self, FileEstimate, Mode};
 use shardflow::source::file_schema::{self, DetectedSchema};
 use shardflow::source::files::{self, FileInfo, FileLocation, FilePart};
-use shardflow::source::postgres::{Estimate, Split};
+use shardflow::source::{Estimate, Split};
 use shardflow::source::{ShardBounds, SourceColumn};
 use shardflow::spec::{Compression, FileFormat, JobSpec, SchemaPolicy, SourceType, TextEncoding};
 use shardflow::warehouse::NativeFormat;

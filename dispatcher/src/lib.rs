@@ -15,9 +15,9 @@ use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
 use shardflow::queue::{DeadLetterPolicy, Queue, SubscriptionConfig, Topology};
 use shardflow::retry::RetryPolicy;
 use shardflow::seal::SealKey;
-use shardflow::source::mysql;
-use shardflow::source::postgres::{self, PgConnector};
-use shardflow::source::{ShardBounds, SourceColumn, Window};
+use shardflow::source::{
+    Estimate, PlannedWindow, ShardBounds, SourceColumn, Split, Window, WindowBounds,
+};
 use shardflow::spec::{JobSpec, LoadType, ProcessingMode, SourceType};
 use shardflow::staging::Staging;
 use shardflow::state::sql::SqlStateStore;
@@ -95,6 +95,8 @@ pub struct RenamedColumn {
 pub struct PlannedShard {
     pub shard_id: String,
     pub estimated_rows: u64,
+    /// The bounds in words (`502130 <= order_id < 994064`): lower inclusive, upper exclusive.
+    pub reads: String,
     pub bounds: ShardBounds,
 }
 
@@ -240,8 +242,8 @@ pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
 struct Survey {
     columns: Vec<SourceColumn>,
     merge_keys: Vec<String>,
-    estimate: postgres::Estimate,
-    split: postgres::Split,
+    estimate: Estimate,
+    split: Split,
     window: Option<Window>,
     resumes_after: Option<String>,
     /// What the report should say about the plan (rows no window takes).
@@ -270,16 +272,10 @@ fn columns_and_keys(
 
 /// How an incremental window was cut, for the plan.
 fn window_split(
-    planned: postgres::PlannedWindow,
+    planned: PlannedWindow,
     column: &str,
-) -> (
-    postgres::Estimate,
-    postgres::Split,
-    Option<Window>,
-    Option<String>,
-    Vec<String>,
-) {
-    let postgres::PlannedWindow {
+) -> (Estimate, Split, Option<Window>, Option<String>, Vec<String>) {
+    let PlannedWindow {
         window,
         after,
         rows,
@@ -301,12 +297,12 @@ fn window_split(
         (Some(_), 1) => "none",
         (Some(_), _) => "window quantiles",
     };
-    let split = postgres::Split {
+    let split = Split {
         method: method.into(),
         column: (shards.len() > 1).then(|| column.to_string()),
         shards,
     };
-    let estimate = postgres::Estimate {
+    let estimate = Estimate {
         rows,
         source: "count(*) over the window".into(),
     };
@@ -325,66 +321,27 @@ fn warn_if_behind(spec: &JobSpec, stream: &StreamState, after: &Option<String>) 
     }
 }
 
-async fn survey_postgres(
+/// The columns, rows and cut of a table source (PostgreSQL, MySQL).
+async fn survey_table(
     spec: &JobSpec,
     opts: &PlanOptions,
     stream: &StreamState,
-    wanted: impl Fn(u64) -> usize,
+    wanted: &(dyn Fn(u64) -> usize + Send + Sync),
 ) -> Result<Survey> {
-    let connector = PgConnector::from_spec(spec, opts.retry.clone())?;
-    let client = connector.connect().await?;
-    let info = postgres::describe(&client, &spec.schema_name, &spec.table_name).await?;
-    let (columns, merge_keys) = columns_and_keys(spec, &info.columns, &info.primary_key)?;
+    let mut table = shardflow::source::survey_table(spec, opts.retry.clone()).await?;
+    let (columns, merge_keys) = columns_and_keys(spec, table.columns(), table.primary_key())?;
     let (estimate, split, window, resumes_after, warnings) =
         match (spec.load_type, &spec.timestamp_column) {
             (LoadType::Transactional | LoadType::Merge, Some(column)) => {
                 let bounds = window_bounds(spec, stream);
-                let planned = postgres::plan_window(&client, &info, column, bounds, wanted).await?;
+                let planned = table.plan_window(column, bounds, wanted).await?;
                 let cut = window_split(planned, column);
                 warn_if_behind(spec, stream, &cut.3);
                 cut
             }
             _ => {
-                let estimate = postgres::estimate(&client, &info, opts.exact_count).await?;
-                let split =
-                    postgres::split(&client, &info, estimate.rows, wanted(estimate.rows)).await?;
-                (estimate, split, None, None, Vec::new())
-            }
-        };
-    Ok(Survey {
-        columns,
-        merge_keys,
-        estimate,
-        split,
-        window,
-        resumes_after,
-        warnings,
-    })
-}
-
-async fn survey_mysql(
-    spec: &JobSpec,
-    opts: &PlanOptions,
-    stream: &StreamState,
-    wanted: impl Fn(u64) -> usize,
-) -> Result<Survey> {
-    let connector = mysql::MySqlConnector::from_spec(spec, opts.retry.clone())?;
-    let mut conn = connector.connect().await?;
-    let info = mysql::describe(&mut conn, &spec.schema_name, &spec.table_name).await?;
-    let (columns, merge_keys) = columns_and_keys(spec, &info.columns, &info.primary_key)?;
-    let (estimate, split, window, resumes_after, warnings) =
-        match (spec.load_type, &spec.timestamp_column) {
-            (LoadType::Transactional | LoadType::Merge, Some(column)) => {
-                let bounds = window_bounds(spec, stream);
-                let planned = mysql::plan_window(&mut conn, &info, column, bounds, wanted).await?;
-                let cut = window_split(planned, column);
-                warn_if_behind(spec, stream, &cut.3);
-                cut
-            }
-            _ => {
-                let estimate = mysql::estimate(&mut conn, &info, opts.exact_count).await?;
-                let split =
-                    mysql::split(&mut conn, &info, estimate.rows, wanted(estimate.rows)).await?;
+                let estimate = table.estimate(opts.exact_count).await?;
+                let split = table.split(estimate.rows, wanted(estimate.rows)).await?;
                 (estimate, split, None, None, Vec::new())
             }
         };
@@ -425,8 +382,9 @@ pub async fn plan_job_in_stream(
         resumes_after,
         warnings,
     } = match spec.source_type {
-        SourceType::Mysql => survey_mysql(spec, opts, stream, wanted).await?,
-        SourceType::Postgresql => survey_postgres(spec, opts, stream, wanted).await?,
+        SourceType::Mysql | SourceType::Postgresql => {
+            survey_table(spec, opts, stream, &wanted).await?
+        }
         SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local => {
             let survey = files::survey_files(spec, opts, stream).await?;
             files_plan = Some(survey.files);
@@ -501,6 +459,7 @@ pub async fn plan_job_in_stream(
             .map(|(i, (bounds, estimated_rows))| PlannedShard {
                 shard_id: shard_id(i),
                 estimated_rows,
+                reads: bounds.describe(),
                 bounds,
             })
             .collect(),
@@ -517,9 +476,9 @@ pub async fn plan_job_in_stream(
 
 /// The bounds of a transactional run's window: a taken-over run's own, or after the greater
 /// of `last_sync_value` and the recorded watermark (else from `historical_start_date`).
-fn window_bounds(spec: &JobSpec, stream: &StreamState) -> postgres::WindowBounds {
+fn window_bounds(spec: &JobSpec, stream: &StreamState) -> WindowBounds {
     if let Some(w) = &stream.inherited_window {
-        return postgres::WindowBounds {
+        return WindowBounds {
             after: w.after.iter().cloned().collect(),
             from: w.from.clone(),
             through: Some(w.through.clone()),
@@ -528,7 +487,7 @@ fn window_bounds(spec: &JobSpec, stream: &StreamState) -> postgres::WindowBounds
         };
     }
     let told = spec.last_sync_value.as_ref().and_then(sync_value_text);
-    postgres::WindowBounds {
+    WindowBounds {
         after: told
             .into_iter()
             .chain(stream.recorded_watermark.clone())

@@ -284,8 +284,15 @@ impl Reporter {
             Err(e) => tracing::warn!(error = %e, "could not delete old Django reports"),
         }
         loop {
-            if let Err(e) = self.deliver_due().await {
-                tracing::warn!(error = %e, "could not read the reports due for Django");
+            // A Django that never answers must not hold up a shutdown: a delivery cut short
+            // stays claimed for `claim_for`, then the next dispatcher sends it.
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                delivered = self.deliver_due() => {
+                    if let Err(e) = delivered {
+                        tracing::warn!(error = %e, "could not read the reports due for Django");
+                    }
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => break,

@@ -3,7 +3,9 @@
 //! debug builds (the ones the tests run); a release build compiles every point to nothing, so
 //! no environment can make a production process kill itself.
 
-use crate::{Error, Result};
+#[cfg(debug_assertions)]
+use crate::Error;
+use crate::Result;
 
 pub const FAULT_ENV: &str = "SHARDFLOW_FAULT";
 

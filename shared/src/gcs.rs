@@ -233,7 +233,13 @@ impl Attempt {
     fn transport(e: reqwest::Error) -> Self {
         // A request that never got an answer may be retried; a malformed one may not.
         let transient = e.is_connect() || e.is_timeout() || e.is_request() || e.is_body();
-        Attempt::Transport(format!("{e}"), transient)
+        // The peer (scheme, host and port: the path is the object's, named by the caller)
+        // and the cause, not reqwest's "error sending request for url (…)".
+        let peer = e
+            .url()
+            .map(|url| format!("GCS at {}", url.origin().ascii_serialization()))
+            .unwrap_or_else(|| "GCS".into());
+        Attempt::Transport(format!("{peer}: {}", crate::net::cause(&e)), transient)
     }
 
     fn is_transient(&self) -> bool {
@@ -360,10 +366,12 @@ async fn json<T: serde::de::DeserializeOwned>(
     response: reqwest::Response,
     path: &str,
 ) -> object_store::Result<T> {
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| generic(format!("{path}: reading the answer: {e}")))?;
+    let body = response.bytes().await.map_err(|e| {
+        generic(format!(
+            "{path}: reading the answer: {}",
+            crate::net::cause(&e)
+        ))
+    })?;
     serde_json::from_slice(&body).map_err(|e| {
         generic(format!(
             "{path}: unexpected answer from GCS ({e}): {}",
@@ -1046,6 +1054,26 @@ pub(crate) mod tests {
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i % 249) as u8 ^ seed).collect()
+    }
+
+    /// A GCS that does not answer is named (scheme, host, port) with the cause, after the
+    /// retries a transient failure gets.
+    #[tokio::test]
+    async fn an_unreachable_gcs_is_named_with_the_cause() {
+        let port = crate::net::closed_port();
+        let store = GcsStore::new(&format!("http://127.0.0.1:{port}"), "b", GcsAuth::Anonymous);
+        let err = store
+            .head(&Path::from("run/part-00000.parquet"))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!(
+                "run/part-00000.parquet: GCS at http://127.0.0.1:{port}: connection refused \
+                 (nothing listens there)"
+            )),
+            "{text}"
+        );
     }
 
     /// Every operation the pipeline uses, against the emulator over the JSON API.

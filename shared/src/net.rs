@@ -11,16 +11,8 @@ pub fn cause(e: &reqwest::Error) -> String {
         return "timed out waiting for an answer".into();
     }
     let chain = chain(e);
-    let io_kind = source_io_kind(e);
-    if let Some(kind) = io_kind {
-        use std::io::ErrorKind::*;
-        match kind {
-            ConnectionRefused => return "connection refused (nothing listens there)".into(),
-            ConnectionReset => return "connection reset by the peer".into(),
-            TimedOut => return "timed out connecting".into(),
-            HostUnreachable | NetworkUnreachable => return format!("unreachable ({kind})"),
-            _ => {}
-        }
+    if let Some(cause) = io_cause(e) {
+        return cause;
     }
     let lower = chain.to_lowercase();
     if lower.contains("dns error") || lower.contains("failed to lookup address") {
@@ -95,15 +87,35 @@ fn innermost(e: &reqwest::Error) -> String {
     last.to_string()
 }
 
-fn source_io_kind(e: &reqwest::Error) -> Option<std::io::ErrorKind> {
-    let mut source = e.source();
+/// The socket-level cause in an error's chain, in the words `cause` uses, for any peer (an
+/// HTTP API, a database driver's connect error): connection refused or reset, a connect
+/// timeout, an unreachable host. `None` when the chain holds none of those.
+pub fn io_cause(e: &(dyn StdError + 'static)) -> Option<String> {
+    let mut source = Some(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return Some(io.kind());
+            use std::io::ErrorKind::*;
+            let kind = io.kind();
+            return match kind {
+                ConnectionRefused => Some("connection refused (nothing listens there)".into()),
+                ConnectionReset => Some("connection reset by the peer".into()),
+                TimedOut => Some("timed out connecting".into()),
+                HostUnreachable | NetworkUnreachable => Some(format!("unreachable ({kind})")),
+                _ => None,
+            };
         }
         source = s.source();
     }
     None
+}
+
+/// A loopback port nothing listens on (bound, then let go), for tests of a peer that is not there.
+#[cfg(test)]
+pub(crate) fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free loopback port")
 }
 
 #[cfg(test)]
@@ -124,11 +136,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_port_says_connection_refused() {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
-        let url = format!("http://127.0.0.1:{port}/api/");
+        let url = format!("http://127.0.0.1:{}/api/", closed_port());
         let e = get(&url).await;
         assert_eq!(
             unanswered("GET", &url, &e),

@@ -50,9 +50,16 @@ fn resource_name(reference: &str) -> Result<&str> {
 
 /// Reads the secret a reference names.
 pub async fn resolve(reference: &str) -> Result<String> {
-    let name = resource_name(reference)?;
     let endpoint = std::env::var(ENDPOINT_ENV).ok();
-    let base = endpoint.as_deref().unwrap_or(PRODUCTION_ENDPOINT);
+    resolve_at(reference, endpoint.as_deref()).await
+}
+
+/// Reads the secret from Secret Manager at `endpoint` (a stand-in, asked without
+/// credentials), or from the production endpoint with Google credentials when `None`.
+async fn resolve_at(reference: &str, endpoint: Option<&str>) -> Result<String> {
+    let name = resource_name(reference)?;
+    let base = endpoint.unwrap_or(PRODUCTION_ENDPOINT);
+    let peer = format!("Secret Manager at {base}");
     let mut request = reqwest::Client::new().get(format!("{base}/v1/{name}:access"));
     if endpoint.is_none() {
         let credentials = google_cloud_auth::credentials::Builder::default()
@@ -65,10 +72,12 @@ pub async fn resolve(reference: &str) -> Result<String> {
             .map_err(|e| Error::Database(format!("a token for Secret Manager: {e}")))?;
         request = request.bearer_auth(token.token);
     }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| Error::Database(format!("Secret Manager ({name}): {e}")))?;
+    let response = request.send().await.map_err(|e| {
+        Error::Database(format!(
+            "reading secret {name} from {peer}: {}",
+            crate::net::cause(&e)
+        ))
+    })?;
     let status = response.status();
     if !status.is_success() {
         let why = match status.as_u16() {
@@ -76,9 +85,15 @@ pub async fn resolve(reference: &str) -> Result<String> {
             403 => "permission denied: the identity that connects needs \
                     roles/secretmanager.secretAccessor on it"
                 .to_string(),
-            other => format!("HTTP {other}"),
+            _ => {
+                let body = response.text().await.unwrap_or_default();
+                match crate::net::first_line(&body) {
+                    first if first.is_empty() => format!("answered {status}"),
+                    first => format!("answered {status}: {first}"),
+                }
+            }
         };
-        let text = format!("reading secret {name} from Secret Manager: {why}");
+        let text = format!("reading secret {name} from {peer}: {why}");
         // Not found or not allowed: the same answer every time.
         return Err(if matches!(status.as_u16(), 400 | 403 | 404) {
             Error::Source(text)
@@ -86,10 +101,12 @@ pub async fn resolve(reference: &str) -> Result<String> {
             Error::Database(text)
         });
     }
-    let body: serde_json::Value = response
-        .json()
-        .await
-        .map_err(|e| Error::Database(format!("Secret Manager ({name}): {e}")))?;
+    let body: serde_json::Value = response.json().await.map_err(|e| {
+        Error::Database(format!(
+            "reading secret {name} from {peer}: {}",
+            crate::net::cause(&e)
+        ))
+    })?;
     let data = body["payload"]["data"].as_str().ok_or_else(|| {
         Error::Source(format!(
             "Secret Manager's answer for {name} has no payload.data"
@@ -309,6 +326,55 @@ mod tests {
                     "only password, sslkey, sslcert, sslrootcert, ssl_key, ssl_cert, ssl_ca may be"
                 ),
             "{err}"
+        );
+    }
+
+    const REFERENCE: &str = "secretmanager://projects/p/secrets/s/versions/1";
+
+    #[tokio::test]
+    async fn an_unreachable_secret_manager_is_named_with_the_cause() {
+        let port = crate::net::closed_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let err = resolve_at(REFERENCE, Some(&base)).await.unwrap_err();
+        assert!(
+            !err.is_deterministic(),
+            "a peer that is not there may come back: {err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "source database error: reading secret projects/p/secrets/s/versions/1 from \
+                 Secret Manager at {base}: connection refused (nothing listens there)"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_answer_gives_its_status_and_first_line() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let serve = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await.unwrap();
+            let body = "\n  quota exceeded for secretmanager.googleapis.com\nmore detail\n";
+            let answer = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            socket.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let err = resolve_at(REFERENCE, Some(&base)).await.unwrap_err();
+        serve.await.unwrap();
+        assert!(!err.is_deterministic(), "a 503 may pass: {err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "source database error: reading secret projects/p/secrets/s/versions/1 from \
+                 Secret Manager at {base}: answered 503 Service Unavailable: quota exceeded \
+                 for secretmanager.googleapis.com"
+            )
         );
     }
 }

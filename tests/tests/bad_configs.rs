@@ -67,7 +67,35 @@ async fn failing_configs_name_the_cause_and_never_show_a_connection_value() {
         .parse()
         .unwrap();
     let pg_url = format!("postgresql://postgres:{SENTINEL}@127.0.0.1:{pg_port}/postgres");
+    // A port nothing listens on: bound, then let go.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let cases: Vec<(&str, Value, String)> = vec![
+        (
+            "closed-port",
+            pg_config(json!({"host": "127.0.0.1", "port": closed, "database": "d",
+                             "username": "u", "password": SENTINEL})),
+            format!(
+                "cannot connect to PostgreSQL at 127.0.0.1:{closed}/d: connection refused \
+                 (nothing listens there)"
+            ),
+        ),
+        (
+            "mysql-closed-port",
+            json!({
+                "data_source_id": 46, "source_type": "mysql",
+                "connection_params": {"host": "127.0.0.1", "port": closed, "database": "test",
+                                      "username": "root", "password": SENTINEL},
+                "source_table_name": "t", "dest_table_name": "t",
+                "load_type": "catalog", "processing_mode": "standard"}),
+            format!(
+                "cannot connect to MySQL at 127.0.0.1:{closed}/test: connection refused \
+                 (nothing listens there)"
+            ),
+        ),
         (
             "bad-host",
             pg_config(

@@ -173,8 +173,10 @@ async fn secrets_by_reference_are_read_from_secret_manager_when_connecting() {
     assert!(err.is_deterministic(), "{err:?}");
     assert_eq!(
         err.to_string(),
-        "reading secret projects/p/secrets/db-pass/versions/9 from Secret Manager: no such \
-         secret or version"
+        format!(
+            "reading secret projects/p/secrets/db-pass/versions/9 from Secret Manager at \
+             {endpoint}: no such secret or version"
+        )
     );
     // A malformed reference, or one in a field that is not a secret, fails before any request.
     let before = asked(&log).len();

@@ -187,6 +187,52 @@ pub enum ShardBounds {
     Files { files: Vec<files::FilePart> },
 }
 
+impl ShardBounds {
+    /// The rows a shard reads, for a person reading a plan: which bound is inclusive, which
+    /// exclusive, which open, and where NULL keys go.
+    pub fn describe(&self) -> String {
+        match self {
+            ShardBounds::Whole => "every row".into(),
+            ShardBounds::KeyRange {
+                column,
+                lower,
+                upper,
+                include_nulls,
+                ..
+            } => {
+                let range = match (lower, upper) {
+                    (None, None) => return "every row".into(),
+                    (Some(l), None) => format!("{column} >= {l}"),
+                    (None, Some(u)) => format!("{column} < {u}"),
+                    (Some(l), Some(u)) => format!("{l} <= {column} < {u}"),
+                };
+                if *include_nulls {
+                    format!("{range}, or {column} IS NULL")
+                } else {
+                    range
+                }
+            }
+            ShardBounds::CtidRange {
+                first_block,
+                end_block: Some(end),
+            } => format!("heap pages {first_block} <= block < {end}"),
+            ShardBounds::CtidRange {
+                first_block,
+                end_block: None,
+            } => format!("heap pages from block {first_block} on"),
+            ShardBounds::Files { files } => match files.as_slice() {
+                [one] => match one.row_groups {
+                    Some((first, end)) => {
+                        format!("row groups {first} <= group < {end} of {}", one.file.path)
+                    }
+                    None => one.file.path.clone(),
+                },
+                many => format!("{} files", many.len()),
+            },
+        }
+    }
+}
+
 /// The rows of an incremental load: `column` after the value loaded last (or from the
 /// historical start), through the high-water mark captured when the run was planned. Values
 /// are the column's text form, cast back in SQL to the column's type.
@@ -200,6 +246,93 @@ pub struct Window {
     pub from: Option<String>,
     /// Inclusive upper bound: the high-water mark.
     pub through: String,
+}
+
+// --- What planning decides, for every connector. ------------------------------------------
+
+/// A row estimate and where it came from.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Estimate {
+    pub rows: u64,
+    pub source: String,
+}
+
+/// The shards of a table and how they were cut.
+#[derive(Clone, Debug)]
+pub struct Split {
+    /// `none`, `histogram`, `sample`, `ctid` or a file grouping.
+    pub method: String,
+    pub column: Option<String>,
+    pub shards: Vec<(ShardBounds, u64)>,
+}
+
+/// Where an incremental window starts and ends, before planning resolves it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WindowBounds {
+    /// Exclusive lower bounds: the greatest one wins (Django's `last_sync_value` and the
+    /// watermark the state store recorded with the stream's last load).
+    pub after: Vec<String>,
+    /// Inclusive lower bound (`historical_start_date`) when there is no `after`.
+    pub from: Option<String>,
+    /// A high-water mark fixed beforehand (a taken-over run reads its window again); else
+    /// `max(column)` now.
+    pub through: Option<String>,
+    /// Merge mode: the window starts this long before `after` (a date or timestamp column).
+    pub lookback: Option<std::time::Duration>,
+}
+
+/// What planning an incremental window decided.
+#[derive(Clone, Debug)]
+pub struct PlannedWindow {
+    /// None when the window is empty.
+    pub window: Option<Window>,
+    /// The exclusive lower bound it resolved to (the watermark loaded last).
+    pub after: Option<String>,
+    pub rows: u64,
+    /// Rows above the lower bound but past every window's end (`infinity`, numeric `NaN`): an
+    /// incremental load never takes them.
+    pub beyond: u64,
+    pub shards: Vec<(ShardBounds, u64)>,
+}
+
+/// Planning a table source (PostgreSQL, MySQL): one connection, the table described once,
+/// then its estimate, its cut into shards, or an incremental window's cut.
+#[async_trait::async_trait]
+pub trait TableSurvey: Send {
+    /// Every column of the table, in table order.
+    fn columns(&self) -> &[SourceColumn];
+    /// The primary key's columns in key order; empty without one.
+    fn primary_key(&self) -> &[String];
+    /// The table's rows without a scan, or counted when `exact`.
+    async fn estimate(&mut self, exact: bool) -> Result<Estimate>;
+    /// `shards` ranges of about `estimated_rows / shards` rows each.
+    async fn split(&mut self, estimated_rows: u64, shards: usize) -> Result<Split>;
+    /// The window of an incremental load on `column`, counted exactly and cut into
+    /// `shards(rows)` ranges.
+    async fn plan_window(
+        &mut self,
+        column: &str,
+        bounds: WindowBounds,
+        shards: &(dyn Fn(u64) -> usize + Send + Sync),
+    ) -> Result<PlannedWindow>;
+}
+
+/// Connects to the job's table source and describes its table: the one place planning picks
+/// a table connector by `source_type`.
+pub async fn survey_table(
+    spec: &JobSpec,
+    retry: crate::retry::RetryPolicy,
+) -> Result<Box<dyn TableSurvey>> {
+    match spec.source_type {
+        SourceType::Postgresql => Ok(Box::new(postgres::PgSurvey::open(spec, retry).await?)),
+        SourceType::Mysql => Ok(Box::new(mysql::MySqlSurvey::open(spec, retry).await?)),
+        SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local => {
+            Err(Error::Source(format!(
+                "source_type {:?} is files, not a table",
+                spec.source_type
+            )))
+        }
+    }
 }
 
 /// A stream of Arrow batches from one shard.
@@ -220,6 +353,40 @@ pub fn quote_ident(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_bounds_say_which_side_is_inclusive() {
+        let range = |lower: Option<&str>, upper: Option<&str>, include_nulls| {
+            ShardBounds::KeyRange {
+                column: "order_id".into(),
+                key_type: "bigint".into(),
+                lower: lower.map(str::to_string),
+                upper: upper.map(str::to_string),
+                include_nulls,
+            }
+            .describe()
+        };
+        assert_eq!(
+            range(None, Some("502130"), true),
+            "order_id < 502130, or order_id IS NULL"
+        );
+        assert_eq!(
+            range(Some("502130"), Some("994064"), false),
+            "502130 <= order_id < 994064"
+        );
+        assert_eq!(range(Some("1498541"), None, false), "order_id >= 1498541");
+        assert_eq!(range(None, None, false), "every row");
+        let pages = ShardBounds::CtidRange {
+            first_block: 0,
+            end_block: Some(4425),
+        };
+        assert_eq!(pages.describe(), "heap pages 0 <= block < 4425");
+        let rest = ShardBounds::CtidRange {
+            first_block: 4425,
+            end_block: None,
+        };
+        assert_eq!(rest.describe(), "heap pages from block 4425 on");
+    }
 
     #[test]
     fn staged_schemas_carry_the_destination_names() {

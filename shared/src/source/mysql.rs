@@ -21,8 +21,8 @@ use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
 use super::mysql_types::{RowDecoder, parse_column_type};
-use super::postgres::{Estimate, PlannedWindow, Split, WindowBounds};
 use super::{BatchStream, ShardBounds, SourceColumn, Window, receiver_stream};
+use super::{Estimate, PlannedWindow, Split, WindowBounds};
 use crate::messages::ShardTask;
 use crate::plan::{self, Cut};
 use crate::retry::RetryPolicy;
@@ -301,7 +301,8 @@ impl MySqlConnector {
                         {
                             return crate::iam_login::refused(user, &self.target, &format!("{} ({})", my.message(), my.number()));
                         }
-                        let text = format!("cannot connect to MySQL at {}: {}", self.target, e);
+                        let cause = crate::net::io_cause(&e).unwrap_or_else(|| e.to_string());
+                        let text = format!("cannot connect to MySQL at {}: {cause}", self.target);
                         match source_error(e) {
                             Error::Source(_) => Error::Source(format!(
                                 "the source database refused the job: {text}"
@@ -439,6 +440,48 @@ WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ?";
 
 fn text(row: &MySqlRow, i: usize) -> Result<Option<String>> {
     row.try_get::<Option<String>, _>(i).map_err(source_error)
+}
+
+/// `TableSurvey` on MySQL: a connection and the table as `describe` found it.
+pub struct MySqlSurvey {
+    conn: MySqlConnection,
+    info: TableInfo,
+}
+
+impl MySqlSurvey {
+    pub async fn open(spec: &JobSpec, retry: RetryPolicy) -> Result<Self> {
+        let mut conn = MySqlConnector::from_spec(spec, retry)?.connect().await?;
+        let info = describe(&mut conn, &spec.schema_name, &spec.table_name).await?;
+        Ok(MySqlSurvey { conn, info })
+    }
+}
+
+#[async_trait::async_trait]
+impl super::TableSurvey for MySqlSurvey {
+    fn columns(&self) -> &[SourceColumn] {
+        &self.info.columns
+    }
+
+    fn primary_key(&self) -> &[String] {
+        &self.info.primary_key
+    }
+
+    async fn estimate(&mut self, exact: bool) -> Result<Estimate> {
+        estimate(&mut self.conn, &self.info, exact).await
+    }
+
+    async fn split(&mut self, estimated_rows: u64, shards: usize) -> Result<Split> {
+        split(&mut self.conn, &self.info, estimated_rows, shards).await
+    }
+
+    async fn plan_window(
+        &mut self,
+        column: &str,
+        bounds: WindowBounds,
+        shards: &(dyn Fn(u64) -> usize + Send + Sync),
+    ) -> Result<PlannedWindow> {
+        plan_window(&mut self.conn, &self.info, column, bounds, shards).await
+    }
 }
 
 /// Looks the table up; a missing table is named with the database it was looked for in.

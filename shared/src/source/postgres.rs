@@ -12,7 +12,10 @@ use tokio_postgres::Client;
 
 use super::pg_binary::{CopyDecoder, select_item};
 use super::pg_tls::{PgTls, SslMode, tls_failure};
-use super::{BatchStream, ShardBounds, SourceColumn, Window, quote_ident, receiver_stream};
+use super::{
+    BatchStream, Estimate, PlannedWindow, ShardBounds, SourceColumn, Split, Window, WindowBounds,
+    quote_ident, receiver_stream,
+};
 use crate::messages::ShardTask;
 use crate::plan::{self, Cut};
 use crate::retry::RetryPolicy;
@@ -197,6 +200,9 @@ fn pg_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => db.message().to_string(),
         None => {
+            if let Some(cause) = crate::net::io_cause(e) {
+                return cause;
+            }
             let mut text = e.to_string();
             let mut source = std::error::Error::source(e);
             while let Some(s) = source {
@@ -339,11 +345,46 @@ pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<Tabl
     })
 }
 
-/// A row estimate and where it came from.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Estimate {
-    pub rows: u64,
-    pub source: String,
+/// `TableSurvey` on PostgreSQL: a connection and the table as `describe` found it.
+pub struct PgSurvey {
+    client: Client,
+    info: TableInfo,
+}
+
+impl PgSurvey {
+    pub async fn open(spec: &JobSpec, retry: RetryPolicy) -> Result<Self> {
+        let client = PgConnector::from_spec(spec, retry)?.connect().await?;
+        let info = describe(&client, &spec.schema_name, &spec.table_name).await?;
+        Ok(PgSurvey { client, info })
+    }
+}
+
+#[async_trait::async_trait]
+impl super::TableSurvey for PgSurvey {
+    fn columns(&self) -> &[SourceColumn] {
+        &self.info.columns
+    }
+
+    fn primary_key(&self) -> &[String] {
+        &self.info.primary_key
+    }
+
+    async fn estimate(&mut self, exact: bool) -> Result<Estimate> {
+        estimate(&self.client, &self.info, exact).await
+    }
+
+    async fn split(&mut self, estimated_rows: u64, shards: usize) -> Result<Split> {
+        split(&self.client, &self.info, estimated_rows, shards).await
+    }
+
+    async fn plan_window(
+        &mut self,
+        column: &str,
+        bounds: WindowBounds,
+        shards: &(dyn Fn(u64) -> usize + Send + Sync),
+    ) -> Result<PlannedWindow> {
+        plan_window(&self.client, &self.info, column, bounds, shards).await
+    }
 }
 
 /// Estimates the table's rows without scanning it: `pg_class.reltuples` scaled to the current
@@ -392,15 +433,6 @@ pub async fn estimate(client: &Client, info: &TableInfo, exact: bool) -> Result<
         rows: rows.round() as u64,
         source: "EXPLAIN (the table has no statistics yet; ANALYZE improves the estimate)".into(),
     })
-}
-
-/// The shards of a table and how they were cut.
-#[derive(Clone, Debug)]
-pub struct Split {
-    /// `none`, `histogram`, `sample`, or `ctid`.
-    pub method: String,
-    pub column: Option<String>,
-    pub shards: Vec<(ShardBounds, u64)>,
 }
 
 /// Cuts the table into `shards` ranges of about equal row count.
@@ -647,21 +679,6 @@ fn window_type(column: &str, column_type: &str) -> Result<&'static str> {
     }
 }
 
-/// Where an incremental window starts and ends, before planning resolves it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct WindowBounds {
-    /// Exclusive lower bounds: the greatest one wins (Django's `last_sync_value` and the
-    /// watermark the state store recorded with the stream's last load).
-    pub after: Vec<String>,
-    /// Inclusive lower bound (`historical_start_date`) when there is no `after`.
-    pub from: Option<String>,
-    /// A high-water mark fixed beforehand (a taken-over run reads its window again); else
-    /// `max(column)` now.
-    pub through: Option<String>,
-    /// Merge mode: the window starts this long before `after` (a date or timestamp column).
-    pub lookback: Option<std::time::Duration>,
-}
-
 /// The window of an incremental load, its exact row count, and its cut into `shards` ranges
 /// of the window column with about equal rows. `None` when the window holds no row (and no
 /// high-water mark was fixed). The resolved exclusive lower bound comes back either way.
@@ -861,20 +878,6 @@ pub async fn plan_window(
         ..col.clone()
     };
     Ok(planned(crate::plan::key_ranges(&key, &points, rows)))
-}
-
-/// What `plan_window` decided.
-#[derive(Clone, Debug)]
-pub struct PlannedWindow {
-    /// None when the window is empty.
-    pub window: Option<Window>,
-    /// The exclusive lower bound it resolved to (the watermark loaded last).
-    pub after: Option<String>,
-    pub rows: u64,
-    /// Rows above the lower bound but past every window's end (`infinity`, numeric `NaN`): an
-    /// incremental load never takes them.
-    pub beyond: u64,
-    pub shards: Vec<(ShardBounds, u64)>,
 }
 
 fn valid_snapshot_id(id: &str) -> bool {

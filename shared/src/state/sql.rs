@@ -56,6 +56,11 @@ pub fn redact_url(url: &str) -> String {
 impl SqlStateStore {
     /// Opens (creating if needed) `sqlite://PATH`, `sqlite::memory:` or `postgres://…`.
     pub async fn open(url: &str) -> Result<Self> {
+        // A PostgreSQL starting beside the fleet gets this long to accept connections.
+        Self::open_waiting(url, Duration::from_secs(30)).await
+    }
+
+    async fn open_waiting(url: &str, patience: Duration) -> Result<Self> {
         sqlx::any::install_default_drivers();
         crate::source::pg_tls::install_crypto_provider();
         let backend = backend_of(url)?;
@@ -69,7 +74,7 @@ impl SqlStateStore {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(patience)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -79,10 +84,30 @@ impl SqlStateStore {
                 })
             })
             .connect(&url)
-            .await
-            .map_err(|e| {
-                Error::State(format!("cannot open state store {}: {e}", redact_url(&url)))
-            })?;
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            // The pool retried a refused connection until `patience` ran out and says only
+            // "pool timed out": one more connection, outside it, gives the cause.
+            Err(sqlx::Error::PoolTimedOut) => {
+                let cause = match <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await {
+                    Ok(_) => "no connection within the time allowed".to_string(),
+                    Err(e) => crate::net::io_cause(&e).unwrap_or_else(|| e.to_string()),
+                };
+                return Err(Error::State(format!(
+                    "cannot open state store {}: {cause} (for {} s)",
+                    redact_url(&url),
+                    patience.as_secs()
+                )));
+            }
+            Err(e) => {
+                let cause = crate::net::io_cause(&e).unwrap_or_else(|| e.to_string());
+                return Err(Error::State(format!(
+                    "cannot open state store {}: {cause}",
+                    redact_url(&url)
+                )));
+            }
+        };
         super::migrate::migrate(&pool, backend).await?;
         Ok(SqlStateStore { pool })
     }
@@ -599,6 +624,23 @@ fn run_record(r: &AnyRow) -> Result<RunRecord> {
 mod tests {
     use super::*;
     use crate::state::conformance;
+
+    #[tokio::test]
+    async fn an_unreachable_postgres_store_is_named_with_the_cause() {
+        let port = crate::net::closed_port();
+        let url = format!("postgres://shardflow:pw@127.0.0.1:{port}/state");
+        let err = SqlStateStore::open_waiting(&url, Duration::from_secs(1))
+            .await
+            .err()
+            .expect("nothing listens there");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state store: cannot open state store postgres://shardflow:***@127.0.0.1:{port}/state: \
+                 connection refused (nothing listens there) (for 1 s)"
+            )
+        );
+    }
 
     #[tokio::test]
     async fn sqlite_passes_the_state_store_suite() {
