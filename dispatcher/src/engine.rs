@@ -24,7 +24,8 @@ use shardflow::source::{ShardBounds, Window};
 use shardflow::spec::{JobSpec, LoadType, SchemaPolicy, SourceType};
 use shardflow::staging::Staging;
 use shardflow::state::{
-    Created, NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, StateStore,
+    Created, NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, ShardStatus,
+    StateStore,
 };
 use shardflow::warehouse::{LoadRequest, SourceFilesLoad, Warehouse, WriteMode};
 use shardflow::{Error, Result};
@@ -239,7 +240,7 @@ pub struct Engine {
 
 fn report_of(record: &RunRecord, spec: &JobSpec, etl_run_id: Option<i64>) -> RunReport {
     RunReport {
-        status: record.status.clone(),
+        status: record.status.as_str().into(),
         run_id: record.run_id.clone(),
         data_source_id: spec.data_source_id,
         etl_run_id,
@@ -407,8 +408,7 @@ impl Engine {
         };
         Ok(self.state.latest_stream_run(&key).await?.filter(|r| {
             r.job_key != job.job_key
-                && (r.status == RunStatus::Superseded.as_str()
-                    || r.status == RunStatus::Abandoned.as_str())
+                && (r.status == RunStatus::Superseded || r.status == RunStatus::Abandoned)
         }))
     }
 
@@ -466,17 +466,14 @@ impl Engine {
     pub async fn run(&self, job: &RunJob, observer: &dyn RunObserver) -> Result<RunOutcome> {
         let mut stream = StreamState::default();
         let attempt = match self.state.latest_run(&job.job_key).await? {
-            Some(r)
-                if r.status == RunStatus::Superseded.as_str()
-                    || r.status == RunStatus::Abandoned.as_str() =>
-            {
+            Some(r) if r.status == RunStatus::Superseded || r.status == RunStatus::Abandoned => {
                 // Taken over earlier, but its successor could not start (its stream was
                 // busy), or closed by the sweep: start it now, on that run's window.
                 stream.inherited_window = window_of(&r.plan_json);
                 stream.inherited_files = files_of(&r.plan_json);
                 attempt_of(&r.run_id) + 1
             }
-            Some(r) if r.status != RunStatus::Running.as_str() => {
+            Some(r) if r.status != RunStatus::Running => {
                 return Ok(RunOutcome::AlreadyFinished(report_of(
                     &r,
                     &job.spec,
@@ -603,7 +600,7 @@ impl Engine {
                 .finish_run(
                     &run_id,
                     &RunEnd {
-                        status: status.clone(),
+                        status,
                         rows_extracted: report.rows_extracted,
                         rows_loaded: report.rows_loaded,
                         checksum: report.checksum.clone(),
@@ -1067,7 +1064,7 @@ impl Engine {
                 return Err(Error::Other(why));
             }
             let shards = self.state.shards(run_id).await?;
-            if let Some(failed) = shards.iter().find(|s| s.status == "failed") {
+            if let Some(failed) = shards.iter().find(|s| s.status == ShardStatus::Failed) {
                 return Err(Error::Other(
                     failed
                         .error
@@ -1075,7 +1072,10 @@ impl Engine {
                         .unwrap_or_else(|| format!("shard {} failed", failed.shard_id)),
                 ));
             }
-            let done = shards.iter().filter(|s| s.status == "succeeded").count();
+            let done = shards
+                .iter()
+                .filter(|s| s.status == ShardStatus::Succeeded)
+                .count();
             if done != last_done {
                 last_done = done;
                 let rows = shards.iter().filter_map(|s| s.rows).sum();
@@ -1287,7 +1287,7 @@ mod tests {
             shard_id: shard.into(),
             shard_index: 0,
             estimated_rows: 0,
-            status: "succeeded".into(),
+            status: ShardStatus::Succeeded,
             rows: Some(1),
             files: Vec::new(),
             checksum: Some(checksum.into()),

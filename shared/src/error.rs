@@ -105,12 +105,6 @@ pub(crate) fn refuses_the_job(sqlstate: &str) -> bool {
         || matches!(sqlstate, "3D000" | "0A000" | "55000")
 }
 
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Error::State(e.to_string())
-    }
-}
-
 impl From<object_store::Error> for Error {
     fn from(e: object_store::Error) -> Self {
         Error::Staging(e.to_string())

@@ -15,7 +15,7 @@ use crate::Result;
 use crate::messages::{ShardOutcome, ShardResult, StagedFile};
 use crate::source::ShardBounds;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Running,
@@ -29,7 +29,52 @@ pub enum RunStatus {
     Abandoned,
 }
 
+/// A shard of a run: waiting for its result, or settled by its first result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardStatus {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+impl ShardStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ShardStatus::Pending => "pending",
+            ShardStatus::Succeeded => "succeeded",
+            ShardStatus::Failed => "failed",
+        }
+    }
+
+    /// The status as the store keeps it; text it does not know is an error, never a guess.
+    pub fn parse(text: &str) -> crate::Result<Self> {
+        [
+            ShardStatus::Pending,
+            ShardStatus::Succeeded,
+            ShardStatus::Failed,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+        .ok_or_else(|| crate::Error::State(format!("unknown shard status {text:?}")))
+    }
+}
+
 impl RunStatus {
+    /// The status as the store keeps it; text it does not know is an error, never a guess.
+    pub fn parse(text: &str) -> crate::Result<Self> {
+        [
+            RunStatus::Running,
+            RunStatus::Completed,
+            RunStatus::Failed,
+            RunStatus::Superseded,
+            RunStatus::Abandoned,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+        .ok_or_else(|| crate::Error::State(format!("unknown run status {text:?}")))
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             RunStatus::Running => "running",
@@ -90,7 +135,7 @@ pub struct ShardRecord {
     pub shard_id: String,
     pub shard_index: u32,
     pub estimated_rows: u64,
-    pub status: String,
+    pub status: ShardStatus,
     pub rows: Option<u64>,
     pub files: Vec<StagedFile>,
     /// From the success: the content checksum, the parts' schema, the timestamp maximum.
@@ -115,7 +160,7 @@ pub struct RunRecord {
     pub owner: String,
     /// When the owner last said it was alive (fixed-width UTC text).
     pub heartbeat_at: String,
-    pub status: String,
+    pub status: RunStatus,
     pub rows_extracted: Option<u64>,
     pub rows_loaded: Option<u64>,
     pub checksum: Option<String>,
@@ -417,7 +462,7 @@ pub(crate) mod conformance {
 
         let records = store.shards("run-1").await.unwrap();
         assert_eq!(records.len(), 2);
-        assert_eq!(records[0].status, "succeeded");
+        assert_eq!(records[0].status, ShardStatus::Succeeded);
         assert_eq!(records[0].rows, Some(5), "the first success wins");
         assert_eq!(records[0].attempts, 2);
         assert_eq!(records[0].files.len(), 1);
@@ -436,7 +481,7 @@ pub(crate) mod conformance {
             ),
             (None, None)
         );
-        assert_eq!(records[1].status, "pending");
+        assert_eq!(records[1].status, ShardStatus::Pending);
         assert_eq!(records[1].task_json, "{\"shard\":1}");
 
         assert!(
@@ -459,7 +504,7 @@ pub(crate) mod conformance {
             .await
             .unwrap();
         let r = store.run("run-1").await.unwrap().unwrap();
-        assert_eq!(r.status, "failed");
+        assert_eq!(r.status, RunStatus::Failed);
         assert_eq!(r.error_message.as_deref(), Some("shard s1 failed"));
         assert_eq!((r.checksum, r.watermark), (None, None));
         assert_eq!((r.data_source_id, r.etl_run_id), (Some(7), None));
@@ -690,21 +735,24 @@ pub(crate) mod conformance {
                 Created::Created
             );
         }
-        let mine = |runs: Vec<RunRecord>| -> Vec<(String, String, Option<String>)> {
+        let mine = |runs: Vec<RunRecord>| -> Vec<(String, RunStatus, Option<String>)> {
             runs.into_iter()
                 .filter(|r| r.run_id.starts_with("sweep-"))
                 .map(|r| (r.run_id, r.status, r.stream_key))
                 .collect()
         };
         let running = store.running_runs().await.unwrap();
-        assert!(running.iter().all(|r| r.status == "running"), "{running:?}");
+        assert!(
+            running.iter().all(|r| r.status == RunStatus::Running),
+            "{running:?}"
+        );
         assert_eq!(
             mine(running),
             vec![
-                ("sweep-1".into(), "running".into(), None),
+                ("sweep-1".into(), RunStatus::Running, None),
                 (
                     "sweep-2".into(),
-                    "running".into(),
+                    RunStatus::Running,
                     Some("ds11:events".into())
                 ),
             ]
@@ -725,11 +773,11 @@ pub(crate) mod conformance {
             .unwrap();
         assert_eq!(
             mine(store.running_runs().await.unwrap()),
-            vec![("sweep-1".into(), "running".into(), None)]
+            vec![("sweep-1".into(), RunStatus::Running, None)]
         );
         assert_eq!(
             store.run("sweep-2").await.unwrap().unwrap().status,
-            "abandoned"
+            RunStatus::Abandoned
         );
         let latest = store
             .latest_stream_run("ds11:events")

@@ -10,7 +10,7 @@ use sqlx::{AnyPool, Executor as _, Row};
 
 use super::{
     Created, NewRun, NewShard, PendingReport, ProcessedFile, Recorded, ReportAttempt, ReportState,
-    RunEnd, RunRecord, ShardRecord, StateStore, success,
+    RunEnd, RunRecord, RunStatus, ShardRecord, ShardStatus, StateStore, success,
 };
 use crate::messages::{ShardOutcome, ShardResult};
 use crate::{Error, Result};
@@ -149,21 +149,33 @@ fn shifted(
     })
 }
 
+/// sqlx errors as the state store reports them: always the store's, never a source's (the
+/// MySQL connector maps its own sqlx errors with `mysql::source_error`).
+fn state_error(e: sqlx::Error) -> Error {
+    Error::State(e.to_string())
+}
+
 fn now() -> String {
     timestamp(chrono::Utc::now())
 }
 
 fn pending_report(row: &AnyRow) -> Result<PendingReport> {
     Ok(PendingReport {
-        etl_run_id: row.try_get("etl_run_id")?,
-        body: row.try_get("body")?,
-        recorded_at: row.try_get("recorded_at")?,
-        attempts: row.try_get::<i64, _>("attempts")?.max(0) as u32,
+        etl_run_id: row.try_get("etl_run_id").map_err(state_error)?,
+        body: row.try_get("body").map_err(state_error)?,
+        recorded_at: row.try_get("recorded_at").map_err(state_error)?,
+        attempts: row
+            .try_get::<i64, _>("attempts")
+            .map_err(state_error)?
+            .max(0) as u32,
     })
 }
 
 fn opt_u64(row: &AnyRow, column: &str) -> Result<Option<u64>> {
-    Ok(row.try_get::<Option<i64>, _>(column)?.map(|v| v as u64))
+    Ok(row
+        .try_get::<Option<i64>, _>(column)
+        .map_err(state_error)?
+        .map(|v| v as u64))
 }
 
 #[async_trait]
@@ -172,7 +184,7 @@ impl StateStore for SqlStateStore {
         if let Some(conflict) = self.stream_conflict(run).await? {
             return Ok(conflict);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.map_err(state_error)?;
         let now = now();
         let inserted = sqlx::query(
             "INSERT INTO shardflow_runs (run_id, job_key, data_source_id, etl_run_id, dest_table,
@@ -197,16 +209,16 @@ impl StateStore for SqlStateStore {
             Ok(done) => done.rows_affected() > 0,
             // Another run of the stream was created between the check and the insert.
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                tx.rollback().await?;
+                tx.rollback().await.map_err(state_error)?;
                 return match self.stream_conflict(run).await? {
                     Some(conflict) => Ok(conflict),
                     None => Err(Error::State(format!("creating run {}: {e}", run.run_id))),
                 };
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(state_error(e)),
         };
         if !inserted {
-            tx.rollback().await?;
+            tx.rollback().await.map_err(state_error)?;
             return Ok(Created::RunExists);
         }
         for s in shards {
@@ -222,9 +234,10 @@ impl StateStore for SqlStateStore {
             .bind(serde_json::to_string(&s.bounds)?)
             .bind(&s.task_json)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .map_err(state_error)?;
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(state_error)?;
         Ok(Created::Created)
     }
 
@@ -241,7 +254,8 @@ impl StateStore for SqlStateStore {
         .bind(run_id)
         .bind(timestamp(stale))
         .execute(&self.pool)
-        .await?
+        .await
+        .map_err(state_error)?
         .rows_affected();
         Ok(claimed > 0)
     }
@@ -255,7 +269,8 @@ impl StateStore for SqlStateStore {
         .bind(run_id)
         .bind(owner)
         .execute(&self.pool)
-        .await?
+        .await
+        .map_err(state_error)?
         .rows_affected();
         Ok(alive > 0)
     }
@@ -282,7 +297,8 @@ impl StateStore for SqlStateStore {
                     .transpose()?,
             )
             .execute(&self.pool)
-            .await?
+            .await
+            .map_err(state_error)?
             .rows_affected(),
             None => {
                 let error = match &result.outcome {
@@ -297,7 +313,8 @@ impl StateStore for SqlStateStore {
                 .bind(&result.run_id)
                 .bind(&result.shard_id)
                 .execute(&self.pool)
-                .await?
+                .await
+                .map_err(state_error)?
                 .rows_affected()
             }
         };
@@ -317,7 +334,8 @@ impl StateStore for SqlStateStore {
         .bind(run_id)
         .bind(shard_id)
         .execute(&self.pool)
-        .await?
+        .await
+        .map_err(state_error)?
         .rows_affected();
         Ok(changed > 0)
     }
@@ -330,38 +348,43 @@ impl StateStore for SqlStateStore {
         )
         .bind(run_id)
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .map_err(state_error)?;
         rows.iter()
             .map(|r| {
-                let files: Option<String> = r.try_get("files_json")?;
-                let source_rows: Option<String> = r.try_get("source_rows_json")?;
+                let files: Option<String> = r.try_get("files_json").map_err(state_error)?;
+                let source_rows: Option<String> =
+                    r.try_get("source_rows_json").map_err(state_error)?;
                 Ok(ShardRecord {
-                    shard_id: r.try_get("shard_id")?,
-                    shard_index: r.try_get::<i64, _>("shard_index")? as u32,
-                    estimated_rows: r.try_get::<i64, _>("estimated_rows")? as u64,
-                    status: r.try_get("status")?,
+                    shard_id: r.try_get("shard_id").map_err(state_error)?,
+                    shard_index: r.try_get::<i64, _>("shard_index").map_err(state_error)? as u32,
+                    estimated_rows: r.try_get::<i64, _>("estimated_rows").map_err(state_error)?
+                        as u64,
+                    status: ShardStatus::parse(
+                        &r.try_get::<String, _>("status").map_err(state_error)?,
+                    )?,
                     rows: opt_u64(r, "rows")?,
                     files: match files {
                         Some(f) => serde_json::from_str(&f)?,
                         None => Vec::new(),
                     },
-                    checksum: r.try_get("checksum")?,
-                    schema_json: r.try_get("schema_json")?,
-                    max_value: r.try_get("max_value")?,
+                    checksum: r.try_get("checksum").map_err(state_error)?,
+                    schema_json: r.try_get("schema_json").map_err(state_error)?,
+                    max_value: r.try_get("max_value").map_err(state_error)?,
                     source_rows: match source_rows {
                         Some(rows) => serde_json::from_str(&rows)?,
                         None => Vec::new(),
                     },
-                    attempts: r.try_get::<i64, _>("attempts")? as u32,
-                    error: r.try_get("error")?,
-                    task_json: r.try_get("task_json")?,
+                    attempts: r.try_get::<i64, _>("attempts").map_err(state_error)? as u32,
+                    error: r.try_get("error").map_err(state_error)?,
+                    task_json: r.try_get("task_json").map_err(state_error)?,
                 })
             })
             .collect()
     }
 
     async fn finish_run(&self, run_id: &str, end: &RunEnd) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.map_err(state_error)?;
         let now = now();
         for f in &end.processed_files {
             sqlx::query(
@@ -379,7 +402,8 @@ impl StateStore for SqlStateStore {
             .bind(&f.run_id)
             .bind(&now)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .map_err(state_error)?;
         }
         sqlx::query(
             "UPDATE shardflow_runs SET status = $1, finished_at = $2, rows_extracted = $3,
@@ -395,8 +419,9 @@ impl StateStore for SqlStateStore {
         .bind(end.error_message.as_deref())
         .bind(run_id)
         .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        .await
+        .map_err(state_error)?;
+        tx.commit().await.map_err(state_error)?;
         Ok(())
     }
 
@@ -407,19 +432,21 @@ impl StateStore for SqlStateStore {
         )
         .bind(stream_key)
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .map_err(state_error)?;
         rows.iter()
             .map(|r| {
                 Ok(ProcessedFile {
-                    stream_key: r.try_get("stream_key")?,
-                    path: r.try_get("path")?,
-                    version: r.try_get("version")?,
-                    size: r.try_get::<i64, _>("size")? as u64,
-                    last_modified: r.try_get("last_modified")?,
+                    stream_key: r.try_get("stream_key").map_err(state_error)?,
+                    path: r.try_get("path").map_err(state_error)?,
+                    version: r.try_get("version").map_err(state_error)?,
+                    size: r.try_get::<i64, _>("size").map_err(state_error)? as u64,
+                    last_modified: r.try_get("last_modified").map_err(state_error)?,
                     rows: r
-                        .try_get::<Option<i64>, _>("rows_loaded")?
+                        .try_get::<Option<i64>, _>("rows_loaded")
+                        .map_err(state_error)?
                         .map(|n| n as u64),
-                    run_id: r.try_get("run_id")?,
+                    run_id: r.try_get("run_id").map_err(state_error)?,
                 })
             })
             .collect()
@@ -436,7 +463,8 @@ impl StateStore for SqlStateStore {
         .bind(body)
         .bind(&now)
         .execute(&self.pool)
-        .await?
+        .await
+        .map_err(state_error)?
         .rows_affected();
         Ok(inserted > 0)
     }
@@ -454,7 +482,8 @@ impl StateStore for SqlStateStore {
         .bind(timestamp(until))
         .bind(timestamp(now))
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .map_err(state_error)?;
         rows.iter().map(pending_report).collect()
     }
 
@@ -484,7 +513,7 @@ impl StateStore for SqlStateStore {
             .bind(error.clone())
             .bind(etl_run_id),
         };
-        query.execute(&self.pool).await?;
+        query.execute(&self.pool).await.map_err(state_error)?;
         Ok(())
     }
 
@@ -496,7 +525,8 @@ impl StateStore for SqlStateStore {
         )
         .bind(timestamp(before))
         .execute(&self.pool)
-        .await?
+        .await
+        .map_err(state_error)?
         .rows_affected();
         Ok(deleted)
     }
@@ -508,13 +538,22 @@ impl StateStore for SqlStateStore {
         )
         .bind(etl_run_id)
         .fetch_optional(&self.pool)
-        .await?;
+        .await
+        .map_err(state_error)?;
         let Some(row) = row else {
             return Ok(None);
         };
-        let state = if row.try_get::<Option<String>, _>("delivered_at")?.is_some() {
+        let state = if row
+            .try_get::<Option<String>, _>("delivered_at")
+            .map_err(state_error)?
+            .is_some()
+        {
             ReportState::Delivered
-        } else if row.try_get::<Option<String>, _>("given_up_at")?.is_some() {
+        } else if row
+            .try_get::<Option<String>, _>("given_up_at")
+            .map_err(state_error)?
+            .is_some()
+        {
             ReportState::GaveUp
         } else {
             ReportState::Pending
@@ -526,7 +565,8 @@ impl StateStore for SqlStateStore {
         let row = sqlx::query(select_runs!("WHERE run_id = $1"))
             .bind(run_id)
             .fetch_optional(&self.pool)
-            .await?;
+            .await
+            .map_err(state_error)?;
         row.as_ref().map(run_record).transpose()
     }
 
@@ -536,7 +576,8 @@ impl StateStore for SqlStateStore {
         ))
         .bind(job_key)
         .fetch_optional(&self.pool)
-        .await?;
+        .await
+        .map_err(state_error)?;
         row.as_ref().map(run_record).transpose()
     }
 
@@ -546,7 +587,8 @@ impl StateStore for SqlStateStore {
         ))
         .bind(stream_key)
         .fetch_optional(&self.pool)
-        .await?;
+        .await
+        .map_err(state_error)?;
         row.as_ref().map(run_record).transpose()
     }
 
@@ -555,7 +597,8 @@ impl StateStore for SqlStateStore {
             "WHERE status = 'running' ORDER BY started_at, run_id"
         ))
         .fetch_all(&self.pool)
-        .await?
+        .await
+        .map_err(state_error)?
         .iter()
         .map(run_record)
         .collect()
@@ -569,7 +612,8 @@ impl StateStore for SqlStateStore {
         )
         .bind(stream_key)
         .fetch_optional(&self.pool)
-        .await?)
+        .await
+        .map_err(state_error)?)
     }
 }
 
@@ -588,7 +632,8 @@ impl SqlStateStore {
         .bind(stream)
         .bind(&run.run_id)
         .fetch_optional(&self.pool)
-        .await?;
+        .await
+        .map_err(state_error)?;
         if let Some(run_id) = other {
             return Ok(Some(Created::StreamBusy { run_id }));
         }
@@ -603,20 +648,20 @@ impl SqlStateStore {
 
 fn run_record(r: &AnyRow) -> Result<RunRecord> {
     Ok(RunRecord {
-        run_id: r.try_get("run_id")?,
-        job_key: r.try_get("job_key")?,
-        data_source_id: r.try_get("data_source_id")?,
-        etl_run_id: r.try_get("etl_run_id")?,
-        owner: r.try_get("owner")?,
-        heartbeat_at: r.try_get("heartbeat_at")?,
-        status: r.try_get("status")?,
+        run_id: r.try_get("run_id").map_err(state_error)?,
+        job_key: r.try_get("job_key").map_err(state_error)?,
+        data_source_id: r.try_get("data_source_id").map_err(state_error)?,
+        etl_run_id: r.try_get("etl_run_id").map_err(state_error)?,
+        owner: r.try_get("owner").map_err(state_error)?,
+        heartbeat_at: r.try_get("heartbeat_at").map_err(state_error)?,
+        status: RunStatus::parse(&r.try_get::<String, _>("status").map_err(state_error)?)?,
         rows_extracted: opt_u64(r, "rows_extracted")?,
         rows_loaded: opt_u64(r, "rows_loaded")?,
-        checksum: r.try_get("checksum")?,
-        watermark: r.try_get("watermark")?,
-        error_message: r.try_get("error_message")?,
-        plan_json: r.try_get("plan_json")?,
-        stream_key: r.try_get("stream_key")?,
+        checksum: r.try_get("checksum").map_err(state_error)?,
+        watermark: r.try_get("watermark").map_err(state_error)?,
+        error_message: r.try_get("error_message").map_err(state_error)?,
+        plan_json: r.try_get("plan_json").map_err(state_error)?,
+        stream_key: r.try_get("stream_key").map_err(state_error)?,
     })
 }
 

@@ -599,6 +599,24 @@ fn describe(e: &BQError) -> String {
         BQError::ResponseError { error } => {
             format!("HTTP {}: {}", error.error.code, error.error.message)
         }
+        // No answer: the peer and the cause, not "error sending request for url (…)". (The
+        // client's reqwest is another version than ours: the cause is read off the chain.)
+        BQError::RequestError(e) => {
+            let cause = crate::net::io_cause(e).unwrap_or_else(|| {
+                if e.is_timeout() {
+                    "timed out waiting for an answer".into()
+                } else {
+                    e.to_string()
+                }
+            });
+            match e.url() {
+                Some(url) => format!(
+                    "BigQuery at {}: {cause}",
+                    url.origin().ascii_serialization()
+                ),
+                None => format!("BigQuery: {cause}"),
+            }
+        }
         other => other.to_string(),
     }
 }

@@ -411,6 +411,25 @@ async fn offline_warehouse() -> BigQueryWarehouse {
 }
 
 #[tokio::test]
+async fn an_unreachable_bigquery_is_named_with_the_cause() {
+    let port = crate::net::closed_port();
+    let client = ClientBuilder::new()
+        .with_v2_base_url(format!("http://127.0.0.1:{port}/bigquery/v2"))
+        .build_from_authenticator(Arc::new(Anonymous))
+        .await
+        .unwrap();
+    let wh = BigQueryWarehouse::from_client(client, "p", "d").unwrap();
+    let err = wh.get_table("orders").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "warehouse: cannot read table p.d.orders: BigQuery at http://127.0.0.1:{port}: \
+             connection refused (nothing listens there)"
+        )
+    );
+}
+
+#[tokio::test]
 async fn table_names() {
     let wh = offline_warehouse().await;
     wh.check_table_name("orders_2024-01").unwrap();
