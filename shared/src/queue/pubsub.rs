@@ -66,25 +66,47 @@ pub struct PubSubQueue {
     publishers: Arc<Mutex<HashMap<String, Publisher>>>,
 }
 
-fn queue_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Queue(format!("Pub/Sub {what}: {e}"))
+/// Google's endpoint, named in errors when no emulator is configured.
+const PRODUCTION_ENDPOINT: &str = "https://pubsub.googleapis.com";
+
+/// The endpoint the clients talk to, for errors: every one names its peer.
+fn peer(options: &PubSubOptions) -> &str {
+    options.emulator.as_deref().unwrap_or(PRODUCTION_ENDPOINT)
+}
+
+fn queue_error(peer: &str, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Queue(format!("Pub/Sub at {peer}: {what}: {e}"))
 }
 
 /// Bounds a Pub/Sub call, which would otherwise retry forever against a dead endpoint.
-async fn timed<T>(what: &str, call: impl std::future::Future<Output = T>) -> Result<T> {
-    tokio::time::timeout(CALL_TIMEOUT, call).await.map_err(|_| {
+async fn timed<T>(peer: &str, what: &str, call: impl std::future::Future<Output = T>) -> Result<T> {
+    timed_for(CALL_TIMEOUT, peer, what, call).await
+}
+
+async fn timed_for<T>(
+    limit: Duration,
+    peer: &str,
+    what: &str,
+    call: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    tokio::time::timeout(limit, call).await.map_err(|_| {
         Error::Queue(format!(
-            "Pub/Sub {what}: no answer within {}s (is PUBSUB_EMULATOR_HOST or the network right?)",
-            CALL_TIMEOUT.as_secs()
+            "Pub/Sub at {peer}: {what}: no answer within {} s (the client retries a peer that \
+             refuses connections or does not exist until then: is PUBSUB_EMULATOR_HOST or the \
+             network right?)",
+            limit.as_secs_f64()
         ))
     })
 }
 
 async fn bounded<T, E: std::fmt::Display>(
+    peer: &str,
     what: &str,
     call: impl std::future::Future<Output = std::result::Result<T, E>>,
 ) -> Result<T> {
-    timed(what, call).await?.map_err(|e| queue_error(what, e))
+    timed(peer, what, call)
+        .await?
+        .map_err(|e| queue_error(peer, what, e))
 }
 
 macro_rules! configure {
@@ -102,11 +124,13 @@ macro_rules! configure {
 impl PubSubQueue {
     pub async fn connect(options: PubSubOptions) -> Result<Self> {
         let base = bounded(
+            peer(&options),
             "publisher client",
             configure!(BasePublisher::builder(), options).build(),
         )
         .await?;
         let subscriber = bounded(
+            peer(&options),
             "subscriber client",
             configure!(Subscriber::builder(), options).build(),
         )
@@ -151,16 +175,18 @@ impl PubSubQueue {
     /// Creates the topic if it is missing. True when it was created.
     pub async fn ensure_topic(&self, topic: &str) -> Result<bool> {
         let admin = bounded(
+            peer(&self.options),
             "topic admin client",
             configure!(TopicAdmin::builder(), self.options).build(),
         )
         .await?;
         let created = timed(
+            peer(&self.options),
             "create topic",
             admin.create_topic().set_name(self.topic_path(topic)).send(),
         )
         .await?;
-        created_or_existing(created, &format!("topic {topic}"))
+        created_or_existing(created, peer(&self.options), &format!("topic {topic}"))
     }
 
     /// Creates the subscription if it is missing, with its ack deadline and dead-letter
@@ -172,6 +198,7 @@ impl PubSubQueue {
         config: &SubscriptionConfig,
     ) -> Result<bool> {
         let admin = bounded(
+            peer(&self.options),
             "subscription admin client",
             configure!(SubscriptionAdmin::builder(), self.options).build(),
         )
@@ -196,10 +223,15 @@ impl PubSubQueue {
                         .set_maximum_backoff(wkt_duration(dead.retry_backoff.1)),
                 );
         }
-        let created = timed("create subscription", request.send()).await?;
-        let created = created_or_existing(created, &format!("subscription {name}"))?;
+        let created = timed(peer(&self.options), "create subscription", request.send()).await?;
+        let created = created_or_existing(
+            created,
+            peer(&self.options),
+            &format!("subscription {name}"),
+        )?;
         if !created {
             let existing = bounded(
+                peer(&self.options),
                 "get subscription",
                 admin
                     .get_subscription()
@@ -230,11 +262,13 @@ impl PubSubQueue {
     /// Deletes a subscription (tests use fresh ones).
     pub async fn delete_subscription(&self, name: &str) -> Result<()> {
         let admin = bounded(
+            peer(&self.options),
             "subscription admin client",
             configure!(SubscriptionAdmin::builder(), self.options).build(),
         )
         .await?;
         bounded(
+            peer(&self.options),
             "delete subscription",
             admin
                 .delete_subscription()
@@ -252,6 +286,7 @@ fn wkt_duration(d: Duration) -> google_cloud_wkt::Duration {
 /// True when created, false when it already existed.
 fn created_or_existing<T>(
     outcome: std::result::Result<T, google_cloud_pubsub::Error>,
+    peer: &str,
     what: &str,
 ) -> Result<bool> {
     match outcome {
@@ -261,7 +296,7 @@ fn created_or_existing<T>(
             Ok(true)
         }
         Err(e) if e.status().is_some_and(|s| s.code == Code::AlreadyExists) => Ok(false),
-        Err(e) => Err(queue_error(&format!("create {what}"), e)),
+        Err(e) => Err(queue_error(peer, &format!("create {what}"), e)),
     }
 }
 
@@ -272,6 +307,7 @@ impl Queue for PubSubQueue {
             .set_data(message.data)
             .set_attributes(message.attributes);
         bounded(
+            peer(&self.options),
             &format!("publish to {topic}"),
             self.publisher(topic).publish(msg),
         )
@@ -293,6 +329,7 @@ impl Queue for PubSubQueue {
             .build();
         Ok(Box::new(PubSubSubscription {
             name: subscription.to_string(),
+            peer: peer(&self.options).to_string(),
             stream,
             outstanding: Arc::new(tokio::sync::Semaphore::new(max_outstanding.max(1))),
         }))
@@ -301,6 +338,8 @@ impl Queue for PubSubQueue {
 
 struct PubSubSubscription {
     name: String,
+    /// The endpoint, for errors.
+    peer: String,
     stream: google_cloud_pubsub::subscriber::MessageStream,
     /// Flow control enforced here: the server treats the stream's limit as a hint (and the
     /// emulator ignores it), so a delivery holds a permit until it is settled.
@@ -332,7 +371,11 @@ impl Subscription for PubSubSubscription {
                     }),
                 ))
             }
-            Some(Err(e)) => Err(queue_error(&format!("pull from {}", self.name), e)),
+            Some(Err(e)) => Err(queue_error(
+                &self.peer,
+                &format!("pull from {}", self.name),
+                e,
+            )),
             None => Err(Error::Queue(format!(
                 "Pub/Sub subscription {} stream ended",
                 self.name
@@ -382,6 +425,34 @@ impl AckHandle for PubSubAck {
     async fn extend(&self, _deadline: Duration) -> Result<()> {
         // The streaming-pull client extends the lease itself while the handler is held.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod peer_errors {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_that_gets_no_answer_names_the_endpoint_and_the_wait() {
+        let err = timed_for(
+            Duration::from_millis(50),
+            "http://127.0.0.1:8085",
+            "create topic",
+            std::future::pending::<()>(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "queue: Pub/Sub at http://127.0.0.1:8085: create topic: no answer within 0.05 s (the \
+             client retries a peer that refuses connections or does not exist until then: is \
+             PUBSUB_EMULATOR_HOST or the network right?)"
+        );
+        let options = PubSubOptions {
+            emulator: None,
+            ..PubSubOptions::from_env("p")
+        };
+        assert_eq!(peer(&options), "https://pubsub.googleapis.com");
     }
 }
 
