@@ -90,9 +90,11 @@ impl SqlStateStore {
             // The pool retried a refused connection until `patience` ran out and says only
             // "pool timed out": one more connection, outside it, gives the cause.
             Err(sqlx::Error::PoolTimedOut) => {
-                let cause = match <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await {
-                    Ok(_) => "no connection within the time allowed".to_string(),
-                    Err(e) => crate::net::io_cause(&e).unwrap_or_else(|| e.to_string()),
+                // Bounded too: a host that drops packets would hold it for the OS's timeout.
+                let direct = <sqlx::AnyConnection as sqlx::Connection>::connect(&url);
+                let cause = match tokio::time::timeout(patience, direct).await {
+                    Ok(Err(e)) => crate::net::io_cause(&e).unwrap_or_else(|| e.to_string()),
+                    Ok(Ok(_)) | Err(_) => "no connection within the time allowed".to_string(),
                 };
                 return Err(Error::State(format!(
                     "cannot open state store {}: {cause} (for {} s)",
