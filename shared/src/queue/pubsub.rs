@@ -143,6 +143,11 @@ impl PubSubQueue {
         })
     }
 
+    /// The endpoint, for errors.
+    fn peer(&self) -> &str {
+        peer(&self.options)
+    }
+
     pub fn project(&self) -> &str {
         &self.options.project
     }
@@ -175,18 +180,18 @@ impl PubSubQueue {
     /// Creates the topic if it is missing. True when it was created.
     pub async fn ensure_topic(&self, topic: &str) -> Result<bool> {
         let admin = bounded(
-            peer(&self.options),
+            self.peer(),
             "topic admin client",
             configure!(TopicAdmin::builder(), self.options).build(),
         )
         .await?;
         let created = timed(
-            peer(&self.options),
+            self.peer(),
             "create topic",
             admin.create_topic().set_name(self.topic_path(topic)).send(),
         )
         .await?;
-        created_or_existing(created, peer(&self.options), &format!("topic {topic}"))
+        created_or_existing(created, self.peer(), &format!("topic {topic}"))
     }
 
     /// Creates the subscription if it is missing, with its ack deadline and dead-letter
@@ -198,7 +203,7 @@ impl PubSubQueue {
         config: &SubscriptionConfig,
     ) -> Result<bool> {
         let admin = bounded(
-            peer(&self.options),
+            self.peer(),
             "subscription admin client",
             configure!(SubscriptionAdmin::builder(), self.options).build(),
         )
@@ -223,15 +228,11 @@ impl PubSubQueue {
                         .set_maximum_backoff(wkt_duration(dead.retry_backoff.1)),
                 );
         }
-        let created = timed(peer(&self.options), "create subscription", request.send()).await?;
-        let created = created_or_existing(
-            created,
-            peer(&self.options),
-            &format!("subscription {name}"),
-        )?;
+        let created = timed(self.peer(), "create subscription", request.send()).await?;
+        let created = created_or_existing(created, self.peer(), &format!("subscription {name}"))?;
         if !created {
             let existing = bounded(
-                peer(&self.options),
+                self.peer(),
                 "get subscription",
                 admin
                     .get_subscription()
@@ -262,13 +263,13 @@ impl PubSubQueue {
     /// Deletes a subscription (tests use fresh ones).
     pub async fn delete_subscription(&self, name: &str) -> Result<()> {
         let admin = bounded(
-            peer(&self.options),
+            self.peer(),
             "subscription admin client",
             configure!(SubscriptionAdmin::builder(), self.options).build(),
         )
         .await?;
         bounded(
-            peer(&self.options),
+            self.peer(),
             "delete subscription",
             admin
                 .delete_subscription()
@@ -307,7 +308,7 @@ impl Queue for PubSubQueue {
             .set_data(message.data)
             .set_attributes(message.attributes);
         bounded(
-            peer(&self.options),
+            self.peer(),
             &format!("publish to {topic}"),
             self.publisher(topic).publish(msg),
         )
@@ -329,7 +330,7 @@ impl Queue for PubSubQueue {
             .build();
         Ok(Box::new(PubSubSubscription {
             name: subscription.to_string(),
-            peer: peer(&self.options).to_string(),
+            peer: self.peer().to_string(),
             stream,
             outstanding: Arc::new(tokio::sync::Semaphore::new(max_outstanding.max(1))),
         }))

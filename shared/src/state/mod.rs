@@ -46,35 +46,19 @@ impl ShardStatus {
             ShardStatus::Failed => "failed",
         }
     }
+}
 
-    /// The status as the store keeps it; text it does not know is an error, never a guess.
-    pub fn parse(text: &str) -> crate::Result<Self> {
-        [
-            ShardStatus::Pending,
-            ShardStatus::Succeeded,
-            ShardStatus::Failed,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-        .ok_or_else(|| crate::Error::State(format!("unknown shard status {text:?}")))
-    }
+/// A status as the store keeps it (its serde name, which `as_str` gives too), read back; text
+/// it does not know is an error, never a guess.
+pub(crate) fn parse_status<T: serde::de::DeserializeOwned>(
+    what: &str,
+    text: &str,
+) -> crate::Result<T> {
+    serde_json::from_value(serde_json::Value::String(text.to_string()))
+        .map_err(|_| crate::Error::State(format!("unknown {what} status {text:?}")))
 }
 
 impl RunStatus {
-    /// The status as the store keeps it; text it does not know is an error, never a guess.
-    pub fn parse(text: &str) -> crate::Result<Self> {
-        [
-            RunStatus::Running,
-            RunStatus::Completed,
-            RunStatus::Failed,
-            RunStatus::Superseded,
-            RunStatus::Abandoned,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-        .ok_or_else(|| crate::Error::State(format!("unknown run status {text:?}")))
-    }
-
     pub fn as_str(&self) -> &'static str {
         match self {
             RunStatus::Running => "running",

@@ -10,7 +10,7 @@ use sqlx::{AnyPool, Executor as _, Row};
 
 use super::{
     Created, NewRun, NewShard, PendingReport, ProcessedFile, Recorded, ReportAttempt, ReportState,
-    RunEnd, RunRecord, RunStatus, ShardRecord, ShardStatus, StateStore, success,
+    RunEnd, RunRecord, ShardRecord, StateStore, success,
 };
 use crate::messages::{ShardOutcome, ShardResult};
 use crate::{Error, Result};
@@ -362,7 +362,8 @@ impl StateStore for SqlStateStore {
                     shard_index: r.try_get::<i64, _>("shard_index").map_err(state_error)? as u32,
                     estimated_rows: r.try_get::<i64, _>("estimated_rows").map_err(state_error)?
                         as u64,
-                    status: ShardStatus::parse(
+                    status: super::parse_status(
+                        "shard",
                         &r.try_get::<String, _>("status").map_err(state_error)?,
                     )?,
                     rows: opt_u64(r, "rows")?,
@@ -656,7 +657,10 @@ fn run_record(r: &AnyRow) -> Result<RunRecord> {
         etl_run_id: r.try_get("etl_run_id").map_err(state_error)?,
         owner: r.try_get("owner").map_err(state_error)?,
         heartbeat_at: r.try_get("heartbeat_at").map_err(state_error)?,
-        status: RunStatus::parse(&r.try_get::<String, _>("status").map_err(state_error)?)?,
+        status: super::parse_status(
+            "run",
+            &r.try_get::<String, _>("status").map_err(state_error)?,
+        )?,
         rows_extracted: opt_u64(r, "rows_extracted")?,
         rows_loaded: opt_u64(r, "rows_loaded")?,
         checksum: r.try_get("checksum").map_err(state_error)?,
@@ -671,6 +675,38 @@ fn run_record(r: &AnyRow) -> Result<RunRecord> {
 mod tests {
     use super::*;
     use crate::state::conformance;
+    use crate::state::{RunStatus, ShardStatus};
+
+    #[test]
+    fn stored_statuses_read_back_and_unknown_ones_are_refused() {
+        for status in [
+            RunStatus::Running,
+            RunStatus::Completed,
+            RunStatus::Failed,
+            RunStatus::Superseded,
+            RunStatus::Abandoned,
+        ] {
+            assert_eq!(
+                crate::state::parse_status::<RunStatus>("run", status.as_str()).unwrap(),
+                status
+            );
+        }
+        for status in [
+            ShardStatus::Pending,
+            ShardStatus::Succeeded,
+            ShardStatus::Failed,
+        ] {
+            assert_eq!(
+                crate::state::parse_status::<ShardStatus>("shard", status.as_str()).unwrap(),
+                status
+            );
+        }
+        let err = crate::state::parse_status::<RunStatus>("run", "Running").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "state store: unknown run status \"Running\""
+        );
+    }
 
     #[tokio::test]
     async fn an_unreachable_postgres_store_is_named_with_the_cause() {
