@@ -10,7 +10,7 @@
 # query scans (by BigQuery's documented data sizes, computed by PostgreSQL over the same rows)
 # and shardflow's peak RSS.
 #
-#   eval "$(bash tests/emulators.sh start)"; cargo build --bins --tests; eval "$(bash tests/emulators.sh rules)"
+#   eval "$(bash tests/emulators.sh start)"; cargo build --workspace --bins --tests; eval "$(bash tests/emulators.sh rules)"
 #   bench/bigquery_json.sh [ROWS]     (default 1,000,000)
 set -euo pipefail
 cd "$(dirname "$0")/.."

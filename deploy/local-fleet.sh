@@ -139,7 +139,7 @@ listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # --- Checks before anything starts. ----------------------------------------------------------
 for tool in curl psql python3 "$BIN/dispatcher" "$BIN/worker"; do
-    command -v "$tool" >/dev/null || fail "$tool is missing (binaries: cargo build --bins, or set SHARDFLOW_BIN_DIR)"
+    command -v "$tool" >/dev/null || fail "$tool is missing (binaries: cargo build --workspace --bins, or set SHARDFLOW_BIN_DIR)"
 done
 [[ $ROWS =~ ^[0-9]+$ ]] || fail "LOCAL_FLEET_ROWS must be a number of rows, not $ROWS"
 [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || fail "LOCAL_FLEET_WORKERS must be a positive number, not $WORKERS"

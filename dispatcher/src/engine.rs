@@ -19,9 +19,8 @@ use shardflow::metrics::Metrics;
 use shardflow::queue::{DEAD_LETTER_COUNT_ATTRIBUTE, Message, Queue, Topology};
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
 use shardflow::source::files::{FileInfo, FileLocation};
-use shardflow::source::postgres::{self, PgConnector};
 use shardflow::source::{ShardBounds, Window};
-use shardflow::spec::{JobSpec, LoadType, SchemaPolicy, SourceType};
+use shardflow::spec::{JobSpec, LoadType, SchemaPolicy};
 use shardflow::staging::Staging;
 use shardflow::state::{
     Created, NewRun, NewShard, Recorded, RunEnd, RunRecord, RunStatus, ShardRecord, ShardStatus,
@@ -163,7 +162,7 @@ pub enum RunOutcome {
 struct RecordedRun {
     plan: Plan,
     /// The snapshot its shards read, held until the last one has.
-    snapshot: Option<postgres::SnapshotHold>,
+    snapshot: Option<shardflow::source::SnapshotHold>,
     tasks: Vec<ShardTask>,
     /// The column whose maximum the shards report.
     timestamp_column: Option<String>,
@@ -240,7 +239,7 @@ pub struct Engine {
 
 fn report_of(record: &RunRecord, spec: &JobSpec, etl_run_id: Option<i64>) -> RunReport {
     RunReport {
-        status: record.status.as_str().into(),
+        status: record.status,
         run_id: record.run_id.clone(),
         data_source_id: spec.data_source_id,
         etl_run_id,
@@ -530,7 +529,7 @@ impl Engine {
         );
         let started = Instant::now();
         let mut report = RunReport {
-            status: RunStatus::Running.as_str().into(),
+            status: RunStatus::Running,
             run_id: run_id.clone(),
             data_source_id: job.spec.data_source_id,
             etl_run_id: job.etl_run_id,
@@ -594,7 +593,7 @@ impl Engine {
         } else {
             RunStatus::Failed
         };
-        report.status = status.as_str().into();
+        report.status = status;
         if self.state.run(&run_id).await?.is_some() {
             self.state
                 .finish_run(
@@ -775,9 +774,10 @@ impl Engine {
         );
         // One snapshot for every shard, held open until the last shard has read it.
         // MySQL cannot share a snapshot between connections: each shard takes its own.
-        let snapshot = if plan.shards.len() > 1 && spec.source_type == SourceType::Postgresql {
-            let connector = PgConnector::from_spec(spec, self.settings.plan.retry.clone())?;
-            Some(postgres::export_snapshot(&connector).await?)
+        let snapshot = if plan.shards.len() > 1 {
+            shardflow::source::open(spec)
+                .hold_snapshot(spec, self.settings.plan.retry.clone())
+                .await?
         } else {
             None
         };
@@ -934,7 +934,7 @@ impl Engine {
         job: &RunJob,
         run_id: &str,
         plan: &Plan,
-        direct: &crate::files::DirectLoad,
+        direct: &shardflow::source::files::plan::DirectLoad,
         report: &mut RunReport,
     ) -> Result<()> {
         let spec = &job.spec;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use shardflow::django::DjangoClient;
+use shardflow::messages::JobMessage;
 use shardflow::plan::DEFAULT_SHARD_ROWS;
 use shardflow::queue::embedded::EmbeddedOptions;
 use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
@@ -19,6 +20,7 @@ use shardflow::queue::{DeadLetterPolicy, SubscriptionConfig, Topology};
 use shardflow::retry::RetryPolicy;
 use shardflow::seal::SealKey;
 use shardflow::spec::{JobConfig, JobSpec};
+use shardflow::state::RunStatus;
 use shardflow::telemetry::{self, LogFormat};
 use shardflow::warehouse::parquet_dir::DEFAULT_VERSION_GRACE;
 use shardflow_dispatcher::report::ReporterSettings;
@@ -410,24 +412,26 @@ fn read_job(path: &Path) -> Result<(JobSpec, Option<i64>, String), String> {
         .map_err(|e| format!("cannot read job file {}: {e}", path.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| format!("invalid job config: not valid JSON: {e}"))?;
-    let (config_value, etl_run_id, data_source_id) = match value.get("config") {
-        Some(config) => (
-            config.clone(),
-            value.get("etl_run_id").and_then(serde_json::Value::as_i64),
-            value
-                .get("data_source_id")
-                .and_then(serde_json::Value::as_i64),
-        ),
-        None => (value, None, None),
+    // A job message (its config inline) is read as `serve` reads one; else a bare config.
+    let message: JobMessage = if value.get("config").is_some() {
+        serde_json::from_value(value).map_err(|e| format!("malformed job message: {e}"))?
+    } else {
+        JobMessage {
+            config: Some(value),
+            ..Default::default()
+        }
     };
-    let config_json = config_value.to_string();
-    let mut config: JobConfig = serde_json::from_value(config_value)
-        .map_err(|e| format!("invalid job config: not a job config: {e}"))?;
-    if config.data_source_id.is_none() {
-        config.data_source_id = data_source_id;
-    }
+    let config_json = message
+        .config
+        .as_ref()
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    let config: JobConfig = match message.inline_config() {
+        Some(config) => config.map_err(|e| e.to_string())?,
+        None => return Err("invalid job config: no config".into()),
+    };
     let spec = JobSpec::validate(config).map_err(|e| e.to_string())?;
-    Ok((spec, etl_run_id, config_json))
+    Ok((spec, message.etl_run_id, config_json))
 }
 
 /// Runs a file command on the job file and prints its JSON; errors go to stderr as
@@ -529,14 +533,14 @@ async fn main() -> ExitCode {
         Command::ListFiles { job } => {
             file_command(&job, |spec| async move {
                 Ok(serde_json::to_value(
-                    shardflow_dispatcher::files::list_files(&spec).await?,
+                    shardflow::source::files::plan::list_files(&spec).await?,
                 )?)
             })
             .await
         }
         Command::DetectSchema { job } => {
             file_command(&job, |spec| async move {
-                shardflow_dispatcher::files::detect_schema(&spec).await
+                shardflow::source::files::plan::detect_schema(&spec).await
             })
             .await
         }
@@ -686,7 +690,7 @@ async fn main() -> ExitCode {
         } => {
             let report = match read_job(&plan.job) {
                 Err(e) => RunReport {
-                    status: "failed".into(),
+                    status: RunStatus::Failed,
                     etl_run_id,
                     error_message: Some(e),
                     ..Default::default()
@@ -731,7 +735,7 @@ async fn main() -> ExitCode {
             if shardflow::fault::point(shardflow::fault::Step::ReportSent).is_err() {
                 return ExitCode::FAILURE;
             }
-            if report.status == "completed" {
+            if report.status == RunStatus::Completed {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Deserialize;
 use shardflow::django::{DjangoClient, RunUpdate};
+use shardflow::messages::{JobMessage, JobOrigin};
 use shardflow::metrics::{self, Metrics};
 use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
 use shardflow::queue::{Delivery, Queue, Topology};
 use shardflow::spec::{JobConfig, JobSpec};
 use shardflow::staging::Staging;
+use shardflow::state::RunStatus;
 use shardflow::state::sql::SqlStateStore;
 use shardflow::{Error, Result};
 use tokio_util::sync::CancellationToken;
@@ -55,27 +56,6 @@ pub struct ServeSettings {
     pub version_grace: Duration,
     /// How run statuses reach Django (off the runs' path).
     pub reporting: ReporterSettings,
-}
-
-/// A job message: `{"data_source_id": 123, "etl_run_id": 456, "config": {…}}`, where only
-/// `data_source_id` (or an inline config) is required.
-#[derive(Debug, Deserialize)]
-pub struct JobMessage {
-    pub data_source_id: Option<i64>,
-    pub etl_run_id: Option<i64>,
-    pub config: Option<serde_json::Value>,
-}
-
-impl JobMessage {
-    /// The identity of the job: Django's run id, or for a scheduled message the data source
-    /// and the message (a redelivery of the same message is the same job).
-    pub fn job_key(&self, message_id: &str) -> String {
-        match (self.etl_run_id, self.data_source_id) {
-            (Some(id), _) => format!("etl-{id}"),
-            (None, Some(ds)) => format!("sched-{ds}-{message_id}"),
-            (None, None) => format!("inline-{message_id}"),
-        }
-    }
 }
 
 /// What to do with a job message after handling it.
@@ -238,7 +218,9 @@ async fn handle_job(
             return Settle::Ack;
         }
     };
-    let key = message.job_key(&delivery.message_id);
+    let key = message.job_key(JobOrigin::Message {
+        id: &delivery.message_id,
+    });
     let span = tracing::info_span!(
         "job",
         job_key = %key,
@@ -294,7 +276,7 @@ async fn run_message(
             Settle::Ack
         }
         Ok(RunOutcome::AlreadyFinished(report)) => {
-            tracing::info!(job_key = %key, run_id = %report.run_id, status = %report.status, "duplicate job message: the job already ran");
+            tracing::info!(job_key = %key, run_id = %report.run_id, status = report.status.as_str(), "duplicate job message: the job already ran");
             // Its dispatcher may have died between recording the end and telling Django: the
             // ended status again, with what the state store knows of it, leaves no run hanging.
             match report_ended_again(django, &report).await {
@@ -318,13 +300,8 @@ async fn run_message(
 
 /// The validated spec: the inline config, or Django's for the data source.
 async fn resolve(django: Option<&DjangoClient>, message: &JobMessage) -> Result<JobSpec> {
-    let mut config: JobConfig = match (&message.config, message.data_source_id) {
-        (Some(inline), _) => serde_json::from_value(inline.clone()).map_err(|e| {
-            Error::Spec(shardflow::spec::SpecError::single(
-                "config",
-                format!("not a job config: {e}"),
-            ))
-        })?,
+    let mut config: JobConfig = match (message.inline_config(), message.data_source_id) {
+        (Some(inline), _) => inline?,
         (None, Some(id)) => match django {
             Some(d) => d.job_config(id).await?,
             None => {
@@ -350,7 +327,7 @@ async fn resolve(django: Option<&DjangoClient>, message: &JobMessage) -> Result<
 
 async fn report_failure(django: &Django, etl_run_id: Option<i64>, why: &str) {
     let update = RunUpdate {
-        status: "failed".into(),
+        status: RunStatus::Failed,
         error_message: Some(why.to_string()),
         rows_extracted: Some(0),
         rows_loaded: Some(0),
@@ -377,7 +354,7 @@ async fn record_final(django: &Django, etl_run_id: Option<i64>, update: &RunUpda
 
 async fn report_final(django: &Django, report: &RunReport) -> Result<()> {
     let update = RunUpdate {
-        status: report.status.clone(),
+        status: report.status,
         rows_extracted: Some(report.rows_extracted),
         rows_loaded: Some(report.rows_loaded),
         duration_seconds: Some(report.duration_seconds),
@@ -395,7 +372,7 @@ async fn report_final(django: &Django, report: &RunReport) -> Result<()> {
 /// duration is not). A report recorded already stands.
 async fn report_ended_again(django: &Django, report: &RunReport) -> Result<()> {
     let update = RunUpdate {
-        status: report.status.clone(),
+        status: report.status,
         rows_extracted: Some(report.rows_extracted),
         rows_loaded: Some(report.rows_loaded),
         error_message: report.error_message.clone(),
@@ -422,7 +399,7 @@ impl DjangoObserver<'_> {
 impl RunObserver for DjangoObserver<'_> {
     async fn planned(&self, _run_id: &str, _estimated_rows: u64, shards: usize) {
         self.send(RunUpdate {
-            status: "running".into(),
+            status: RunStatus::Running,
             shards_completed: Some(0),
             shards_total: Some(shards),
             ..Default::default()
@@ -432,27 +409,12 @@ impl RunObserver for DjangoObserver<'_> {
 
     async fn shard_done(&self, done: usize, total: usize, rows_so_far: u64) {
         self.send(RunUpdate {
-            status: "running".into(),
+            status: RunStatus::Running,
             rows_extracted: Some(rows_so_far),
             shards_completed: Some(done),
             shards_total: Some(total),
             ..Default::default()
         })
         .await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn job_keys_identify_the_job() {
-        let m: JobMessage =
-            serde_json::from_str(r#"{"data_source_id": 3, "etl_run_id": 44}"#).unwrap();
-        assert_eq!(m.job_key("m1"), "etl-44");
-        let scheduled: JobMessage = serde_json::from_str(r#"{"data_source_id": 3}"#).unwrap();
-        assert_eq!(scheduled.job_key("m1"), "sched-3-m1");
-        assert_eq!(scheduled.job_key("m2"), "sched-3-m2");
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::retry::RetryPolicy;
 use crate::spec::{JobConfig, Secret};
+use crate::state::RunStatus;
 use crate::{Error, Result};
 
 #[derive(Clone)]
@@ -26,7 +27,8 @@ pub struct DjangoClient {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RunUpdate {
-    pub status: String,
+    /// Django's statuses are `running`, `completed` and `failed`.
+    pub status: RunStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rows_extracted: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -195,7 +197,7 @@ mod tests {
     #[test]
     fn updates_leave_out_what_they_do_not_know() {
         let running = RunUpdate {
-            status: "running".into(),
+            status: RunStatus::Running,
             ..Default::default()
         };
         assert_eq!(

@@ -17,9 +17,9 @@ use arrow::record_batch::RecordBatch;
 use tokio::io::AsyncBufRead;
 
 use crate::Result;
-use crate::source::file_schema::{self, DetectedColumn};
+use crate::source::files::schema::{self as file_schema, DetectedColumn};
 use crate::source::files::{self, BatchSink};
-use crate::source::pg_binary::{CopyDecoder, oid};
+use crate::source::postgres::binary::{CopyDecoder, oid};
 use crate::source::{SourceColumn, arrow_schema};
 use crate::spec::{
     Compression, ConnectionParams, FileOptions, JobConfig, JobSpec, SourceType, TextEncoding,

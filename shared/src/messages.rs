@@ -8,6 +8,66 @@ use serde::{Deserialize, Serialize};
 use crate::source::{ShardBounds, SourceColumn};
 use crate::{Error, Result};
 
+/// A job message, as Django and Cloud Scheduler publish it and as `dispatcher run --job` takes
+/// it: `{"data_source_id": 123, "etl_run_id": 456, "config": {…}}`, where only
+/// `data_source_id` (or an inline config) is required.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct JobMessage {
+    pub data_source_id: Option<i64>,
+    pub etl_run_id: Option<i64>,
+    pub config: Option<serde_json::Value>,
+}
+
+/// Where a job came from, for its key.
+#[derive(Clone, Copy, Debug)]
+pub enum JobOrigin<'a> {
+    /// A `dispatcher run`: each invocation is a job of its own.
+    Command,
+    /// A queue message: a redelivery of the same message is the same job.
+    Message { id: &'a str },
+}
+
+impl JobMessage {
+    /// The inline config with the message's data source id (workers fetch the config by the
+    /// id the message names, so the shards must carry it); None without one.
+    pub fn inline_config(&self) -> Option<Result<crate::spec::JobConfig, crate::spec::SpecError>> {
+        let inline = self.config.clone()?;
+        Some(
+            serde_json::from_value::<crate::spec::JobConfig>(inline)
+                .map(|mut config| {
+                    if self.data_source_id.is_some() {
+                        config.data_source_id = self.data_source_id;
+                    }
+                    config
+                })
+                .map_err(|e| {
+                    crate::spec::SpecError::single("config", format!("not a job config: {e}"))
+                }),
+        )
+    }
+
+    /// The identity of the job (`job_key`).
+    pub fn job_key(&self, origin: JobOrigin<'_>) -> String {
+        job_key(self.etl_run_id, self.data_source_id, origin)
+    }
+}
+
+/// The identity of a job, which its runs (`{job_key}.{attempt}`) and an append's load key
+/// share: Django's run id; else for a message, the data source and the message; for a
+/// command, a new id.
+pub fn job_key(
+    etl_run_id: Option<i64>,
+    data_source_id: Option<i64>,
+    origin: JobOrigin<'_>,
+) -> String {
+    match (etl_run_id, origin, data_source_id) {
+        (Some(id), _, _) => format!("etl-{id}"),
+        (None, JobOrigin::Command, _) => format!("cli-{}", uuid::Uuid::now_v7()),
+        (None, JobOrigin::Message { id }, Some(ds)) => format!("sched-{ds}-{id}"),
+        (None, JobOrigin::Message { id }, None) => format!("inline-{id}"),
+    }
+}
+
 /// 2: shard tasks name the timestamp column; results carry a checksum, schema and maximum.
 /// 3: shard tasks name the destination's columns, which the staged parts must carry.
 pub const WIRE_VERSION: u32 = 3;
@@ -132,6 +192,41 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_keys_identify_the_job() {
+        let message = |json: &str| serde_json::from_str::<JobMessage>(json).unwrap();
+        let from = |id| JobOrigin::Message { id };
+        let django = message(r#"{"data_source_id": 3, "etl_run_id": 44}"#);
+        assert_eq!(django.job_key(from("m1")), "etl-44");
+        assert_eq!(django.job_key(JobOrigin::Command), "etl-44");
+        let scheduled = message(r#"{"data_source_id": 3}"#);
+        assert_eq!(scheduled.job_key(from("m1")), "sched-3-m1");
+        assert_eq!(scheduled.job_key(from("m2")), "sched-3-m2");
+        let inline = message(r#"{"config": {}}"#);
+        assert_eq!(inline.job_key(from("m1")), "inline-m1");
+        // Each command is a job of its own.
+        let one = inline.job_key(JobOrigin::Command);
+        assert!(one.starts_with("cli-"), "{one}");
+        assert_ne!(one, inline.job_key(JobOrigin::Command));
+    }
+
+    #[test]
+    fn an_inline_config_carries_the_messages_data_source() {
+        let message: JobMessage = serde_json::from_str(
+            r#"{"data_source_id": 7, "config": {"source_type": "postgresql", "data_source_id": 1}}"#,
+        )
+        .unwrap();
+        let config = message.inline_config().unwrap().unwrap();
+        assert_eq!(config.data_source_id, Some(7));
+        let bad: JobMessage = serde_json::from_str(r#"{"config": []}"#).unwrap();
+        let err = bad.inline_config().unwrap().unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid job config: config: not a job config: invalid type"),
+            "{err}"
+        );
+        assert!(JobMessage::default().inline_config().is_none());
+    }
 
     #[test]
     fn staging_paths_are_deterministic() {

@@ -251,6 +251,58 @@ pub fn file_shards(
     shards
 }
 
+/// What planning a job takes besides its spec: shard size, fleet size and what the warehouse
+/// can do itself.
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    pub shard_rows: u64,
+    /// Workers known to be running the shards (embedded `run`): the shard count is rounded up
+    /// to a multiple of it. None for a fleet whose size the autoscaler decides.
+    pub workers: Option<usize>,
+    pub exact_count: bool,
+    pub retry: crate::retry::RetryPolicy,
+    /// The warehouse loads gs:// source files itself (BigQuery): a GCS file job it can read
+    /// as is takes the fast path.
+    pub warehouse_loads_gcs: bool,
+    /// The warehouse's location (a BigQuery dataset's): source files it loads itself must be in
+    /// a bucket there.
+    pub warehouse_location: Option<String>,
+    /// How the warehouse names each source column (BigQuery renames what it cannot take).
+    pub column_names: fn(&[String]) -> Vec<String>,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            shard_rows: DEFAULT_SHARD_ROWS,
+            workers: None,
+            exact_count: false,
+            retry: crate::retry::RetryPolicy::default(),
+            warehouse_loads_gcs: false,
+            warehouse_location: None,
+            column_names: crate::warehouse::names_as_they_are,
+        }
+    }
+}
+
+/// What the state store knows about an incremental stream, beyond the job config.
+#[derive(Clone, Debug, Default)]
+pub struct StreamState {
+    /// The window of a run this one takes over: it is read again exactly, so a load that
+    /// committed before its dispatcher died is not followed by a wider window.
+    pub inherited_window: Option<crate::source::Window>,
+    /// The watermark recorded with the stream's last committed load: a `last_sync_value`
+    /// older than it (Django missed the final report, or a scheduled job has no run to
+    /// report to) must not read those rows again.
+    pub recorded_watermark: Option<String>,
+    /// A file stream: the files its committed loads read.
+    pub processed_files: Vec<crate::state::ProcessedFile>,
+    /// A file stream's run this one takes over: the files it selected (their URIs). Only
+    /// those are read again: its append may have committed under the job's load key, and a
+    /// file listed since would be recorded as loaded with it without being in it.
+    pub inherited_files: Option<Vec<String>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

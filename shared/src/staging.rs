@@ -175,7 +175,8 @@ pub fn storage_emulator_url() -> Option<String> {
     })
 }
 
-#[cfg(test)]
+/// Against the GCS emulator: built with `service-tests` (tests/run.sh), failing when it is absent.
+#[cfg(all(test, feature = "service-tests"))]
 mod tests {
     use super::*;
     use crate::gcs::tests::{emulator_bucket, read_raw};

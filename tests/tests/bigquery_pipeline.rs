@@ -10,6 +10,7 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 use shardflow::retry::RetryPolicy;
+use shardflow::state::RunStatus;
 use shardflow_dispatcher::{PlanOptions, RunOptions, RunReport, plan_job, run_job};
 
 const PROJECT: &str = common::BIGQUERY_PROJECT;
@@ -146,7 +147,7 @@ async fn assert_same(schema: &str, dataset: &str) {
 }
 
 fn ok(report: &RunReport) {
-    assert_eq!(report.status, "completed", "{report:?}");
+    assert_eq!(report.status, RunStatus::Completed, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

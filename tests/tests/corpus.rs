@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use shardflow::retry::RetryPolicy;
 use shardflow::spec::JobSpec;
+use shardflow::state::RunStatus;
 use shardflow_dispatcher::{PlanOptions, RunOptions, run_job};
 
 fn corpus_dir() -> PathBuf {
@@ -256,7 +257,7 @@ async fn every_corpus_file_loads_into_bigquery_as_pandas_reads_it() {
         };
         let report = run_job(spec, opts).await;
         let expected_rows = theirs["rows"].as_array().cloned().unwrap_or_default();
-        if report.status != "completed" {
+        if report.status != RunStatus::Completed {
             failures.push(format!("{}: {:?}", entry.file, report.error_message));
             continue;
         }
@@ -342,7 +343,7 @@ async fn every_corpus_file_loads_into_bigquery_as_pandas_reads_it() {
 /// `guess_datetime_format` and `to_datetime` on the same strings (`tests/corpus/dates.txt`).
 #[test]
 fn dates_are_guessed_and_parsed_as_pandas_does() {
-    use shardflow::source::pandas::{DatetimeRule, guess_format};
+    use shardflow::source::files::pandas::{DatetimeRule, guess_format};
     let pandas = run_python(
         "pandas_dates.py",
         &[corpus_dir().join("dates.txt").to_str().unwrap()],

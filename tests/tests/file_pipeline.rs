@@ -15,6 +15,7 @@ use common::{env_or_fail, read_table, scratch, table_listing};
 use md5::{Digest as _, Md5};
 use shardflow::retry::RetryPolicy;
 use shardflow::spec::JobSpec;
+use shardflow::state::RunStatus;
 use shardflow_dispatcher::{PlanOptions, RunOptions, RunReport, run_job};
 use tokio::io::AsyncReadExt as _;
 
@@ -281,7 +282,12 @@ fn write(path: &Path, bytes: &[u8]) {
 }
 
 fn ok(report: &RunReport) {
-    assert_eq!(report.status, "completed", "{:?}", report.error_message);
+    assert_eq!(
+        report.status,
+        RunStatus::Completed,
+        "{:?}",
+        report.error_message
+    );
 }
 
 fn bigquery_schema() -> serde_json::Value {
@@ -538,7 +544,7 @@ async fn a_malformed_line_fails_the_run_naming_file_and_line_and_loads_nothing()
     let extra = serde_json::json!({"bigquery_schema": bigquery_schema()});
     let job = local_job(&dir.join("in"), "*.csv", "csv", extra.clone());
     let report = run_job(job.clone(), options(&dir)).await;
-    assert_eq!(report.status, "failed");
+    assert_eq!(report.status, RunStatus::Failed);
     let error = report.error_message.unwrap();
     let uri = format!(
         "file://{}/in/b_bad.csv",
@@ -588,7 +594,7 @@ async fn a_malformed_line_fails_the_run_naming_file_and_line_and_loads_nothing()
         b"id,amount,name,at\n1,1.5,x,2024-01-01\n2,2.5,y,\"2024-01-02\n3,3.5,z,2024-01-03\n",
     );
     let report = run_job(job.clone(), options(&dir)).await;
-    assert_eq!(report.status, "failed");
+    assert_eq!(report.status, RunStatus::Failed);
     let error = report.error_message.unwrap();
     assert!(
         error.ends_with(&format!(
@@ -736,7 +742,7 @@ async fn incremental_runs_pick_up_new_and_rewritten_files_once() {
     put("tx_3.csv", 200);
     put("tx_1.csv", 300);
     let report = run_job(job(false), options(&dir)).await;
-    assert_eq!(report.status, "failed");
+    assert_eq!(report.status, RunStatus::Failed);
     let error = report.error_message.unwrap();
     let uri = format!(
         "file://{}/in/tx_1.csv",
@@ -846,7 +852,7 @@ async fn an_empty_file_loads_no_rows_and_never_a_table_without_columns() {
         let report = run_job(job(), options(&dir)).await;
         if load_type == "catalog" {
             // A truncated export must not empty the table.
-            assert_eq!(report.status, "failed");
+            assert_eq!(report.status, RunStatus::Failed);
             let error = report.error_message.unwrap_or_default();
             assert!(
                 error.starts_with("every file of this catalog job is empty (file://")
@@ -1132,7 +1138,7 @@ async fn s3_files_load_through_moto() {
         });
         JobSpec::from_json(&config.to_string()).unwrap()
     };
-    let listing = shardflow_dispatcher::files::list_files(&job("tx_*", "csv"))
+    let listing = shardflow::source::files::plan::list_files(&job("tx_*", "csv"))
         .await
         .unwrap();
     let names: Vec<&str> = listing.files.iter().map(|f| f.name.as_str()).collect();
@@ -1454,7 +1460,7 @@ async fn a_file_rewritten_while_bigquery_loads_it_is_recorded_in_the_version_it_
         } else {
             // It read the planned version, which is recorded: the new content is a rewrite of
             // a loaded file, which a transactional job refuses rather than append twice.
-            assert_eq!(again.status, "failed");
+            assert_eq!(again.status, RunStatus::Failed);
             let error = again.error_message.unwrap_or_default();
             assert!(
                 error.starts_with(&format!(

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use shardflow::queue::pubsub::{PubSubOptions, PubSubQueue};
 use shardflow::queue::{Message, Queue};
 use shardflow::retry::RetryPolicy;
+use shardflow::state::RunStatus;
 use shardflow_dispatcher::{PlanOptions, RunOptions, RunReport, run_job};
 
 const PROJECT: &str = common::BIGQUERY_PROJECT;
@@ -573,7 +574,7 @@ async fn jobs_from_django_load_bigquery_exactly_and_report_back() {
         .unwrap()
         .get::<_, String>(0);
     let embedded = embedded_run("fleet_a", json!({"timestamp_column": "seen"}), 1_000_000).await;
-    assert_eq!(embedded.status, "completed", "{embedded:?}");
+    assert_eq!(embedded.status, RunStatus::Completed, "{embedded:?}");
     assert_eq!(embedded.shards, 1);
     assert_eq!(embedded.checksum.as_deref(), Some(fleet_checksum.as_str()));
     assert_eq!(embedded.watermark.as_deref(), a["watermark"].as_str());

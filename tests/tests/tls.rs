@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use shardflow::retry::RetryPolicy;
 use shardflow::source::postgres::PgConnector;
+use shardflow::state::RunStatus;
 use shardflow_dispatcher::{PlanOptions, RunOptions, run_job};
 
 /// The certificate the test server presents, read from the server itself.
@@ -126,7 +127,8 @@ async fn postgres_sources_load_over_tls_in_every_sslmode_and_name_what_fails() {
         assert!(version.is_some_and(|v| v.starts_with("TLSv1.")), "{tls}");
         let report = run_job(spec, options(&dir)).await;
         assert_eq!(
-            report.status, "completed",
+            report.status,
+            RunStatus::Completed,
             "{tls}: {:?}",
             report.error_message
         );
@@ -164,7 +166,7 @@ async fn postgres_sources_load_over_tls_in_every_sslmode_and_name_what_fails() {
         );
         assert!(!err.to_string().contains("pw-never-shown"));
         let report = run_job(spec, options(&dir)).await;
-        assert_eq!(report.status, "failed");
+        assert_eq!(report.status, RunStatus::Failed);
         assert!(
             report
                 .error_message
@@ -310,7 +312,8 @@ async fn mysql_sources_load_over_tls_in_every_ssl_mode_and_name_what_fails() {
         );
         let report = run_job(spec, options(&dir)).await;
         assert_eq!(
-            report.status, "completed",
+            report.status,
+            RunStatus::Completed,
             "{tls}: {:?}",
             report.error_message
         );

@@ -17,8 +17,8 @@ use shardflow::parquet_sink::{PartOptions, write_parts};
 use shardflow::queue::{Delivery, Message, Queue, Topology};
 use shardflow::retry::RetryPolicy;
 use shardflow::seal::{SEAL_KEY_ENV, SealKey};
-use shardflow::source::{files, mysql, postgres};
-use shardflow::spec::{JobSpec, SourceType};
+use shardflow::source::Extraction;
+use shardflow::spec::JobSpec;
 use shardflow::staging::Staging;
 use shardflow::{Error, Result};
 use tokio::task::JoinSet;
@@ -386,25 +386,17 @@ impl Worker {
     /// Extracts one shard to staged Parquet parts.
     pub async fn process(&self, task: &ShardTask) -> Result<Extracted> {
         let job = self.jobs.job_for(task).await?;
-        let mut file_rows = None;
-        let stream = match job.source_type {
-            SourceType::Postgresql => {
-                let connector =
-                    postgres::PgConnector::from_spec(&job, self.settings.retry.clone())?;
-                postgres::extract(&connector, task, self.settings.in_flight_batches).await?
-            }
-            SourceType::Mysql => {
-                let connector =
-                    mysql::MySqlConnector::from_spec(&job, self.settings.retry.clone())?;
-                mysql::extract(&connector, task, self.settings.in_flight_batches).await?
-            }
-            SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local => {
-                let (stream, counts) =
-                    files::extract(&job, task, self.settings.in_flight_batches).await?;
-                file_rows = Some(counts);
-                stream
-            }
-        };
+        let Extraction {
+            batches: stream,
+            file_rows,
+        } = shardflow::source::open(&job)
+            .extract(
+                &job,
+                task,
+                self.settings.retry.clone(),
+                self.settings.in_flight_batches,
+            )
+            .await?;
         // The parts carry the destination's column names; the digest reads the same columns.
         let schema = shardflow::source::staged_schema(
             job.source_type,

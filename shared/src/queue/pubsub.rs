@@ -457,9 +457,10 @@ mod peer_errors {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "service-tests"))]
 pub(crate) mod tests {
-    //! The shared queue suite against Google's Pub/Sub emulator, plus topology setup.
+    //! The shared queue suite against Google's Pub/Sub emulator, plus topology setup. Built
+    //! with `service-tests` (tests/run.sh); fails when the emulator is absent.
     use super::*;
     use crate::queue::DeadLetterPolicy;
     use crate::queue::conformance::{Fixture, MAX_ATTEMPTS, queue_conformance_suite};

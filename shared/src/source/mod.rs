@@ -1,14 +1,10 @@
 //! Source connectors: what a table looks like, how many rows it holds, where to cut it, and
 //! reading one shard of it as a stream of Arrow `RecordBatch`es.
 
-pub mod file_schema;
 pub mod files;
 pub mod mysql;
-pub mod mysql_types;
-pub mod pandas;
-pub mod pg_binary;
-pub mod pg_tls;
 pub mod postgres;
+pub mod tls;
 
 use std::pin::Pin;
 
@@ -28,12 +24,15 @@ pub fn arrow_schema(source: SourceType, columns: &[SourceColumn]) -> SchemaRef {
         .map(|c| {
             let (label, data_type) = column_types(source, c);
             let metadata: std::collections::HashMap<String, String> =
-                [(pg_binary::SOURCE_TYPE_KEY.to_string(), label)].into();
+                [(SOURCE_TYPE_KEY.to_string(), label)].into();
             Field::new(&c.name, data_type, c.nullable).with_metadata(metadata)
         })
         .collect();
     std::sync::Arc::new(arrow::datatypes::Schema::new(fields))
 }
+
+/// Field metadata key carrying the source type, so a warehouse can pick JSON, NUMERIC etc.
+pub const SOURCE_TYPE_KEY: &str = "shardflow.source_type";
 
 /// Field metadata naming the source column a staged field was renamed from.
 pub const SOURCE_NAME_KEY: &str = "shardflow.source_name";
@@ -89,22 +88,93 @@ pub fn renamed(stream: BatchStream, schema: SchemaRef) -> BatchStream {
 
 /// A column's source type as people read it, and the Arrow type it is extracted as.
 pub fn column_types(source: SourceType, column: &SourceColumn) -> (String, DataType) {
-    match source {
-        SourceType::Mysql => (
-            mysql_types::source_type_label(column),
-            mysql_types::decoding_for(column).data_type(),
-        ),
-        // A file column's type is the BigQuery type it loads as; JSON keeps its label so the
-        // warehouse makes it a JSON column.
-        SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local => (
-            column.type_name.to_ascii_lowercase(),
-            file_schema::arrow_type_of(&column.type_name).unwrap_or(DataType::Utf8),
-        ),
-        _ => (
-            pg_binary::source_type_label(column),
-            pg_binary::decoding_for(column).data_type(),
-        ),
+    of_type(source).column_types(column)
+}
+
+// --- The connector seam. --------------------------------------------------------------------
+
+/// A source connector as the pipeline uses it: the type map, planning, the snapshot a run's
+/// shards share, and one shard's rows as Arrow batches. One unit struct per connector folder
+/// (`postgres::PostgresSource`, `mysql::MySqlSource`, `files::FileSource`); `open` picks it.
+#[async_trait::async_trait]
+pub trait Source: Send + Sync {
+    /// A column's source type as people read it, and the Arrow type it is extracted as.
+    fn column_types(&self, column: &SourceColumn) -> (String, DataType);
+
+    /// What planning needs: a table described by the source, or the files listed and
+    /// grouped. `stream` is what the state store knows of the job's incremental stream.
+    async fn survey(
+        &self,
+        spec: &JobSpec,
+        opts: &crate::plan::PlanOptions,
+        stream: &crate::plan::StreamState,
+    ) -> Result<SourceSurvey>;
+
+    /// One snapshot every shard of a run reads, held until dropped; None where the source
+    /// cannot share one between connections (then each shard reads in its own).
+    async fn hold_snapshot(
+        &self,
+        _spec: &JobSpec,
+        _retry: crate::retry::RetryPolicy,
+    ) -> Result<Option<SnapshotHold>> {
+        Ok(None)
     }
+
+    /// One shard's rows, with at most `in_flight` batches decoded ahead of the reader.
+    async fn extract(
+        &self,
+        spec: &JobSpec,
+        task: &crate::messages::ShardTask,
+        retry: crate::retry::RetryPolicy,
+        in_flight: usize,
+    ) -> Result<Extraction>;
+}
+
+/// The connector of the job's source: the one place that matches on the source type.
+pub fn open(spec: &JobSpec) -> &'static dyn Source {
+    of_type(spec.source_type)
+}
+
+fn of_type(source: SourceType) -> &'static dyn Source {
+    match source {
+        SourceType::Postgresql => &postgres::PostgresSource,
+        SourceType::Mysql => &mysql::MySqlSource,
+        SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local => {
+            &files::FileSource
+        }
+    }
+}
+
+/// What a source gives planning.
+pub enum SourceSurvey {
+    /// A table, described on one connection, to estimate and cut.
+    Table(Box<dyn TableSurvey>),
+    /// Files listed, checked against the job's columns and grouped into shards.
+    Files(Box<files::plan::FileSurvey>),
+}
+
+/// A snapshot exported for the shards of a run, valid while this holds its connection.
+pub struct SnapshotHold {
+    /// What each shard task carries to read in it.
+    pub id: String,
+    /// The connection whose transaction keeps the snapshot alive.
+    _connection: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl SnapshotHold {
+    pub fn new(id: String, connection: impl std::any::Any + Send + Sync) -> Self {
+        SnapshotHold {
+            id,
+            _connection: Box::new(connection),
+        }
+    }
+}
+
+/// One shard's extraction.
+pub struct Extraction {
+    pub batches: BatchStream,
+    /// File sources: the rows each file of the shard gave, filled in as `batches` is read.
+    pub file_rows: Option<files::FileRowCounts>,
 }
 
 /// A column as the source catalog describes it.
@@ -317,24 +387,6 @@ pub trait TableSurvey: Send {
     ) -> Result<PlannedWindow>;
 }
 
-/// Connects to the job's table source and describes its table: the one place planning picks
-/// a table connector by `source_type`.
-pub async fn survey_table(
-    spec: &JobSpec,
-    retry: crate::retry::RetryPolicy,
-) -> Result<Box<dyn TableSurvey>> {
-    match spec.source_type {
-        SourceType::Postgresql => Ok(Box::new(postgres::PgSurvey::open(spec, retry).await?)),
-        SourceType::Mysql => Ok(Box::new(mysql::MySqlSurvey::open(spec, retry).await?)),
-        SourceType::Gcs | SourceType::S3 | SourceType::AzureBlob | SourceType::Local => {
-            Err(Error::Source(format!(
-                "source_type {:?} is files, not a table",
-                spec.source_type
-            )))
-        }
-    }
-}
-
 /// A stream of Arrow batches from one shard.
 pub type BatchStream = Pin<Box<dyn Stream<Item = Result<RecordBatch>> + Send>>;
 
@@ -419,7 +471,7 @@ mod tests {
         assert_eq!(
             renamed_field
                 .metadata()
-                .get(pg_binary::SOURCE_TYPE_KEY)
+                .get(SOURCE_TYPE_KEY)
                 .map(String::as_str),
             Some("integer")
         );

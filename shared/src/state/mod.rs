@@ -15,9 +15,11 @@ use crate::Result;
 use crate::messages::{ShardOutcome, ShardResult, StagedFile};
 use crate::source::ShardBounds;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
+    /// Where every run starts.
+    #[default]
     Running,
     Completed,
     Failed,

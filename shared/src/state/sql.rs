@@ -62,7 +62,7 @@ impl SqlStateStore {
 
     async fn open_waiting(url: &str, patience: Duration) -> Result<Self> {
         sqlx::any::install_default_drivers();
-        crate::source::pg_tls::install_crypto_provider();
+        crate::source::tls::install_crypto_provider();
         let backend = backend_of(url)?;
         let (url, max) = match backend {
             // One writer keeps SQLite's locking simple; the store is not on the hot path.
@@ -739,6 +739,7 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[cfg(feature = "service-tests")]
     #[tokio::test]
     async fn postgres_passes_the_state_store_suite() {
         // A fresh database per run of the test, so the suite's fixed run ids never collide.
@@ -969,6 +970,7 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[cfg(feature = "service-tests")]
     #[tokio::test]
     async fn unversioned_postgres_stores_upgrade_in_place() {
         let admin = std::env::var("SHARDFLOW_TEST_PG")

@@ -3,6 +3,8 @@
 //! all-or-nothing.
 
 pub mod bigquery;
+#[cfg(test)]
+mod conformance;
 pub mod parquet_dir;
 
 use async_trait::async_trait;

@@ -307,6 +307,24 @@ async fn drop_in_mysql(url: &str, made: &Made) -> Result<(), String> {
 }
 
 /// A scratch directory under the target dir, emptied first.
+/// A `dispatcher run` in process with two workers, its table, staging and state store in
+/// `dir`: exact counts (shard counts do not depend on sampling) and no retry of the source.
+pub fn exact_options(dir: &Path, shard_rows: u64) -> shardflow_dispatcher::RunOptions {
+    shardflow_dispatcher::RunOptions {
+        plan: shardflow_dispatcher::PlanOptions {
+            shard_rows,
+            exact_count: true,
+            retry: shardflow::retry::RetryPolicy::none(),
+            ..Default::default()
+        },
+        workers: 2,
+        dest: dir.join("warehouse").display().to_string(),
+        staging: None,
+        state_url: format!("sqlite://{}", dir.join("state.db").display()),
+        ..Default::default()
+    }
+}
+
 pub fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/e2e")

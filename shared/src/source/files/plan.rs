@@ -5,17 +5,17 @@
 
 use std::collections::HashSet;
 
+use crate::plan::{self, FileEstimate, Mode};
+use crate::source::files::schema::{self as file_schema, DetectedSchema};
+use crate::source::files::{self, FileInfo, FileLocation, FilePart};
+use crate::source::{Estimate, Split};
+use crate::source::{ShardBounds, SourceColumn};
+use crate::spec::{Compression, FileFormat, JobSpec, SchemaPolicy, SourceType, TextEncoding};
+use crate::warehouse::NativeFormat;
+use crate::{Error, Result};
 use serde::Serialize;
-use shardflow::plan::{self, FileEstimate, Mode};
-use shardflow::source::file_schema::{self, DetectedSchema};
-use shardflow::source::files::{self, FileInfo, FileLocation, FilePart};
-use shardflow::source::{Estimate, Split};
-use shardflow::source::{ShardBounds, SourceColumn};
-use shardflow::spec::{Compression, FileFormat, JobSpec, SchemaPolicy, SourceType, TextEncoding};
-use shardflow::warehouse::NativeFormat;
-use shardflow::{Error, Result};
 
-use crate::{PlanOptions, StreamState};
+use crate::plan::{PlanOptions, StreamState};
 
 /// Bytes of each file past the newest one that the drift check reads.
 const CHECK_BYTES: usize = 256 * 1024;
@@ -109,7 +109,7 @@ fn json_reads_as(arrow_type: &str) -> Option<&'static str> {
 /// Whether BigQuery can load these files as they lie with the same result the workers would
 /// give: same columns in the same order, options it supports, nothing to convert. Err says
 /// why the workers read them instead.
-pub(crate) fn native_format(
+pub fn native_format(
     spec: &JobSpec,
     warehouse_loads_gcs: bool,
     files: &[(&FileInfo, &DetectedSchema)],
@@ -162,7 +162,7 @@ pub(crate) fn native_format(
             })?;
             let foreign = c.sample_values.iter().find(|v| {
                 !v.is_empty()
-                    && !shardflow::source::pandas::guess_format(v)
+                    && !crate::source::files::pandas::guess_format(v)
                         .is_some_and(|f| bigquery_reads_time(&f, t))
             })?;
             Some((&c.name, foreign))
@@ -279,7 +279,7 @@ pub(crate) fn native_format(
 /// Cloud Storage, you also need IAM permissions to access the bucket that contains your data":
 /// `storage.buckets.get`, `storage.objects.get`), which is the dispatcher's, not the job's.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct DirectAccess {
+pub struct DirectAccess {
     /// The bucket's location (`buckets.get`), or why the dispatcher could not read it.
     pub bucket_location: std::result::Result<String, String>,
     /// The warehouse's (the dataset's) location, when known.
@@ -295,7 +295,7 @@ pub(crate) struct DirectAccess {
 /// data must be in CSV, Avro, or JSON format"), a bucket in the dataset's location ("the
 /// dataset that contains the table must be in the same regional or multi-regional location as
 /// the Cloud Storage bucket") that the dispatcher's identity can read. Some says why not.
-pub(crate) fn direct_load_problem(
+pub fn direct_load_problem(
     spec: &JobSpec,
     files: &[&FileInfo],
     columns: &[(String, String)],
@@ -303,14 +303,14 @@ pub(crate) fn direct_load_problem(
     access: &DirectAccess,
 ) -> Option<String> {
     let f = spec.files.as_ref()?;
-    if spec.load_type == shardflow::spec::LoadType::Merge {
+    if spec.load_type == crate::spec::LoadType::Merge {
         return Some(
             "a merge replaces rows by key, which a load job cannot; the workers stage the files \
              for one MERGE"
                 .into(),
         );
     }
-    let max = shardflow::warehouse::bigquery::DEFAULT_MAX_URIS_PER_JOB;
+    let max = crate::warehouse::bigquery::DEFAULT_MAX_URIS_PER_JOB;
     if files.len() > max {
         return Some(format!(
             "{} files are more than one BigQuery load job takes ({max})",
@@ -359,7 +359,7 @@ pub(crate) fn direct_load_problem(
         Err(why) => return Some(why.clone()),
     };
     if let Some(dataset) = &access.warehouse_location
-        && !shardflow::warehouse::bigquery::colocated(dataset, bucket)
+        && !crate::warehouse::bigquery::colocated(dataset, bucket)
     {
         return Some(format!(
             "the bucket is in {bucket} and the dataset in {dataset}; BigQuery loads only from a \
@@ -384,7 +384,7 @@ async fn direct_access(
     let Some(bucket) = location.bucket() else {
         return access;
     };
-    let own_base = shardflow::gcs::default_base();
+    let own_base = crate::gcs::default_base();
     if location
         .endpoint()
         .is_some_and(|e| e.trim_end_matches('/') != own_base.trim_end_matches('/'))
@@ -396,7 +396,7 @@ async fn direct_access(
         );
         return access;
     }
-    let own = match shardflow::gcs::GcsStore::from_env(bucket) {
+    let own = match crate::gcs::GcsStore::from_env(bucket) {
         Ok(store) => store,
         Err(e) => {
             access.bucket_location = Err(format!(
@@ -428,7 +428,7 @@ async fn direct_access(
 }
 
 /// A file job's survey: columns, estimate and shards.
-pub(crate) struct FileSurvey {
+pub struct FileSurvey {
     pub columns: Vec<SourceColumn>,
     pub estimate: Estimate,
     pub split: Split,
@@ -499,7 +499,7 @@ fn no_files(location: &FileLocation) -> Error {
 fn refuse_rewritten(
     location: &FileLocation,
     selected: &[&FileInfo],
-    processed: &[shardflow::state::ProcessedFile],
+    processed: &[crate::state::ProcessedFile],
 ) -> Result<()> {
     let rewritten: Vec<String> = selected
         .iter()
@@ -536,7 +536,7 @@ fn refuse_rewritten(
     )))
 }
 
-pub(crate) async fn survey_files(
+pub async fn survey_files(
     spec: &JobSpec,
     opts: &PlanOptions,
     stream: &StreamState,
@@ -551,7 +551,7 @@ pub(crate) async fn survey_files(
     // A catalog job replaces the table with the files as they are: every matching file (or
     // the newest with load_latest_only), loaded before or not. Other jobs append what they
     // have not loaded.
-    let replaces = spec.load_type == shardflow::spec::LoadType::Catalog;
+    let replaces = spec.load_type == crate::spec::LoadType::Catalog;
     let fresh: Vec<&FileInfo> = listed
         .iter()
         .filter(|f| replaces || !loaded.contains(&(f.path.as_str(), f.version_key().as_str())))
@@ -570,7 +570,7 @@ pub(crate) async fn survey_files(
         fresh.clone()
     };
     selected.reverse();
-    if spec.load_type == shardflow::spec::LoadType::Transactional {
+    if spec.load_type == crate::spec::LoadType::Transactional {
         refuse_rewritten(&location, &selected, &stream.processed_files)?;
     }
 
@@ -589,7 +589,7 @@ pub(crate) async fn survey_files(
     // fails rather than replace the table with nothing (a truncated upload must not empty it).
     let with_columns: Vec<&DetectedSchema> =
         detected.iter().filter(|d| !d.columns.is_empty()).collect();
-    if spec.load_type == shardflow::spec::LoadType::Catalog
+    if spec.load_type == crate::spec::LoadType::Catalog
         && !detected.is_empty()
         && with_columns.is_empty()
     {
@@ -637,7 +637,7 @@ pub(crate) async fn survey_files(
                 d.schema_fingerprint
             )));
         }
-        let text = spec_files.format != shardflow::spec::FileFormat::Parquet;
+        let text = spec_files.format != crate::spec::FileFormat::Parquet;
         let drift = file_schema::drift(&columns, &d.columns, text);
         let refused = match spec_files.schema_policy {
             SchemaPolicy::Fail => !drift.is_empty(),
@@ -737,7 +737,7 @@ pub(crate) async fn survey_files(
             (ShardBounds::Files { files }, rows)
         })
         .collect();
-    let exact = matches!(spec_files.format, shardflow::spec::FileFormat::Parquet);
+    let exact = matches!(spec_files.format, crate::spec::FileFormat::Parquet);
     let fingerprint =
         file_schema::fingerprint(columns.iter().map(|(n, t)| (n.as_str(), t.as_str())));
     // selected_columns: a subset of the files' columns, each checked (timestamp_column means
@@ -748,7 +748,7 @@ pub(crate) async fn survey_files(
             timestamp_column: None,
             ..spec.clone()
         };
-        shardflow::source::project(
+        crate::source::project(
             &file_columns,
             &format!("the files under {}", location.prefix_uri()),
             &selecting,
@@ -794,7 +794,7 @@ pub(crate) async fn survey_files(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shardflow::source::file_schema::DetectedColumn;
+    use crate::source::files::schema::DetectedColumn;
 
     fn job(source_type: &str, format: &str, options: serde_json::Value) -> JobSpec {
         JobSpec::from_json(
@@ -1007,7 +1007,7 @@ mod tests {
             None
         );
         let mut merge = csv.clone();
-        merge.load_type = shardflow::spec::LoadType::Merge;
+        merge.load_type = crate::spec::LoadType::Merge;
         assert_eq!(
             check(&merge, &[&a], &table, &names(&table), &ok_access).unwrap(),
             "a merge replaces rows by key, which a load job cannot; the workers stage the files \

@@ -32,7 +32,7 @@ use arrow::datatypes::{DataType, SchemaRef, TimeUnit, i256};
 use arrow::record_batch::RecordBatch;
 use bytes::{Buf, BytesMut};
 
-use super::{SourceColumn, quote_ident};
+use crate::source::{SourceColumn, quote_ident};
 use crate::{Error, Result};
 
 pub mod oid {
@@ -57,9 +57,6 @@ pub mod oid {
     pub const MONEY: u32 = 790;
     pub const JSONB: u32 = 3802;
 }
-
-/// Field metadata key carrying the source type, so a warehouse can pick JSON, NUMERIC etc.
-pub const SOURCE_TYPE_KEY: &str = "shardflow.source_type";
 
 /// Days from 1970-01-01 to PostgreSQL's epoch 2000-01-01.
 const PG_EPOCH_DAYS: i32 = 10_957;
@@ -585,7 +582,7 @@ impl CopyDecoder {
             .map(|c| Builder::new(decoding_for(c), batch_rows))
             .collect::<Result<Vec<_>>>()?;
         Ok(CopyDecoder {
-            schema: super::arrow_schema(crate::spec::SourceType::Postgresql, columns),
+            schema: crate::source::arrow_schema(crate::spec::SourceType::Postgresql, columns),
             names: columns.iter().map(|c| c.name.clone()).collect(),
             builders,
             batch_rows,

@@ -12,7 +12,7 @@ use md5::{Digest as _, Md5};
 use object_store::path::Path;
 use serde::Serialize;
 
-use super::files::{self, FileInfo, FileLocation};
+use super::{self as files, FileInfo, FileLocation};
 use crate::spec::{BigQueryField, FileFormat};
 use crate::{Error, Result};
 

@@ -4,6 +4,10 @@
 //! decoders, Parquet by row group), decompressing `.gz` and `.zst` on the way, so no file is
 //! ever held in memory whatever its size.
 
+pub mod pandas;
+pub mod plan;
+pub mod schema;
+
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +20,6 @@ use object_store::path::Path;
 use object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt as _};
 use serde::{Deserialize, Serialize};
 
-use super::pandas;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
 
@@ -605,6 +608,46 @@ fn azure_store(spec: &JobSpec, container: &str) -> Result<object_store::azure::M
 
 /// Rows read per file of a shard, in the shard's file order, filled in as the stream goes.
 pub type FileRowCounts = Arc<Mutex<Vec<u64>>>;
+
+/// The file connector (GCS, S3, Azure Blob, local): files listed and grouped by `plan`, each
+/// shard's files read as streams.
+pub struct FileSource;
+
+#[async_trait::async_trait]
+impl super::Source for FileSource {
+    /// A file column's type is the BigQuery type it loads as; JSON keeps its label so the
+    /// warehouse makes it a JSON column.
+    fn column_types(&self, column: &SourceColumn) -> (String, DataType) {
+        (
+            column.type_name.to_ascii_lowercase(),
+            schema::arrow_type_of(&column.type_name).unwrap_or(DataType::Utf8),
+        )
+    }
+
+    async fn survey(
+        &self,
+        spec: &JobSpec,
+        opts: &crate::plan::PlanOptions,
+        stream: &crate::plan::StreamState,
+    ) -> Result<super::SourceSurvey> {
+        let survey = plan::survey_files(spec, opts, stream).await?;
+        Ok(super::SourceSurvey::Files(Box::new(survey)))
+    }
+
+    async fn extract(
+        &self,
+        spec: &JobSpec,
+        task: &ShardTask,
+        _retry: crate::retry::RetryPolicy,
+        in_flight: usize,
+    ) -> Result<super::Extraction> {
+        let (batches, counts) = extract(spec, task, in_flight).await?;
+        Ok(super::Extraction {
+            batches,
+            file_rows: Some(counts),
+        })
+    }
+}
 
 /// Reads a shard's files, one after the other, as batches of the task's columns.
 pub async fn extract(

@@ -5,16 +5,18 @@
 //! Identifiers are always quoted; values (shard bounds) are bound as parameters through
 //! `set_config` and read back with `current_setting`, because COPY takes no parameters.
 
+pub mod binary;
+
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio_postgres::Client;
 
-use super::pg_binary::{CopyDecoder, select_item};
-use super::pg_tls::{PgTls, SslMode, tls_failure};
+use self::binary::{CopyDecoder, select_item};
+use super::tls::{PgTls, SslMode, tls_failure};
 use super::{
-    BatchStream, Estimate, PlannedWindow, ShardBounds, SourceColumn, Split, Window, WindowBounds,
-    quote_ident, receiver_stream,
+    BatchStream, Estimate, Extraction, PlannedWindow, ShardBounds, SnapshotHold, Source,
+    SourceColumn, SourceSurvey, Split, Window, WindowBounds, quote_ident, receiver_stream,
 };
 use crate::messages::ShardTask;
 use crate::plan::{self, Cut};
@@ -47,7 +49,7 @@ fn cast_type(key_type: &str) -> Option<&'static str> {
 pub struct PgConnector {
     config: tokio_postgres::Config,
     retry: RetryPolicy,
-    /// TLS as `sslmode` asks (`pg_tls`), built when first connecting if a secret field of it is
+    /// TLS as `sslmode` asks (`source::tls`), built when first connecting if a secret field of it is
     /// a `secretmanager://` reference, else at once (so a bad setting fails the spec).
     tls: std::sync::Arc<tokio::sync::OnceCell<(tokio_postgres_rustls::MakeRustlsConnect, SslMode)>>,
     tls_params: crate::secrets::SecretParams,
@@ -346,6 +348,52 @@ pub async fn describe(client: &Client, schema: &str, table: &str) -> Result<Tabl
 }
 
 /// `TableSurvey` on PostgreSQL: a connection and the table as `describe` found it.
+/// The PostgreSQL connector: one snapshot exported per run, shards read by binary COPY.
+pub struct PostgresSource;
+
+#[async_trait::async_trait]
+impl Source for PostgresSource {
+    fn column_types(&self, column: &SourceColumn) -> (String, arrow::datatypes::DataType) {
+        (
+            binary::source_type_label(column),
+            binary::decoding_for(column).data_type(),
+        )
+    }
+
+    async fn survey(
+        &self,
+        spec: &JobSpec,
+        opts: &crate::plan::PlanOptions,
+        _stream: &crate::plan::StreamState,
+    ) -> Result<SourceSurvey> {
+        let survey = PgSurvey::open(spec, opts.retry.clone()).await?;
+        Ok(SourceSurvey::Table(Box::new(survey)))
+    }
+
+    async fn hold_snapshot(
+        &self,
+        spec: &JobSpec,
+        retry: RetryPolicy,
+    ) -> Result<Option<SnapshotHold>> {
+        let connector = PgConnector::from_spec(spec, retry)?;
+        Ok(Some(export_snapshot(&connector).await?))
+    }
+
+    async fn extract(
+        &self,
+        spec: &JobSpec,
+        task: &ShardTask,
+        retry: RetryPolicy,
+        in_flight: usize,
+    ) -> Result<Extraction> {
+        let connector = PgConnector::from_spec(spec, retry)?;
+        Ok(Extraction {
+            batches: extract(&connector, task, in_flight).await?,
+            file_rows: None,
+        })
+    }
+}
+
 pub struct PgSurvey {
     client: Client,
     info: TableInfo,
@@ -543,12 +591,7 @@ pub async fn check_ascending(
 }
 
 /// A transaction holding an exported snapshot open; every shard of the run imports it.
-/// Dropping it ends the transaction and releases the snapshot.
-pub struct SnapshotHold {
-    _client: Client,
-    pub id: String,
-}
-
+/// Dropping the hold ends the transaction and releases the snapshot.
 pub async fn export_snapshot(connector: &PgConnector) -> Result<SnapshotHold> {
     let client = connector.connect().await?;
     client
@@ -558,10 +601,7 @@ pub async fn export_snapshot(connector: &PgConnector) -> Result<SnapshotHold> {
         .query_one("SELECT pg_export_snapshot()", &[])
         .await?
         .get(0);
-    Ok(SnapshotHold {
-        _client: client,
-        id,
-    })
+    Ok(SnapshotHold::new(id, client))
 }
 
 /// The settings a shard's COPY reads its bound values from (`current_setting`): COPY takes no

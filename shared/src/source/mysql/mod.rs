@@ -10,6 +10,8 @@
 //!
 //! Identifiers are quoted with backticks; values are always bound as parameters.
 
+pub mod types;
+
 use std::collections::HashMap;
 
 use futures::StreamExt;
@@ -20,9 +22,9 @@ use sqlx::mysql::{
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
-use super::mysql_types::{RowDecoder, parse_column_type};
+use self::types::{RowDecoder, parse_column_type};
 use super::{BatchStream, ShardBounds, SourceColumn, Window, receiver_stream};
-use super::{Estimate, PlannedWindow, Split, WindowBounds};
+use super::{Estimate, Extraction, PlannedWindow, Source, SourceSurvey, Split, WindowBounds};
 use crate::messages::ShardTask;
 use crate::plan::{self, Cut};
 use crate::retry::RetryPolicy;
@@ -252,7 +254,7 @@ impl MySqlConnector {
 
     /// Opens a connection, retrying transient failures by the retry policy.
     pub async fn connect(&self) -> Result<MySqlConnection> {
-        super::pg_tls::install_crypto_provider();
+        super::tls::install_crypto_provider();
         // Secret fields by reference are read from Secret Manager, once for this connector.
         let (options, tls_preferred) = self
             .tls
@@ -287,7 +289,7 @@ impl MySqlConnector {
                             chain = format!("{chain}: {cause}");
                             source = cause.source();
                         }
-                        if let Some(why) = super::pg_tls::tls_failure(&chain) {
+                        if let Some(why) = super::tls::tls_failure(&chain) {
                             tracing::debug!(error = %chain, "TLS to MySQL failed");
                             return Error::Source(format!(
                                 "TLS to MySQL at {} failed: {why}",
@@ -324,7 +326,7 @@ fn with_tls(
     options: MySqlConnectOptions,
     get: impl Fn(&str) -> Option<String>,
 ) -> Result<(MySqlConnectOptions, bool)> {
-    use super::pg_tls::{pem_bytes, spec_error};
+    use super::tls::{pem_bytes, spec_error};
     let given = get("ssl_mode").or_else(|| get("sslmode"));
     let mode = match given.as_deref().map(str::to_ascii_uppercase).as_deref() {
         None | Some("PREFERRED" | "PREFER") => MySqlSslMode::Preferred,
@@ -440,6 +442,43 @@ WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ?";
 
 fn text(row: &MySqlRow, i: usize) -> Result<Option<String>> {
     row.try_get::<Option<String>, _>(i).map_err(source_error)
+}
+
+/// The MySQL and MariaDB connector. No snapshot is shared: each shard reads in its own.
+pub struct MySqlSource;
+
+#[async_trait::async_trait]
+impl Source for MySqlSource {
+    fn column_types(&self, column: &SourceColumn) -> (String, arrow::datatypes::DataType) {
+        (
+            types::source_type_label(column),
+            types::decoding_for(column).data_type(),
+        )
+    }
+
+    async fn survey(
+        &self,
+        spec: &JobSpec,
+        opts: &crate::plan::PlanOptions,
+        _stream: &crate::plan::StreamState,
+    ) -> Result<SourceSurvey> {
+        let survey = MySqlSurvey::open(spec, opts.retry.clone()).await?;
+        Ok(SourceSurvey::Table(Box::new(survey)))
+    }
+
+    async fn extract(
+        &self,
+        spec: &JobSpec,
+        task: &ShardTask,
+        retry: RetryPolicy,
+        in_flight: usize,
+    ) -> Result<Extraction> {
+        let connector = MySqlConnector::from_spec(spec, retry)?;
+        Ok(Extraction {
+            batches: extract(&connector, task, in_flight).await?,
+            file_rows: None,
+        })
+    }
 }
 
 /// `TableSurvey` on MySQL: a connection and the table as `describe` found it.

@@ -33,7 +33,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Decimal128Type, Decimal256Type, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
-use super::SourceColumn;
+use crate::source::SourceColumn;
 use crate::{Error, Result};
 
 /// How one column is read: the Arrow type and the decoding, decided once per column.
@@ -309,7 +309,7 @@ impl RowDecoder {
         let batch_rows = batch_rows.max(1);
         let decodings: Vec<Decoding> = columns.iter().map(decoding_for).collect();
         RowDecoder {
-            schema: super::arrow_schema(crate::spec::SourceType::Mysql, columns),
+            schema: crate::source::arrow_schema(crate::spec::SourceType::Mysql, columns),
             names: columns.iter().map(|c| c.name.clone()).collect(),
             builders: decodings
                 .iter()
