@@ -67,7 +67,7 @@ sf=$(echo "$t1 - $t0" | bc -l)
 rss_kb=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$out/files_time.txt")
 rows=$(tail -n 1 "$out/files_report.json" | sed -E 's/.*"rows_loaded":([0-9]+).*/\1/')
 status=$(tail -n 1 "$out/files_report.json" | sed -E 's/.*"status":"([a-z]+)".*/\1/')
-parquet_mb=$(du -sm "$data/warehouse/big" | cut -f1)
+parquet_mb=$(du -smL "$data/warehouse/big" | cut -f1)
 
 printf 'file: %.2f GB of CSV, %s rows; shardflow %s, %s MB of Parquet\n' \
   "$(echo "$bytes / 1000000000" | bc -l)" "$rows" "$status" "$parquet_mb"

@@ -78,7 +78,7 @@ ours=$(echo "$t1 - $t0" | bc -l)
 rss_kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$out/mysql-time.txt")
 report=$(tail -n1 "$out/mysql-report.json")
 loaded=$(echo "$report" | python3 -c 'import json,sys; print(json.load(sys.stdin)["rows_loaded"])')
-parquet_mb=$(du -sm "$out/mysql-warehouse/wide" | cut -f1)
+parquet_mb=$(du -smL "$out/mysql-warehouse/wide" | cut -f1)
 
 printf 'rows                          %d (12 columns)\n' "$rows"
 printf 'mysql --quick --batch, 1 stream   %.2f s  (%.0f rows/s)\n' "$raw1" "$(echo "$rows / $raw1" | bc -l)"

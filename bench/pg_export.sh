@@ -50,7 +50,7 @@ ours=$(echo "$t1 - $t0" | bc -l)
 rss_kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$out/time.txt")
 report=$(tail -n1 "$out/report.json")
 loaded=$(echo "$report" | python3 -c 'import json,sys; print(json.load(sys.stdin)["rows_loaded"])')
-parquet_mb=$(du -sm "$out/warehouse/wide" | cut -f1)
+parquet_mb=$(du -smL "$out/warehouse/wide" | cut -f1)
 
 printf 'rows                      %d (12 columns)\n' "$rows"
 printf 'raw COPY binary, 2 streams %.2f s  (%.0f rows/s)\n' "$raw" "$(echo "$rows / $raw" | bc -l)"
