@@ -10,7 +10,6 @@ pub mod report;
 mod run;
 pub mod serve;
 
-pub(crate) use planning::check_supported;
 pub use planning::{
     Plan, PlannedColumn, PlannedShard, RenamedColumn, plan_job, plan_job_in_stream,
 };

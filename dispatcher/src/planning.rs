@@ -7,7 +7,7 @@ use shardflow::source::{
     Estimate, PlannedWindow, ShardBounds, SourceColumn, SourceSurvey, Split, TableSurvey, Window,
     WindowBounds,
 };
-use shardflow::spec::{JobSpec, LoadType, ProcessingMode};
+use shardflow::spec::{ColumnWindow, JobSpec, Load, LoadType, ProcessingMode};
 use shardflow::{Error, Result};
 
 use crate::{PlanOptions, StreamState, files};
@@ -98,10 +98,11 @@ impl Plan {
 /// The columns a merge matches rows on: `merge_keys`, else the primary key; each must be read.
 pub(crate) fn merge_keys(
     spec: &JobSpec,
+    named: Option<&Vec<String>>,
     primary_key: &[String],
     read: &[SourceColumn],
 ) -> Result<Vec<String>> {
-    let keys = match &spec.merge_keys {
+    let keys = match named {
         Some(keys) => keys.clone(),
         None if primary_key.is_empty() => {
             return Err(Error::Spec(shardflow::spec::SpecError::single(
@@ -137,21 +138,6 @@ pub(crate) fn shard_id(index: usize) -> String {
     format!("s{index:05}")
 }
 
-pub(crate) fn check_supported(spec: &JobSpec) -> Result<()> {
-    if spec.source_type.is_file_source() != spec.files.is_some() {
-        return Err(Error::Source(format!(
-            "source_type {:?} {} file settings (file_format, file_pattern)",
-            spec.source_type,
-            if spec.files.is_some() {
-                "reads no files, and the job has"
-            } else {
-                "reads files, and the job has no"
-            }
-        )));
-    }
-    Ok(())
-}
-
 /// Plans a job: checks the table and columns exist, estimates without scanning, picks the
 /// mode, and cuts equal-row shards. Moves no data.
 pub async fn plan_job(spec: &JobSpec, opts: &PlanOptions) -> Result<Plan> {
@@ -177,16 +163,21 @@ pub(crate) fn columns_and_keys(
     table_columns: &[SourceColumn],
     primary_key: &[String],
 ) -> Result<(Vec<SourceColumn>, Vec<String>)> {
-    let columns = shardflow::source::project(table_columns, &spec.qualified_table(), spec)?;
+    let columns = shardflow::source::project(
+        table_columns,
+        &spec.qualified_table(),
+        spec.selected_columns.as_deref(),
+        spec.timestamp_column(),
+    )?;
     if columns.is_empty() {
         return Err(Error::Source(format!(
             "{} has no columns to read",
             spec.qualified_table()
         )));
     }
-    let merge_keys = match spec.load_type {
-        LoadType::Merge => merge_keys(spec, primary_key, &columns)?,
-        _ => Vec::new(),
+    let merge_keys = match &spec.load {
+        Load::Merge { keys, .. } => merge_keys(spec, keys.as_ref(), primary_key, &columns)?,
+        Load::Catalog { .. } | Load::Append { .. } => Vec::new(),
     };
     Ok((columns, merge_keys))
 }
@@ -230,8 +221,8 @@ pub(crate) fn window_split(
     (estimate, split, window, after, warnings)
 }
 
-pub(crate) fn warn_if_behind(spec: &JobSpec, stream: &StreamState, after: &Option<String>) {
-    let told = spec.last_sync_value.as_ref().and_then(sync_value_text);
+pub(crate) fn warn_if_behind(window: &ColumnWindow, stream: &StreamState, after: &Option<String>) {
+    let told = window.last_sync_value.as_ref().and_then(sync_value_text);
     if stream.inherited_window.is_none() && *after != told {
         tracing::warn!(
             last_sync_value = ?told,
@@ -251,21 +242,21 @@ pub(crate) async fn survey_table(
     wanted: &(dyn Fn(u64) -> usize + Send + Sync),
 ) -> Result<Survey> {
     let (columns, merge_keys) = columns_and_keys(spec, table.columns(), table.primary_key())?;
-    let (estimate, split, window, resumes_after, warnings) =
-        match (spec.load_type, &spec.timestamp_column) {
-            (LoadType::Transactional | LoadType::Merge, Some(column)) => {
-                let bounds = window_bounds(spec, stream);
-                let planned = table.plan_window(column, bounds, wanted).await?;
-                let cut = window_split(planned, column);
-                warn_if_behind(spec, stream, &cut.3);
-                cut
-            }
-            _ => {
-                let estimate = table.estimate(opts.exact_count).await?;
-                let split = table.split(estimate.rows, wanted(estimate.rows)).await?;
-                (estimate, split, None, None, Vec::new())
-            }
-        };
+    let (estimate, split, window, resumes_after, warnings) = match spec.load.column_window() {
+        Some(column_window) => {
+            let column = &column_window.column;
+            let bounds = window_bounds(column_window, spec.load.lookback(), stream);
+            let planned = table.plan_window(column, bounds, wanted).await?;
+            let cut = window_split(planned, column);
+            warn_if_behind(column_window, stream, &cut.3);
+            cut
+        }
+        None => {
+            let estimate = table.estimate(opts.exact_count).await?;
+            let split = table.split(estimate.rows, wanted(estimate.rows)).await?;
+            (estimate, split, None, None, Vec::new())
+        }
+    };
     Ok(Survey {
         columns,
         merge_keys,
@@ -283,7 +274,6 @@ pub async fn plan_job_in_stream(
     opts: &PlanOptions,
     stream: &StreamState,
 ) -> Result<Plan> {
-    check_supported(spec)?;
     let wanted =
         |rows: u64| match plan::choose_mode(spec.processing_mode, rows, spec.row_count_threshold).0
         {
@@ -339,16 +329,11 @@ pub async fn plan_job_in_stream(
     Ok(Plan {
         data_source_id: spec.data_source_id,
         source: match &files_plan {
-            Some(_) => format!(
-                "{:?} files {}{}",
-                spec.source_type,
-                spec.files.as_ref().map_or("", |f| f.path_prefix.as_str()),
-                spec.files.as_ref().map_or("", |f| f.pattern.as_str())
-            ),
+            Some(_) => format!("{:?} files {}", spec.source_type, spec.qualified_table()),
             None => spec.qualified_table(),
         },
         dest_table: spec.dest_table_name.clone(),
-        load_type: spec.load_type,
+        load_type: spec.load.kind(),
         estimated_rows: estimate.rows,
         estimate_source: estimate.source,
         processing_mode: spec.processing_mode,
@@ -395,9 +380,13 @@ pub async fn plan_job_in_stream(
     })
 }
 
-/// The bounds of a transactional run's window: a taken-over run's own, or after the greater
+/// The bounds of an incremental run's window: a taken-over run's own, or after the greater
 /// of `last_sync_value` and the recorded watermark (else from `historical_start_date`).
-pub(crate) fn window_bounds(spec: &JobSpec, stream: &StreamState) -> WindowBounds {
+pub(crate) fn window_bounds(
+    window: &ColumnWindow,
+    lookback: Option<std::time::Duration>,
+    stream: &StreamState,
+) -> WindowBounds {
     if let Some(w) = &stream.inherited_window {
         return WindowBounds {
             after: w.after.iter().cloned().collect(),
@@ -407,15 +396,15 @@ pub(crate) fn window_bounds(spec: &JobSpec, stream: &StreamState) -> WindowBound
             lookback: None,
         };
     }
-    let told = spec.last_sync_value.as_ref().and_then(sync_value_text);
+    let told = window.last_sync_value.as_ref().and_then(sync_value_text);
     WindowBounds {
         after: told
             .into_iter()
             .chain(stream.recorded_watermark.clone())
             .collect(),
-        from: spec.historical_start_date.clone(),
+        from: window.historical_start_date.clone(),
         through: None,
-        lookback: spec.lookback,
+        lookback,
     }
 }
 

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     DEFAULT_BATCH_ROWS, Engine, EngineSettings, PlanOptions, RenamedColumn, RunEvents, RunJob,
-    RunObserver, RunOutcome, check_supported, progress,
+    RunObserver, RunOutcome, progress,
 };
 
 /// Which queue carries the shards.
@@ -145,9 +145,6 @@ pub async fn run_job(spec: JobSpec, opts: RunOptions) -> RunReport {
         warnings: spec.warnings.clone(),
         ..Default::default()
     };
-    if let Err(e) = check_supported(&spec) {
-        return failed(e);
-    }
     let mut fleet = match Fleet::start(&spec, &opts).await {
         Ok(f) => f,
         Err(e) => return failed(e),

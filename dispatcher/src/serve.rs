@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::engine::{Engine, EngineSettings, RunEvents, RunJob, RunObserver, RunOutcome};
 use crate::report::{Reporter, ReporterSettings};
-use crate::{RunReport, check_supported, open_warehouse};
+use crate::{RunReport, open_warehouse};
 
 #[derive(Clone, Debug)]
 pub struct ServeSettings {
@@ -320,9 +320,7 @@ async fn resolve(django: Option<&DjangoClient>, message: &JobMessage) -> Result<
     if message.data_source_id.is_some() {
         config.data_source_id = message.data_source_id;
     }
-    let spec = JobSpec::validate(config)?;
-    check_supported(&spec)?;
-    Ok(spec)
+    Ok(JobSpec::validate(config)?)
 }
 
 async fn report_failure(django: &Django, etl_run_id: Option<i64>, why: &str) {

@@ -124,12 +124,31 @@ fn check_spec(spec: &JobSpec) {
     assert!(spec.row_count_threshold >= 1);
     assert!(!spec.dest_table_name.trim().is_empty());
     assert_eq!(
-        spec.files.is_some(),
+        spec.files().is_some(),
         spec.source_type.is_file_source(),
         "a valid file job without its files (or a table job with files)"
     );
-    if spec.files.is_none() {
-        assert!(!spec.table_name.trim().is_empty());
+    if let Some(table) = spec.table() {
+        assert!(!table.table.trim().is_empty());
+    }
+    // A merge reads a table; a file job's increment is its new files.
+    match (&spec.source, &spec.load) {
+        (crate::spec::SourceSpec::Files(_), crate::spec::Load::Merge { .. }) => {
+            panic!("a valid file job that merges")
+        }
+        (
+            crate::spec::SourceSpec::Files(_),
+            crate::spec::Load::Append {
+                window: crate::spec::Window::Column(_),
+            },
+        ) => panic!("a valid file job with a column window"),
+        (
+            crate::spec::SourceSpec::Table(_),
+            crate::spec::Load::Append {
+                window: crate::spec::Window::NewFiles { .. },
+            },
+        ) => panic!("a valid table job whose window is new files"),
+        _ => {}
     }
     let _ = spec.port(5432);
     let _ = spec.qualified_table();

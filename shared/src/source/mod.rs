@@ -158,11 +158,11 @@ pub struct SnapshotHold {
     /// What each shard task carries to read in it.
     pub id: String,
     /// The connection whose transaction keeps the snapshot alive.
-    _connection: Box<dyn std::any::Any + Send + Sync>,
+    _connection: Box<dyn Send + Sync>,
 }
 
 impl SnapshotHold {
-    pub fn new(id: String, connection: impl std::any::Any + Send + Sync) -> Self {
+    pub fn new(id: String, connection: impl Send + Sync + 'static) -> Self {
         SnapshotHold {
             id,
             _connection: Box::new(connection),
@@ -191,11 +191,24 @@ pub struct SourceColumn {
     pub nullable: bool,
 }
 
-/// The columns the job reads, in table order, checking every name the job gives.
+/// The table a table source's job reads. `open` sends a connector only jobs of its source
+/// type, and validation gives every such job a table; an Err here is a wiring bug.
+pub(crate) fn table_of(spec: &JobSpec) -> Result<&crate::spec::TableRef> {
+    spec.table().ok_or_else(|| {
+        Error::Source(format!(
+            "source_type {:?} reads a table, and the job names files",
+            spec.source_type
+        ))
+    })
+}
+
+/// The columns the job reads (`selected`, else all), in table order, checking every name it
+/// gives: the selected ones and `required` (an incremental window's column).
 pub fn project<'a>(
     columns: &[SourceColumn],
     table: &str,
-    spec: &'a JobSpec,
+    selected: Option<&'a [String]>,
+    required: Option<&'a str>,
 ) -> Result<Vec<SourceColumn>> {
     let mut missing: Vec<&str> = Vec::new();
     let mut check = |name: &'a str| {
@@ -203,11 +216,11 @@ pub fn project<'a>(
             missing.push(name);
         }
     };
-    if let Some(selected) = &spec.selected_columns {
+    if let Some(selected) = selected {
         selected.iter().for_each(|c| check(c));
     }
-    if let Some(ts) = &spec.timestamp_column {
-        check(ts);
+    if let Some(required) = required {
+        check(required);
     }
     if !missing.is_empty() {
         let available: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
@@ -223,7 +236,7 @@ pub fn project<'a>(
             available.join(", ")
         )));
     }
-    Ok(match &spec.selected_columns {
+    Ok(match selected {
         None => columns.to_vec(),
         Some(selected) => columns
             .iter()

@@ -129,8 +129,8 @@ impl FileLocation {
     /// (ADC, instance profile, managed identity). Secrets go to the client, never to a log.
     pub fn open(spec: &JobSpec) -> Result<FileLocation> {
         let files = spec
-            .files
-            .clone()
+            .files()
+            .cloned()
             .ok_or_else(|| Error::Source("this job reads no files".into()))?;
         let pattern = globset::Glob::new(&files.pattern)
             .map_err(|e| Error::Source(format!("file_pattern {:?}: {}", files.pattern, e.kind())))?

@@ -5,6 +5,7 @@
 //! ever held in memory whatever its size.
 
 mod csv_text;
+mod fast_path;
 mod json_text;
 mod location;
 pub mod pandas;
