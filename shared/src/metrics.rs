@@ -15,6 +15,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::state::RunStatus;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,10 +79,10 @@ impl Metrics {
         }
     }
 
-    pub fn run_finished(&self, status: &str) {
+    pub fn run_finished(&self, status: RunStatus) {
         self.runs
             .get_or_create(&StatusLabel {
-                status: status.to_string(),
+                status: status.as_str().to_string(),
             })
             .inc();
     }
@@ -170,7 +171,7 @@ mod tests {
     async fn metrics_and_health_are_served() {
         let metrics = Arc::new(Metrics::new());
         metrics.rows.inc_by(42);
-        metrics.run_finished("completed");
+        metrics.run_finished(RunStatus::Completed);
         metrics.shard_seconds.observe(1.5);
         let stop = CancellationToken::new();
         let addr = serve("127.0.0.1:0".parse().unwrap(), metrics, stop.clone())

@@ -404,7 +404,7 @@ impl Engine {
                 .await?;
         }
         fault::point(fault::Step::StateCommitted)?;
-        self.metrics.run_finished(status.as_str());
+        self.metrics.run_finished(status);
         match &report.error_message {
             None => tracing::info!(
                 rows_loaded = report.rows_loaded,
