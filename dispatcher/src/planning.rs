@@ -98,12 +98,12 @@ impl Plan {
 /// The columns a merge matches rows on: `merge_keys`, else the primary key; each must be read.
 pub(crate) fn merge_keys(
     spec: &JobSpec,
-    named: Option<&Vec<String>>,
+    named: Option<&[String]>,
     primary_key: &[String],
     read: &[SourceColumn],
 ) -> Result<Vec<String>> {
     let keys = match named {
-        Some(keys) => keys.clone(),
+        Some(keys) => keys.to_vec(),
         None if primary_key.is_empty() => {
             return Err(Error::Spec(shardflow::spec::SpecError::single(
                 "merge_keys",
@@ -176,7 +176,7 @@ pub(crate) fn columns_and_keys(
         )));
     }
     let merge_keys = match &spec.load {
-        Load::Merge { keys, .. } => merge_keys(spec, keys.as_ref(), primary_key, &columns)?,
+        Load::Merge { keys, .. } => merge_keys(spec, keys.as_deref(), primary_key, &columns)?,
         Load::Catalog { .. } | Load::Append { .. } => Vec::new(),
     };
     Ok((columns, merge_keys))

@@ -203,7 +203,8 @@ pub(crate) fn table_of(spec: &JobSpec) -> Result<&crate::spec::TableRef> {
 }
 
 /// The columns the job reads (`selected`, else all), in table order, checking every name it
-/// gives: the selected ones and `required` (an incremental window's column).
+/// gives: the selected ones and `required` (a table job's timestamp_column, which need not be
+/// among them).
 pub fn project<'a>(
     columns: &[SourceColumn],
     table: &str,

@@ -138,8 +138,10 @@ pub fn parse_lookback(value: &serde_json::Value) -> Result<Option<std::time::Dur
     Ok((seconds > 0).then(|| std::time::Duration::from_secs(seconds)))
 }
 
-/// A validated job: what it reads, how it loads, and the fleet settings. Every combination the
-/// types allow was checked by [`JobSpec::validate`]; nothing is checked again at run time.
+/// A validated job: what it reads, how it loads, and the fleet settings. [`JobSpec::validate`]
+/// builds one shape per load type (a table's incremental loads have their column window, a file
+/// job's increment is its new files, merges read tables), so the stages match on `load` rather
+/// than re-check fields; the connectors still refuse a spec of the wrong source.
 #[derive(Clone, Debug)]
 pub struct JobSpec {
     pub data_source_id: Option<i64>,

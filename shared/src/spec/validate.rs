@@ -170,11 +170,9 @@ impl JobSpec {
             }
         };
 
-        let is_file_based = config.is_file_based.unwrap_or(false)
-            || source_type.is_some_and(SourceType::is_file_source);
         let mut files = None;
         let mut table_name = String::new();
-        if is_file_based {
+        if reads_files {
             let format = match config.file_format.as_deref().map(str::trim) {
                 Some("csv") => Some(FileFormat::Csv),
                 Some("parquet") => Some(FileFormat::Parquet),

@@ -135,8 +135,8 @@ pub struct MySqlSurvey {
 
 impl MySqlSurvey {
     pub async fn open(spec: &JobSpec, retry: RetryPolicy) -> Result<Self> {
-        let mut conn = MySqlConnector::from_spec(spec, retry)?.connect().await?;
         let table = super::table_of(spec)?;
+        let mut conn = MySqlConnector::from_spec(spec, retry)?.connect().await?;
         let info = describe(&mut conn, &table.schema, &table.table).await?;
         Ok(MySqlSurvey { conn, info })
     }

@@ -175,8 +175,8 @@ pub struct PgSurvey {
 
 impl PgSurvey {
     pub async fn open(spec: &JobSpec, retry: RetryPolicy) -> Result<Self> {
-        let client = PgConnector::from_spec(spec, retry)?.connect().await?;
         let table = super::table_of(spec)?;
+        let client = PgConnector::from_spec(spec, retry)?.connect().await?;
         let info = describe(&client, &table.schema, &table.table).await?;
         Ok(PgSurvey { client, info })
     }
