@@ -700,6 +700,54 @@ pub(crate) mod conformance {
         assert_eq!(store.stream_watermark("ds10:events").await.unwrap(), None);
     }
 
+    /// A job message delivered twice and handled by two dispatchers at once creates its run
+    /// once: the other creation sees the run, not an error (which would report the job failed
+    /// to Django while the first creation loads it).
+    pub async fn a_run_created_twice_at_once_exists_once(store: &dyn StateStore) {
+        // The window between the stream check and the insert is narrow: forty rounds met it
+        // within two runs of the suite against PostgreSQL before the fix.
+        for round in 0..40 {
+            let run = NewRun {
+                run_id: format!("twice-{round}.1"),
+                job_key: format!("twice-{round}"),
+                data_source_id: Some(11),
+                etl_run_id: None,
+                dest_table: "orders".into(),
+                mode: "standard".into(),
+                plan_json: "{}".into(),
+                owner: "a".into(),
+                stream_key: Some("ds11:orders".into()),
+                stream_watermark: None,
+            };
+            let shard = NewShard {
+                shard_id: "s0".into(),
+                shard_index: 0,
+                estimated_rows: 10,
+                bounds: ShardBounds::Whole,
+                task_json: "{}".into(),
+            };
+            let shards = std::slice::from_ref(&shard);
+            let outcomes: Vec<Created> =
+                futures::future::join_all((0..6).map(|_| store.create_run(&run, shards)))
+                    .await
+                    .into_iter()
+                    .map(|created| created.unwrap())
+                    .collect();
+            let created = outcomes.iter().filter(|c| **c == Created::Created).count();
+            let existed = outcomes
+                .iter()
+                .filter(|c| **c == Created::RunExists)
+                .count();
+            assert_eq!((created, existed), (1, 5), "round {round}: {outcomes:?}");
+            assert_eq!(store.shards(&run.run_id).await.unwrap().len(), 1);
+            // Failed, so the stream's watermark stays unset for the next round.
+            store
+                .finish_run(&run.run_id, &RunEnd::failed("next round"))
+                .await
+                .unwrap();
+        }
+    }
+
     /// The sweep's view: running runs with their streams; an abandoned run is not one, and
     /// frees its stream.
     pub async fn running_runs_are_listed_until_abandoned(store: &dyn StateStore) {
@@ -876,6 +924,7 @@ pub(crate) mod conformance {
         results_are_idempotent_by_shard(store).await;
         only_a_quiet_owner_loses_its_run(store).await;
         incremental_streams_run_one_at_a_time(store).await;
+        a_run_created_twice_at_once_exists_once(store).await;
         running_runs_are_listed_until_abandoned(store).await;
         reports_are_sent_until_delivered_or_given_up(store).await;
     }

@@ -209,9 +209,15 @@ impl StateStore for SqlStateStore {
         .await;
         let inserted = match inserted {
             Ok(done) => done.rows_affected() > 0,
-            // Another run of the stream was created between the check and the insert.
+            // Between the check and the insert, either this very run was created (a job
+            // message delivered twice and handled at once: the insert then fails on the
+            // one-running-run-per-stream index rather than on `run_id`, depending on which
+            // index PostgreSQL checks first) or another run of the stream was.
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 tx.rollback().await.map_err(state_error)?;
+                if self.run(&run.run_id).await?.is_some() {
+                    return Ok(Created::RunExists);
+                }
                 return match self.stream_conflict(run).await? {
                     Some(conflict) => Ok(conflict),
                     None => Err(Error::State(format!("creating run {}: {e}", run.run_id))),
