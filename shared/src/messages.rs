@@ -103,20 +103,24 @@ pub struct ShardTask {
     pub sealed_config: Option<String>,
 }
 
-impl ShardTask {
-    /// Where this shard's Parquet parts go in staging; a redelivered shard overwrites its own.
-    pub fn staging_prefix(&self) -> String {
-        staging_prefix(&self.run_id, &self.shard_id)
-    }
+/// Where one extraction of a shard stages its parts: `{run_id}/{shard_id}/{extraction}`. Each
+/// extraction has its own id ([`new_extraction_id`]), so a second delivery of the shard
+/// (Pub/Sub delivers at least once, and a lease can lapse mid-shard) writes beside the parts a
+/// recorded result names, never over them: the load reads exactly the rows that result
+/// counted, even where the source changed between the two reads or returned rows in another
+/// order. The run's whole prefix goes when the run ends or is swept.
+pub fn extraction_prefix(run_id: &str, shard_id: &str, extraction: &str) -> String {
+    format!("{run_id}/{shard_id}/{extraction}")
 }
 
-pub fn staging_prefix(run_id: &str, shard_id: &str) -> String {
-    format!("{run_id}/{shard_id}")
+/// A fresh extraction id: unique per call, and ordered by time for whoever lists staging.
+pub fn new_extraction_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
 }
 
-/// `{run_id}/{shard_id}/part-{n:05}.parquet`
-pub fn staging_part_path(run_id: &str, shard_id: &str, part: usize) -> String {
-    format!("{run_id}/{shard_id}/part-{part:05}.parquet")
+/// `{extraction prefix}/part-{n:05}.parquet`
+pub fn staging_part_path(extraction_prefix: &str, part: usize) -> String {
+    format!("{extraction_prefix}/part-{part:05}.parquet")
 }
 
 /// A Parquet part a worker wrote to staging.
@@ -229,12 +233,20 @@ mod tests {
     }
 
     #[test]
-    fn staging_paths_are_deterministic() {
+    fn each_extraction_of_a_shard_stages_under_its_own_prefix() {
+        let prefix = extraction_prefix("r1", "s0003", "0193aa");
+        assert_eq!(prefix, "r1/s0003/0193aa");
         assert_eq!(
-            staging_part_path("r1", "s0003", 7),
-            "r1/s0003/part-00007.parquet"
+            staging_part_path(&prefix, 7),
+            "r1/s0003/0193aa/part-00007.parquet"
         );
-        assert_eq!(staging_prefix("r1", "s0003"), "r1/s0003");
+        let (first, second) = (new_extraction_id(), new_extraction_id());
+        assert_ne!(first, second);
+        assert_eq!(first.len(), 32);
+        assert!(
+            first.bytes().all(|b| b.is_ascii_hexdigit()),
+            "a path segment with nothing to escape: {first}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Writes a shard's batch stream as zstd Parquet parts of bounded size to staging, at the
-//! deterministic paths `{run_id}/{shard_id}/part-{n:05}.parquet`. Row groups are closed by
+//! Writes a shard's batch stream as zstd Parquet parts of bounded size to staging, at
+//! `{run_id}/{shard_id}/{extraction}/part-{n:05}.parquet` (`messages::extraction_prefix` says
+//! why each extraction has its own directory). Row groups are closed by
 //! encoded size, so memory stays bounded whatever the row width.
 
 use std::sync::Arc;
@@ -58,8 +59,7 @@ struct OpenPart {
 /// stops the shard.
 pub async fn write_parts(
     store: &Arc<dyn ObjectStore>,
-    run_id: &str,
-    shard_id: &str,
+    extraction_prefix: &str,
     schema: SchemaRef,
     mut batches: BatchStream,
     opts: &PartOptions,
@@ -67,7 +67,7 @@ pub async fn write_parts(
 ) -> Result<Vec<StagedFile>> {
     let props = properties(opts)?;
     let open = |n: usize| -> Result<OpenPart> {
-        let path = staging_part_path(run_id, shard_id, n);
+        let path = staging_part_path(extraction_prefix, n);
         let sink = BufWriter::new(store.clone(), Path::from(path.as_str()));
         let writer = AsyncArrowWriter::try_new(sink, schema.clone(), Some(props.clone()))?;
         Ok(OpenPart {
@@ -178,8 +178,7 @@ mod tests {
         let mut seen = 0;
         let files = write_parts(
             &store,
-            "run",
-            "s00001",
+            "run/s00001/e1",
             schema.clone(),
             batches(schema.clone(), 40, 5_000),
             &opts,
@@ -198,7 +197,7 @@ mod tests {
         );
         let mut read_back = Vec::new();
         for (n, f) in files.iter().enumerate() {
-            assert_eq!(f.path, format!("run/s00001/part-{n:05}.parquet"));
+            assert_eq!(f.path, format!("run/s00001/e1/part-{n:05}.parquet"));
             // A part closes at the first batch that takes it past the limit.
             assert!(f.bytes < 2 * opts.max_part_bytes as u64, "{f:?}");
             let rows = read_part(&store, &f.path).await;
@@ -212,8 +211,7 @@ mod tests {
         // An empty shard still writes one part, so the schema travels.
         let empty = write_parts(
             &store,
-            "run",
-            "s00002",
+            "run/s00002/e1",
             schema.clone(),
             batches(schema, 0, 0),
             &opts,

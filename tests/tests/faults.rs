@@ -416,48 +416,13 @@ async fn a_superseded_run_that_nothing_continued_is_continued_not_read_again() {
 /// extracted and staged by a worker, and nobody loads it; the sweep removes its parts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_duplicate_shard_leaves_parts_the_sweep_removes() {
-    let pg = pg().await;
-    let schema = fresh_schema(&pg, "fault_late").await;
-    pg.batch_execute(&format!(
-        "CREATE TABLE {schema}.items (id bigint PRIMARY KEY, v text);
-         INSERT INTO {schema}.items SELECT i, 'item ' || i FROM generate_series(1, 3000) i;"
-    ))
-    .await
-    .unwrap();
-    let job = job_json(&schema, "items", "items", json!({}));
-    let scenario = Scenario::new("fault-late", job.clone());
-    scenario.completed("the run");
+    let ended = an_ended_one_shard_run("late").await;
+    let (scenario, run_id) = (&ended.scenario, &ended.run_id);
     let staging = scenario.dir.join("warehouse/_staging");
     assert!(walk(&staging).is_empty(), "the run cleaned its staging");
-    let db = format!("sqlite://{}", scenario.dir.join("state.db").display());
-    sqlx::any::install_default_drivers();
-    let state = sqlx::AnyPool::connect(&db).await.unwrap();
-    let (run_id, task): (String, String) =
-        sqlx::query_as("SELECT run_id, task_json FROM shardflow_shards LIMIT 1")
-            .fetch_one(&state)
-            .await
-            .unwrap();
-    let shard = scenario.dir.join("late-shard.json");
-    std::fs::write(&shard, task).unwrap();
-    let config = scenario.dir.join("config.json");
-    std::fs::write(&config, job.to_string()).unwrap();
-    let worker = dispatcher_bin().with_file_name("worker");
-    let late = Command::new(&worker)
-        .args(["run-shard", "--job"])
-        .arg(&config)
-        .arg("--shard")
-        .arg(&shard)
-        .arg("--staging")
-        .arg(&staging)
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", worker.display()));
+    run_shard(&ended.config, &ended.shard, &staging);
     assert!(
-        late.status.success(),
-        "{}",
-        String::from_utf8_lossy(&late.stderr)
-    );
-    assert!(
-        walk(&staging.join(&run_id))
+        walk(&staging.join(run_id))
             .iter()
             .any(|p| p.extension().is_some_and(|e| e == "parquet")),
         "the late delivery staged parts"
@@ -466,7 +431,7 @@ async fn a_late_duplicate_shard_leaves_parts_the_sweep_removes() {
         .args(["gc", "--dest"])
         .arg(scenario.dir.join("warehouse"))
         .arg("--state")
-        .arg(&db)
+        .arg(&ended.db)
         .output()
         .unwrap();
     assert!(
@@ -477,5 +442,132 @@ async fn a_late_duplicate_shard_leaves_parts_the_sweep_removes() {
     let report: serde_json::Value = serde_json::from_slice(&gc.stdout).unwrap();
     assert_eq!(report["staging_removed"], json!([run_id]), "{report}");
     assert!(walk(&staging).is_empty());
-    assert_same_content(&pg, &schema, "items", &scenario.table("items"), "id").await;
+    assert_same_content(
+        &ended.pg,
+        &ended.schema,
+        "items",
+        &scenario.table("items"),
+        "id",
+    )
+    .await;
+}
+
+/// A completed run of one shard over a 3,000-row table, and that shard's task and job as
+/// `worker run-shard` takes them: a delivery of the shard that comes again.
+struct EndedShard {
+    pg: tokio_postgres::Client,
+    schema: Scoped,
+    scenario: Scenario,
+    /// The run's state store.
+    db: String,
+    run_id: String,
+    shard: PathBuf,
+    config: PathBuf,
+}
+
+async fn an_ended_one_shard_run(name: &str) -> EndedShard {
+    let pg = pg().await;
+    let schema = fresh_schema(&pg, &format!("fault_{name}")).await;
+    pg.batch_execute(&format!(
+        "CREATE TABLE {schema}.items (id bigint PRIMARY KEY, v text);
+         INSERT INTO {schema}.items SELECT i, 'item ' || i FROM generate_series(1, 3000) i;"
+    ))
+    .await
+    .unwrap();
+    let job = job_json(&schema, "items", "items", json!({}));
+    let scenario = Scenario::new(&format!("fault-{name}"), job.clone());
+    scenario.completed("the run");
+    let db = format!("sqlite://{}", scenario.dir.join("state.db").display());
+    sqlx::any::install_default_drivers();
+    let state = sqlx::AnyPool::connect(&db).await.unwrap();
+    let (run_id, task): (String, String) =
+        sqlx::query_as("SELECT run_id, task_json FROM shardflow_shards")
+            .fetch_one(&state)
+            .await
+            .unwrap();
+    let shard = scenario.dir.join("shard.json");
+    std::fs::write(&shard, task).unwrap();
+    let config = scenario.dir.join("config.json");
+    std::fs::write(&config, job.to_string()).unwrap();
+    EndedShard {
+        pg,
+        schema,
+        scenario,
+        db,
+        run_id,
+        shard,
+        config,
+    }
+}
+
+/// `worker run-shard`: one extraction of `shard` into `staging`; what it printed (the files
+/// and the content checksum of the rows it read).
+fn run_shard(config: &Path, shard: &Path, staging: &Path) -> serde_json::Value {
+    let worker = dispatcher_bin().with_file_name("worker");
+    let out = Command::new(&worker)
+        .args(["run-shard", "--job"])
+        .arg(config)
+        .arg("--shard")
+        .arg(shard)
+        .arg("--staging")
+        .arg(staging)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", worker.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+}
+
+/// Risk: a shard delivered twice (Pub/Sub delivers at least once; a lease can lapse mid-shard)
+/// is extracted twice, and a source without one snapshot for both reads (MySQL's consistent
+/// snapshot is per connection; a file can be rewritten) gives the second extraction other rows.
+/// If it wrote over the parts the first result names, the load would read rows no result
+/// counted. Each extraction writes its own parts: the first ones stay byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_extraction_of_a_shard_never_rewrites_the_parts_of_the_first() {
+    let ended = an_ended_one_shard_run("twice").await;
+    let (pg, schema) = (&ended.pg, &ended.schema);
+    let staging = ended.scenario.dir.join("twice-staging");
+    let paths = |printed: &serde_json::Value| -> Vec<String> {
+        printed["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["path"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let first = run_shard(&ended.config, &ended.shard, &staging);
+    let first_paths = paths(&first);
+    assert!(!first_paths.is_empty(), "{first}");
+    let first_bytes: Vec<Vec<u8>> = first_paths
+        .iter()
+        .map(|p| std::fs::read(staging.join(p)).unwrap())
+        .collect();
+    pg.batch_execute(&format!(
+        "UPDATE {schema}.items SET v = 'changed ' || id;
+         INSERT INTO {schema}.items SELECT i, 'new ' || i FROM generate_series(3001, 3500) i;"
+    ))
+    .await
+    .unwrap();
+    let second = run_shard(&ended.config, &ended.shard, &staging);
+    assert_ne!(
+        first["checksum"], second["checksum"],
+        "the second extraction read other rows (the premise of this test)"
+    );
+    let second_paths = paths(&second);
+    assert!(
+        second_paths.iter().all(|p| !first_paths.contains(p)),
+        "{first_paths:?} {second_paths:?}"
+    );
+    for (path, bytes) in first_paths.iter().zip(&first_bytes) {
+        assert!(
+            std::fs::read(staging.join(path)).unwrap() == *bytes,
+            "{path} was rewritten by the second extraction"
+        );
+    }
 }

@@ -407,10 +407,15 @@ impl Worker {
         let mut digest = ContentDigest::new(&extracted, task.timestamp_column.as_deref())?;
         let rows = self.rows.clone();
         let mut batches_seen = 0u32;
-        let files = write_parts(
-            self.staging.store(),
+        // Beside, never over, the parts of any other extraction of this shard.
+        let prefix = messages::extraction_prefix(
             &task.run_id,
             &task.shard_id,
+            &messages::new_extraction_id(),
+        );
+        let files = write_parts(
+            self.staging.store(),
+            &prefix,
             schema.clone(),
             shardflow::source::renamed(stream, schema.clone()),
             &self.settings.parts,

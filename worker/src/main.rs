@@ -68,7 +68,7 @@ enum Command {
         /// The shard message JSON (as the dispatcher publishes it).
         #[arg(long)]
         shard: PathBuf,
-        /// Staging directory; parts go to `<dir>/<run_id>/<shard_id>/part-NNNNN.parquet`.
+        /// Staging directory; parts go to `<dir>/<run_id>/<shard_id>/<extraction>/part-NNNNN.parquet`.
         #[arg(long, default_value = "./warehouse/_staging")]
         staging: PathBuf,
     },

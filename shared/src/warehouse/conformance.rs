@@ -11,7 +11,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use futures::future::BoxFuture;
 
 use super::{LoadRequest, Warehouse, WriteMode};
-use crate::messages::StagedFile;
+use crate::messages::{StagedFile, extraction_prefix, new_extraction_id};
 use crate::parquet_sink::{PartOptions, write_parts};
 use crate::staging::Staging;
 
@@ -80,8 +80,7 @@ async fn stage(
         parts.extend(
             write_parts(
                 fx.staging.store(),
-                run,
-                &format!("s{n:05}"),
+                &extraction_prefix(run, &format!("s{n:05}"), &new_extraction_id()),
                 schema.clone(),
                 stream,
                 &PartOptions::default(),

@@ -349,8 +349,9 @@ impl ParquetDirWarehouse {
                     "the Parquet directory warehouse loads from local staging only".into(),
                 )
             })?;
-            // run/shard/part-00000.parquet -> <run>-<shard>-part-00000.parquet: unique per run,
-            // and for an append prefixed by the job key, so a later attempt can tell.
+            // run/shard/extraction/part-00000.parquet -> run-shard-extraction-part-00000.parquet:
+            // unique per run, and for an append prefixed by the job key, so a later attempt
+            // can tell.
             let name = match req.mode {
                 WriteMode::Replace | WriteMode::Merge => part.path.replace('/', "-"),
                 WriteMode::Append => format!("{}@{}", req.load_key, part.path.replace('/', "-")),

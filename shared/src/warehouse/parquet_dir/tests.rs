@@ -1,5 +1,5 @@
 use super::*;
-use crate::messages::StagedFile;
+use crate::messages::{StagedFile, extraction_prefix, new_extraction_id};
 use crate::parquet_sink::{PartOptions, write_parts};
 use crate::staging::Staging;
 use arrow::array::{Array, ArrayRef, AsArray, Int64Array, StringArray};
@@ -94,8 +94,7 @@ async fn stage(
         staged.extend(
             write_parts(
                 staging.store(),
-                run,
-                &shard,
+                &extraction_prefix(run, &shard, &new_extraction_id()),
                 schema(),
                 stream,
                 &PartOptions::default(),
@@ -397,7 +396,9 @@ async fn merge_keeps_the_latest_staged_row_of_each_key_and_links_untouched_files
     wh.load(request("r1", &base, WriteMode::Replace, 5))
         .await
         .unwrap();
-    let untouched = "r1-s1-part-00000.parquet".to_string();
+    // A staged part's table file is its staging path with '/' made '-'.
+    let untouched = base[1].path.replace('/', "-");
+    let rewritten = base[0].path.replace('/', "-");
     assert!(names(&wh.table_dir("t")).contains(&untouched));
 
     // Key 2 three times: the greatest `at` wins, the later part on a tie. Key 7: a
@@ -432,10 +433,7 @@ async fn merge_keeps_the_latest_staged_row_of_each_key_and_links_untouched_files
     // The file without a staged key is the same file; the other was rewritten.
     let after = names(&wh.table_dir("t"));
     assert!(after.contains(&untouched), "{after:?}");
-    assert!(
-        !after.contains(&"r1-s0-part-00000.parquet".to_string()),
-        "{after:?}"
-    );
+    assert!(!after.contains(&rewritten), "{after:?}");
 
     // The same merge again changes nothing; a wrong count is refused.
     wh.load(request("r2", &changes, WriteMode::Merge, 6))
