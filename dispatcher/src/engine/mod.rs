@@ -366,6 +366,18 @@ impl Engine {
                 };
             }
             Err(e) => {
+                // Failed before this dispatcher recorded the run, while another recorded it (a
+                // duplicate of the job handled at once), or after another claimed it: the run,
+                // its staging and its report are that dispatcher's, and it is alive.
+                if let Some(run) = self.state.run(&run_id).await?
+                    && run.owner != self.owner
+                {
+                    tracing::warn!(error = %e, owner = %run.owner, "failed, but the run is another dispatcher's; left to it");
+                    return Ok(RunOutcome::OwnedElsewhere {
+                        run_id,
+                        owner: run.owner,
+                    });
+                }
                 report.error_message = Some(e.to_string());
             }
         }
