@@ -40,8 +40,8 @@
 #   shardflow-worker
 #     roles/pubsub.subscriber  on etl-shards-workers               (pull, extend lease, ack, nack)
 #     roles/pubsub.publisher   on etl-shard-results                (report each shard)
-#     roles/storage.objectAdmin on the staging bucket              (write parts; a redelivered
-#                              shard overwrites its own deterministic paths, which needs delete)
+#     roles/storage.objectAdmin on the staging bucket              (write parts; an upload retried
+#                              after its first try completed unseen rewrites it: needs delete)
 #   both, with CLOUDSQL_PROJECTS (each project)      (both connect: the dispatcher plans, the
 #                                                     workers extract)
 #     roles/cloudsql.client    (Cloud SQL: "a predefined role that contains the necessary

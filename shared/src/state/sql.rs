@@ -210,9 +210,10 @@ impl StateStore for SqlStateStore {
         let inserted = match inserted {
             Ok(done) => done.rows_affected() > 0,
             // Between the check and the insert, either this very run was created (a job
-            // message delivered twice and handled at once: the insert then fails on the
-            // one-running-run-per-stream index rather than on `run_id`, depending on which
-            // index PostgreSQL checks first) or another run of the stream was.
+            // message delivered twice and handled at once: `ON CONFLICT (run_id)` absorbs
+            // only a conflict its pre-check sees, and an insert that passed it raises on the
+            // one-running-run-per-stream index once the other commits) or another run of the
+            // stream was.
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 tx.rollback().await.map_err(state_error)?;
                 if self.run(&run.run_id).await?.is_some() {
