@@ -366,20 +366,22 @@ impl Engine {
                 };
             }
             Err(e) => {
-                // Failed before this dispatcher recorded the run, while another recorded it (a
-                // duplicate of the job handled at once), or after another claimed it: the run,
-                // its staging and its report are that dispatcher's, and it is alive.
-                if let Some(run) = self.state.run(&run_id).await?
-                    && run.owner != self.owner
-                {
-                    tracing::warn!(error = %e, owner = %run.owner, "failed, but the run is another dispatcher's; left to it");
-                    return Ok(RunOutcome::OwnedElsewhere {
-                        run_id,
-                        owner: run.owner,
-                    });
-                }
                 report.error_message = Some(e.to_string());
             }
+        }
+        let recorded = self.state.run(&run_id).await?;
+        // Failed before this dispatcher recorded the run, while another recorded it (a
+        // duplicate of the job handled at once), or after another claimed it: the run, its
+        // staging and its report are that dispatcher's, and it is alive.
+        if let Some(error) = &report.error_message
+            && let Some(run) = &recorded
+            && run.owner != self.owner
+        {
+            tracing::warn!(%error, owner = %run.owner, "failed, but the run is another dispatcher's; left to it");
+            return Ok(RunOutcome::OwnedElsewhere {
+                run_id,
+                owner: run.owner.clone(),
+            });
         }
         // Staging is removed whatever happened: a failed run is rerun from the source.
         if let Err(e) = self.staging.remove_run(&run_id).await {
@@ -391,7 +393,7 @@ impl Engine {
             RunStatus::Failed
         };
         report.status = status;
-        if self.state.run(&run_id).await?.is_some() {
+        if recorded.is_some() {
             self.state
                 .finish_run(
                     &run_id,
